@@ -1,0 +1,341 @@
+"""
+GPT-2 written out in plain PyTorch, with the few extras RLHF needs.
+
+- `GPT`: the GPT-2 architecture (learned positions, pre-LayerNorm blocks, tanh GELU, tied embeddings). Its forward
+  returns the final hidden states; `lm_head` turns them into logits and `heads` (small `nn.Linear`s named in the
+  config: "value", "reward", vocab-sized Q heads ...) into anything else. Positions come from the attention mask,
+  so a left-padded row gives exactly the logits of the same row unpadded.
+- `GPT.from_pretrained`: Hugging Face GPT-2 weights (gpt2 ... gpt2-xl, a hub id, or a local folder), `save_hf`:
+  the reverse, a folder `transformers.GPT2LMHeadModel.from_pretrained` loads with identical logits.
+- `generate`: batched sampling of left-padded prompts with a preallocated KV cache; returns the sampled tokens'
+  logprobs (fp32, `log_softmax(logits / temperature)`) and a response mask that ends at each row's first EOS.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+EOS = 50256  # <|endoftext|>: GPT-2's BOS and EOS
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length (HF: n_positions)
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # RLHF wants dropout off (a ratio must be exactly 1 before the first update)
+    heads: dict = field(default_factory=dict)  # extra linear heads on the final hidden state: name -> output size
+
+
+# HF sizes; gpt2-xl is 1.5B parameters.
+GPT2_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+class KVCache:
+    """Preallocated keys/values for `max_len` positions, plus what masking needs: which cached slots are real tokens
+    (left padding is not) and how many real tokens each row has seen (the next position id)."""
+
+    def __init__(self, batch_size, max_len, device):
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0  # slots filled so far
+        self.kv = {}  # layer index -> (k, v), each (B, nh, max_len, hs); allocated at first use, in the compute dtype
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            if layer not in cache.kv:
+                shape = (B, self.n_head, cache.key_mask.shape[1], C // self.n_head)
+                cache.kv[layer] = (k.new_empty(shape), v.new_empty(shape))
+            k_buf, v_buf = cache.kv[layer]
+            L = cache.length
+            k_buf[:, :, L:L + T] = k
+            v_buf[:, :, L:L + T] = v
+            k, v = k_buf[:, :, :L + T], v_buf[:, :, :L + T]  # (B, nh, L+T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # Module names are HF's (without the "transformer." prefix) so the weight map is just a prefix and 4 transposes.
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.heads = nn.ModuleDict({name: nn.Linear(config.n_embd, size) for name, size in config.heads.items()})
+        self.grad_checkpointing = False  # recompute each block in backward: less activation memory, ~30% more time
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for head in self.heads.values():
+            self.init_head(head)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @staticmethod
+    def init_head(head):
+        # Scalar heads start at std 1/sqrt(n_embd+1) as in OpenAI's lm-human-preferences; vocab-sized ones like lm_head.
+        std = 1 / math.sqrt(head.in_features + 1) if head.out_features == 1 else 0.02
+        nn.init.normal_(head.weight, std=std)
+        nn.init.zeros_(head.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    def forward(self, idx, mask=None, cache=None):
+        """idx (B, T) token ids, mask (B, T) 1 = real token / 0 = padding (None = all real).
+        With `cache`, idx are the next T tokens after what the cache holds. Returns final hidden states (B, T, C)."""
+        B, T = idx.shape
+        if mask is None:
+            mask = torch.ones_like(idx)
+        mask = mask.bool()
+        if cache is None:
+            L = 0
+            n_real = torch.zeros(B, dtype=torch.long, device=idx.device)
+        else:
+            L, n_real = cache.length, cache.n_real
+        # Position = number of real tokens before this one, so left padding shifts nothing (HF's forward instead
+        # counts pads, unlike its generate: a classic source of PPO ratios != 1). Pads get position 0, unused.
+        pos = (n_real[:, None] + mask.long().cumsum(-1) - 1).clamp(min=0)
+        assert int(pos.max()) < self.config.block_size, f"sequence longer than block_size {self.config.block_size}"
+        if cache is None and bool(mask.all()):
+            attn_mask = None  # plain causal: lets SDPA use its fastest kernel
+        else:
+            keys = mask if cache is None else cache.key_mask[:, :L + T]
+            if cache is not None:
+                cache.key_mask[:, L:L + T] = mask
+            q_at = torch.arange(L, L + T, device=idx.device)
+            k_at = torch.arange(L + T, device=idx.device)
+            causal = k_at[None, :] <= q_at[:, None]  # (T, L+T)
+            # A padding query would see no key at all, and an all-masked softmax is NaN, which then leaks through
+            # 0-weighted values into real rows. Letting every query see itself keeps everything finite.
+            attn_mask = (causal[None] & keys[:, None, :]) | (k_at[None, :] == q_at[:, None])[None]
+            attn_mask = attn_mask[:, None]  # (B, 1, T, L+T)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache, i)
+        if cache is not None:
+            cache.length += T
+            cache.n_real = n_real + mask.sum(-1)
+        return self.ln_f(x)
+
+    # ------------------------------------------------------------------ HF GPT-2 weights in and out
+    @classmethod
+    def from_pretrained(cls, name_or_path, heads=None, dropout=0.0):
+        """GPT-2 from a local HF folder (config.json + model.safetensors or pytorch_model.bin) or a hub id."""
+        folder = name_or_path
+        if not os.path.isdir(folder):
+            folder = _download(name_or_path)
+        cfg_path = os.path.join(folder, "config.json")
+        if not os.path.exists(cfg_path):
+            raise ValueError(f"{folder}: no config.json, not a Hugging Face model folder")
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
+        if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+            raise ValueError(f"{cfg_path}: only GPT-2's gelu_new activation and layer_norm_epsilon 1e-5 are supported")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, heads=dict(heads or {}))
+        model = cls(config)
+        sd = _load_weights(folder)
+        # Two key layouts exist: hub `gpt2` has no prefix, save_pretrained adds "transformer.".
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        lm_head = sd.pop("lm_head.weight", None)
+        if lm_head is not None and not torch.equal(lm_head, sd.get("wte.weight", lm_head)):
+            raise ValueError(f"{folder}: lm_head.weight is not tied to wte.weight; GPT-2 ties them")
+        sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers
+        ours = {k: v for k, v in model.state_dict().items() if not k.startswith(("heads.", "lm_head."))}
+        missing, unexpected = ours.keys() - sd.keys(), sd.keys() - ours.keys()
+        if missing or unexpected:
+            raise ValueError(f"{folder}: not a GPT-2 checkpoint; missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k.endswith(CONV1D):
+                    v = v.t()  # HF's Conv1D stores (in, out); nn.Linear wants (out, in)
+                if v.shape != ours[k].shape:
+                    raise ValueError(f"{folder}: {k} has shape {tuple(v.shape)}, expected {tuple(ours[k].shape)}")
+                ours[k].copy_(v)
+        return model
+
+    def save_hf(self, folder):
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads (heads are not exported)."""
+        from safetensors.torch import save_file
+        c = self.config
+        os.makedirs(folder, exist_ok=True)
+        hf = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=c.vocab_size,
+                  n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                  activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=c.dropout,
+                  embd_pdrop=c.dropout, attn_pdrop=c.dropout, bos_token_id=EOS, eos_token_id=EOS,
+                  tie_word_embeddings=True)
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k.startswith(("heads.", "lm_head.")):  # lm_head is tied to wte; HF re-ties it
+                continue
+            sd["transformer." + k] = (v.t() if k.endswith(CONV1D) else v).detach().float().cpu().contiguous()
+        tmp = os.path.join(folder, "model.safetensors.tmp")
+        save_file(sd, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(folder, "model.safetensors"))
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _download(repo_id):
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # no network, unknown id, ...: say what was asked for
+        raise ValueError(f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
+                         f"({type(e).__name__}: {e})") from e
+
+
+def _load_weights(folder):
+    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise ValueError(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
+
+
+def config_dict(config):
+    return asdict(config)
+
+
+# ---------------------------------------------------------------------- logprobs and sampling
+def token_logprobs(logits, targets, temperature=1.0):
+    """log p(targets) under softmax(logits / temperature), in fp32 whatever the autocast dtype.
+    cross_entropy is a fused log-softmax + gather: no (B, T, V) fp32 log-prob tensor is kept around."""
+    V = logits.shape[-1]
+    lp = -F.cross_entropy(logits.float().reshape(-1, V) / temperature, targets.reshape(-1), reduction="none")
+    return lp.view(targets.shape)
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set logits outside the top-k / nucleus (top-p) set to -inf."""
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p (>= 1 token)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row. temperature 0 = greedy. Sampling is the exponential race argmax(p / E), E ~ Exp(1)
+    (equivalent to Gumbel-max): exact, and several times cheaper than torch.multinomial over a 50k vocabulary."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    race = torch.empty_like(logits).exponential_(1.0, generator=generator)
+    return (logits - race.log()).argmax(-1)
+
+
+@torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step (RLHF_NOTES)
+def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             eos_id=EOS, logits_fn=None):
+    """Sample continuations of left-padded prompts `tokens`/`mask` (B, P).
+
+    Returns (tokens (B, P+N), logprobs (B, N) fp32, response_mask (B, N)), N <= max_new_tokens (it stops once every
+    row has produced EOS). The response mask is 1 up to and including each row's first EOS; later slots hold EOS.
+    `logprobs` are log_softmax(logits / temperature) of the sampled tokens (temperature 0: of the plain logits),
+    before top-k/top-p filtering, i.e. what a training forward with the same temperature computes.
+    `logits_fn(hidden) -> logits` replaces the LM head (ILQL decoding uses it)."""
+    raw = getattr(model, "module", model)
+    logits_fn = logits_fn or raw.lm_head
+    B, P = tokens.shape
+    cache = KVCache(B, P + max_new_tokens, tokens.device)
+    h = raw(tokens, mask, cache=cache)[:, -1]  # prefill
+    done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+    out, logprobs, resp_mask = [], [], []
+    for _ in range(max_new_tokens):
+        logits = logits_fn(h).float()
+        tok = sample_token(logits, temperature, top_k, top_p, generator)
+        lp = torch.log_softmax(logits / (temperature or 1.0), dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+        tok = tok.masked_fill(done, eos_id)
+        out.append(tok)
+        logprobs.append(lp.masked_fill(done, 0.0))
+        resp_mask.append(~done)
+        done = done | (tok == eos_id)
+        if bool(done.all()) or len(out) == max_new_tokens:
+            break
+        h = raw(tok[:, None], cache=cache)[:, -1]
+    return (torch.cat([tokens, torch.stack(out, 1)], 1), torch.stack(logprobs, 1),
+            torch.stack(resp_mask, 1).long())
