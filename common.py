@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -61,6 +61,10 @@ def _convert(key, value, default, where):
         raise ConfigError(f"{where}: --{key}={value!r} is not a valid {type(default).__name__}") from None
 
 
+def _default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
 def _check_key(cls, key, where):
     names = [f.name for f in fields(cls)]
     if key not in names:
@@ -75,8 +79,7 @@ def parse_config(cls, argv=None):
     if any(a in ("-h", "--help") for a in argv):
         print_help(cls)
         sys.exit(0)
-    values = {f.name: f.default if f.default_factory is inspect._empty else f.default_factory()
-              for f in fields(cls)}
+    values = {f.name: _default(f) for f in fields(cls)}
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
@@ -103,7 +106,7 @@ def print_help(cls):
     print("\nusage: [config/file.py ...] [--key=value ...]\n")
     helps = _field_help(cls)
     for f in fields(cls):
-        default = f.default if f.default_factory is inspect._empty else f.default_factory()
+        default = _default(f)
         print(f"  --{f.name}={default!r:<24} {helps.get(f.name, '')}")
 
 
