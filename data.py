@@ -74,13 +74,14 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 def load_rows(source: str, split: str = "train", subset: str | None = None) -> list[dict]:
     """Rows of a local file (its whole content is the "train" split), a local directory of such files, or a hub
     dataset. `split` accepts datasets' slicing syntax, e.g. "train[:90%]" / "train[90%:]"."""
-    import datasets  # here, not at the top: it takes ~1 s to import and most users of data.py only tokenize
+    import datasets  # imported here: it takes ~1 s, and scripts that only tokenize should not pay for it
 
     ext = os.path.splitext(source)[1].lower()
     if os.path.isfile(source):
         if ext not in BUILDERS:
             raise DataError(f"{source}: unsupported file type {ext!r} (use one of {', '.join(BUILDERS)})")
-        args, kwargs, json_files = (BUILDERS[ext],), dict(data_files=os.path.abspath(source)), [source]
+        args, kwargs = (BUILDERS[ext],), dict(data_files=source)
+        json_files = [source] if BUILDERS[ext] == "json" else []
     elif os.path.isdir(source):
         args, kwargs = (source,), {}
         json_files = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs
@@ -122,7 +123,7 @@ def _find_bad_json(path: str) -> str | None:
         except UnicodeDecodeError as e:
             return f"row {row} (line {line_no}): not valid UTF-8: {e}"
         except json.JSONDecodeError as e:
-            return f"row {row} (line {line_no}): not valid JSON: {e}"
+            return f"row {row} (line {line_no}): not valid JSON: {e.msg} at column {e.colno}"
         if not isinstance(obj, dict):
             return f"row {row} (line {line_no}): not a JSON object but {type(obj).__name__}"
     return None
@@ -178,7 +179,7 @@ def _pair(prompt: str, chosen: str, rejected: str) -> PrefExample:
 
 
 def _hh_prompt(text: str, what: str) -> str:
-    """The dialogue up to and including its last "\n\nAssistant:": the turn the response answers."""
+    r"""The dialogue up to and including its last "\n\nAssistant:": the turn the response answers."""
     cut = text.rfind(ASSISTANT)
     if cut < 0:
         raise DataError(f"no {ASSISTANT!r} in {what}")
@@ -291,7 +292,7 @@ def load_preferences(source, split="train", subset=None, skip_bad=False) -> list
 
 
 def load_prompts(source, split="train", subset=None, skip_bad=False, field=None) -> list[str]:
-    """Prompts from a `prompt` column (or `field`), from HH dialogues (the text up to and including the last
+    r"""Prompts from a `prompt` column (or `field`), from HH dialogues (the text up to and including the last
     "\n\nAssistant:" of `chosen`) or from TL;DR rows (`info`). Empty prompts are bad rows."""
     rows, keys = _rows_and_keys(source, split, subset)
     if field is not None or "prompt" in keys:

@@ -2,16 +2,14 @@
 
 import json
 import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # these tests only read local files: never the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # only local files here: never the network (as conftest.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import (EOS, DataError, OfflineExample, PrefExample, SFTExample, collate_prompts, collate_sft, decode,
                   encode, get_tokenizer, load_offline, load_preferences, load_prompts, load_rows, load_sft, pad_left,
                   pad_right, preferences_to_offline, tokenize_example, tokenize_prompt)
@@ -243,6 +241,8 @@ def test_missing_and_unsupported_files(tmp_path):
         load_sft(str(tmp_path / "x.txt"))
     with pytest.raises(DataError, match=r"sft\.jsonl: row 1: unknown format"):
         load_offline(str(FIX / "sft.jsonl"))
+    with pytest.raises(DataError, match=r"sft\.jsonl: could not load split 'test'.*Unknown split"):
+        load_sft(str(FIX / "sft.jsonl"), split="test")
 
 
 def test_skip_bad_counts_and_summarizes(tmp_path, capsys):
@@ -266,8 +266,8 @@ def test_truncation_policy():
     p, resp = tokenize_example("short prompt", response, max_prompt_len=8, max_len=64)
     assert p == encode("short prompt") and resp == r + [EOS]  # fits: ends with EOS
     max_len = len(p) + len(r) + 1
-    assert tokenize_example("short prompt", response, 8, max_len) == (p, r + [EOS])  # exactly fits: keeps EOS
-    p2, resp2 = tokenize_example("short prompt", response, 8, max_len - 1)  # one short: the EOS goes, not a word
+    assert tokenize_example("short prompt", response, 4, max_len) == (p, r + [EOS])  # exactly fits: keeps EOS
+    p2, resp2 = tokenize_example("short prompt", response, 4, max_len - 1)  # one short: the EOS goes, not a word
     assert resp2 == r and EOS not in resp2
     p3, resp3 = tokenize_example(prompt, response * 20, max_prompt_len=10, max_len=16)
     assert p3 == full[-10:] and resp3 == encode(response * 20)[:6] and len(p3) + len(resp3) == 16
