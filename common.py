@@ -107,7 +107,7 @@ def print_help(cls):
     helps = _field_help(cls)
     for f in fields(cls):
         default = _default(f)
-        print(f"  --{f.name}={default!r:<24} {helps.get(f.name, '')}")
+        print(f"  {f'--{f.name}={default!r}':<36} {helps.get(f.name, '')}")
 
 
 def print_config(cfg):

@@ -1,0 +1,289 @@
+"""
+Supervised fine-tuning (SFT): teach GPT-2 to continue a prompt with a demonstration.
+
+The algorithm: next-token cross-entropy on (prompt, completion) pairs, with the loss on the completion tokens only.
+
+Our choices, where public implementations differ:
+- Prompt and completion are tokenized separately and concatenated (data.tokenize_example), so the mask boundary is
+  exact; the EOS that ends the completion is a target (a model that never learns to stop is a classic SFT bug).
+- The loss is the mean over the target tokens of the whole optimizer step (all micro-batches, all ranks), not a
+  mean of per-micro-batch means, which overweights short completions and makes the result depend on how a batch is
+  split. Gradient accumulation and DDP therefore give the gradient of one big batch.
+- The data order is a pure function of (seed, step): `init_from="resume"` ends with the weights of an
+  uninterrupted run. The LR schedule decays over `lr_decay_iters` (default max_iters), nanoGPT style, so a run can
+  be stopped early and resumed with the same schedule.
+- A preference set (Anthropic HH, prompt/chosen/rejected, TL;DR) is SFT data too: data_format="chosen" trains on
+  its chosen responses, with the prompt split off by data.load_preferences.
+Outputs in out_dir: ckpt.pt (always the last step, for resume), best.pt (best held-out loss), hf/ (the final
+model as a Hugging Face folder), log.jsonl.
+
+    python sft.py config/sft_tiny.py
+    python sft.py config/sft_tiny.py --max_iters=50 --dtype=bfloat16
+    torchrun --standalone --nproc_per_node=2 sft.py config/sft_tiny.py
+    torchrun --standalone --nproc_per_node=8 sft.py config/sft_hh_gpt2.py
+"""
+
+import json
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, log_line, lr_at,
+                    make_optimizer, parse_config, print0, print_config, rng_state, save_checkpoint, set_rng_state,
+                    setup)
+from data import (EOS, SFTExample, collate_sft, decode, load_preferences, load_sft, pad_left, tokenize_example,
+                  tokenize_prompt)
+from model import GPTConfig, generate, token_logprobs
+
+
+@dataclass
+class Config:
+    # model
+    init_from: str = "gpt2"  # scratch | resume (out_dir/ckpt.pt) | gpt2..gpt2-xl | HF folder | one of our .pt files
+    n_layer: int = 12  # scratch only
+    n_head: int = 12  # scratch only
+    n_embd: int = 768  # scratch only
+    block_size: int = 1024  # scratch only
+    dropout: float = 0.0  # scratch only (pretrained models load with dropout off)
+    # data
+    data: str = "Anthropic/hh-rlhf"  # a local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset
+    data_format: str = "sft"  # sft: prompt/completion or text rows | chosen: a preference set's chosen responses
+    data_subset: str = None  # hub dataset config name, if any
+    data_split: str = "train"  # training split (slices allowed: "train[:90%]")
+    eval_split: str = "test"  # held-out split, e.g. "train[90%:]"
+    skip_bad: bool = False  # drop (and count) bad rows instead of stopping at the first one
+    max_prompt_len: int = 384  # prompts are left-truncated to this many tokens
+    max_len: int = 512  # prompt + completion (+ EOS) tokens; longer completions are cut (and lose their EOS)
+    # training
+    out_dir: str = "out-sft"  # ckpt.pt (last, for resume), best.pt (best eval loss), hf/, log.jsonl
+    batch_size: int = 8  # sequences per micro-batch, per rank
+    grad_accum: int = 1  # micro-batches per optimizer step, per rank
+    max_iters: int = 1000  # optimizer steps
+    learning_rate: float = 2e-5  # peak LR
+    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * learning_rate
+    warmup_iters: int = 50  # linear warmup steps
+    lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
+    weight_decay: float = 0.0  # AdamW weight decay on matrices (not biases, LayerNorms)
+    beta1: float = 0.9  # AdamW betas
+    beta2: float = 0.95  # AdamW betas
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    # evaluation and logging
+    eval_interval: int = 200  # evaluate, print samples and write checkpoints every this many steps (and at the end)
+    eval_batch_size: int = 16  # sequences per eval forward, per rank
+    n_samples: int = 2  # prompts of the held-out set sampled at each eval (0 = none)
+    sample_tokens: int = 48  # new tokens per sample
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
+    seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
+    compile: bool = False  # torch.compile the model
+
+
+# ----------------------------------------------------------------------------- pure functions
+def sft_loss(logits, tokens, loss_mask, n_targets):
+    """Summed -log p(target) over the target tokens, divided by n_targets.
+
+    logits (B, T, V): at every position (the logits at t predict token t+1). tokens, loss_mask (B, T): loss_mask is
+    1 on the target tokens (completion incl. its EOS), 0 on prompt and padding. n_targets: the number of targets of
+    the whole optimizer step (all micro-batches, all ranks), so the micro-batch losses add up to the batch mean."""
+    logprobs = token_logprobs(logits[:, :-1], tokens[:, 1:])  # (B, T-1) fp32
+    return -(logprobs * loss_mask[:, 1:]).sum() / n_targets
+
+
+def batch_indices(step, batch_size, n, seed):
+    """Indices of the `batch_size` examples of global batch `step`: consecutive slices of an endless stream of
+    epochs, each a permutation of range(n) seeded by (seed, epoch). A pure function of (seed, step), so a resumed
+    run reads exactly what an uninterrupted one does."""
+    idx, g = [], step * batch_size
+    while len(idx) < batch_size:
+        epoch, i = divmod(g, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(n - i, batch_size - len(idx))
+        idx += perm[i:i + take].tolist()
+        g += take
+    return idx
+
+
+def micro_batches(examples, step, cfg, s):
+    """This rank's micro-batches of optimizer step `step`: the global batch is split rank::world_size, then into
+    grad_accum micro-batches of batch_size. Any split of the same global batch gives the same gradient."""
+    global_batch = cfg.batch_size * cfg.grad_accum * s.world_size
+    mine = batch_indices(step, global_batch, len(examples), cfg.seed)[s.rank::s.world_size]
+    return [collate_sft([examples[i] for i in mine[j:j + cfg.batch_size]])
+            for j in range(0, len(mine), cfg.batch_size)]
+
+
+def forward_backward(model, batches, s):
+    """Accumulate into .grad the gradient of the mean target-token loss over `batches` of every rank.
+    Returns (loss: that mean, a 0-dim tensor identical on every rank, n_tokens: real tokens processed, all ranks)."""
+    raw = model.module if s.ddp else model
+    # Count the targets of the whole step first, over all micro-batches and all ranks.
+    n_targets = all_reduce_sum(torch.tensor(float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),
+                                            device=s.device), s)
+    total = torch.zeros(2, device=s.device)  # (summed loss of this rank, real tokens of this rank)
+    for i, b in enumerate(batches):
+        tokens, mask, loss_mask = (b[k].to(s.device) for k in ("tokens", "mask", "loss_mask"))
+        # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
+        sync = not s.ddp or i == len(batches) - 1
+        with nullcontext() if sync else model.no_sync():
+            with s.autocast():
+                logits = raw.lm_head(model(tokens, mask))  # (B, T, V)
+            loss = sft_loss(logits, tokens, loss_mask, n_targets)  # this micro-batch's share of the global mean
+            # DDP AVERAGES gradients over ranks, i.e. divides their sum by world_size. Every rank's loss is already
+            # its part of the global sum / n_targets, so we want the plain sum: multiply by world_size to undo it.
+            (loss * s.world_size).backward()
+        total += torch.stack([loss.detach(), mask.sum().float()])
+    return tuple(all_reduce_sum(total, s))
+
+
+@contextmanager
+def rank0_first(s):
+    """Rank 0 runs the block first (datasets writes its cache), the other ranks after (they read it)."""
+    if s.ddp and not s.master:
+        dist.barrier()
+    yield
+    if s.ddp and s.master:
+        dist.barrier()
+
+
+def load_examples(cfg, split):
+    if cfg.data_format == "sft":
+        return load_sft(cfg.data, split, cfg.data_subset, cfg.skip_bad)
+    if cfg.data_format == "chosen":
+        return [SFTExample(p.prompt, p.chosen) for p in load_preferences(cfg.data, split, cfg.data_subset,
+                                                                         cfg.skip_bad)]
+    raise ConfigError(f"data_format must be 'sft' or 'chosen', not {cfg.data_format!r}")
+
+
+def main(cfg):
+    # ------------------------------------------------------------------------- setup
+    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    print_config(cfg)
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+
+    # ------------------------------------------------------------------------- data
+    with rank0_first(s):
+        train_data, eval_data = load_examples(cfg, cfg.data_split), load_examples(cfg, cfg.eval_split)
+    tok = lambda ex: tokenize_example(ex.prompt, ex.completion, cfg.max_prompt_len, cfg.max_len)
+    train_ids, eval_ids = [tok(ex) for ex in train_data], [tok(ex) for ex in eval_data]
+    cut = sum(r[-1:] != [EOS] for _, r in train_ids)
+    print0(f"data: {len(train_ids)} train / {len(eval_ids)} eval examples; {cut} train completions cut at max_len")
+
+    # ------------------------------------------------------------------------- model
+    init = ckpt_path if cfg.init_from == "resume" else cfg.init_from
+    scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                        dropout=cfg.dropout)
+    raw, ckpt = load_model(init, heads={}, scratch=scratch)
+    if cfg.max_len > raw.config.block_size:
+        raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({raw.config.block_size})")
+    raw.to(s.device)
+    print0(f"model: {raw.num_params() / 1e6:.2f}M parameters from {init}")
+    model = torch.compile(raw) if cfg.compile else raw
+    if s.ddp:  # DDP broadcasts rank 0's weights: every rank starts identical whatever its seed
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[s.local_rank] if s.device.startswith("cuda") else None)
+
+    # ------------------------------------------------------------------------- optimizer
+    opt = make_optimizer(raw, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    start_step, best_eval_loss = 0, float("inf")
+    if cfg.init_from == "resume":
+        opt.load_state_dict(ckpt["optimizer"])
+        start_step, best_eval_loss = ckpt["step"], ckpt.get("best_eval_loss", float("inf"))
+        set_rng_state(ckpt["rng"])
+        print0(f"resuming from {ckpt_path} at step {start_step}")
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+
+    # ------------------------------------------------------------------------- eval, samples, checkpoints
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        total = torch.zeros(2, device=s.device)  # (summed loss, targets)
+        mine = eval_ids[s.rank::s.world_size]
+        for j in range(0, len(mine), cfg.eval_batch_size):
+            b = {k: v.to(s.device) for k, v in collate_sft(mine[j:j + cfg.eval_batch_size]).items()}
+            with s.autocast():
+                logits = raw.lm_head(raw(b["tokens"], b["mask"]))
+            total += torch.stack([sft_loss(logits, b["tokens"], b["loss_mask"], 1.0), b["loss_mask"][:, 1:].sum()])
+        all_reduce_sum(total, s)
+        model.train()
+        return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def print_samples():
+        n = min(cfg.n_samples, len(eval_data))
+        if n == 0 or not s.master:
+            return
+        raw.eval()
+        room = raw.config.block_size - cfg.sample_tokens
+        prompts = [tokenize_prompt(ex.prompt, min(cfg.max_prompt_len, room)) for ex in eval_data[:n]]
+        tokens, mask = (t.to(s.device) for t in pad_left(prompts))
+        gen = torch.Generator(s.device).manual_seed(cfg.seed)  # its own generator: the training RNG is untouched
+        with s.autocast():
+            out, _, resp_mask = generate(raw, tokens, mask, cfg.sample_tokens, temperature=0.7, generator=gen)
+        for i in range(n):
+            response = out[i, tokens.shape[1]:][resp_mask[i].bool()]
+            print0(f"--- sample {i}: {eval_data[i].prompt[-200:]!r} -> {decode(response)!r}")
+        raw.train()
+
+    def save(path, step, full):
+        extra = dict(optimizer=opt.state_dict(), rng=rng_state()) if full else {}  # best.pt: weights only
+        save_checkpoint(path, kind="sft", model_config=asdict(raw.config), model=raw.state_dict(), step=step,
+                        config=asdict(cfg), best_eval_loss=best_eval_loss, **extra)
+
+    def log(metrics):
+        if s.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    # ------------------------------------------------------------------------- training loop
+    eval_loss_start = eval_loss = None
+    if start_step == 0:
+        eval_loss_start = evaluate()
+        log_line(0, {"eval_loss": eval_loss_start})
+    timer, metrics = Timer(cfg.max_iters, start_step), {}
+    model.train()
+    for step in range(start_step, cfg.max_iters):
+        t0 = time.time()
+        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, n_tokens = forward_backward(model, micro_batches(train_ids, step, cfg, s), s)
+        check_finite(loss.item(), "loss", step)  # before the weights or any checkpoint see it
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
+        check_finite(grad_norm.item(), "grad_norm", step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                   "tok/s": int(n_tokens.item() / (time.time() - t0)), "eta": timer.eta(step)}
+        log_line(step, metrics)
+        log({"step": step, **metrics})
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:
+            eval_loss = evaluate()
+            best = eval_loss < best_eval_loss
+            best_eval_loss = min(best_eval_loss, eval_loss)
+            log_line(step, {"eval_loss": eval_loss, "best_eval_loss": best_eval_loss})
+            log({"step": step, "eval_loss": eval_loss})
+            print_samples()
+            if s.master:
+                save(ckpt_path, step + 1, full=True)  # step + 1: the next step to run, where a resume starts
+                if best:
+                    save(best_path, step + 1, full=False)
+
+    # ------------------------------------------------------------------------- export
+    if s.master:
+        if start_step >= cfg.max_iters:  # nothing left to run: keep the checkpoint, still export
+            print0(f"{ckpt_path} is already at step {start_step} >= max_iters {cfg.max_iters}")
+        raw.save_hf(os.path.join(cfg.out_dir, "hf"))
+        print0(f"saved {ckpt_path}, {best_path} and {os.path.join(cfg.out_dir, 'hf')}")
+    cleanup(s)
+    return {**metrics, "eval_loss_start": eval_loss_start, "best_eval_loss": best_eval_loss,
+            "eval_loss": eval_loss}
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,234 @@
+"""Tests for sft.py: the masked, globally normalised loss against a naive reference; gradient accumulation equals
+one big batch; a short run learns; resume is exact; a non-finite loss stops cleanly; bad data is named; a 2-process
+torchrun run equals 1 process on the same global batch."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+import sft
+from common import Setup, load_checkpoint, load_model, parse_config
+from data import EOS, DataError, collate_sft, tokenize_example
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "apple river stone cloud green tiger piano seven orange window silver music forest candle yellow".split()
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory, monkeypatch):
+    # One thread: the CPU is shared, and oversubscribed OpenMP threads make tiny models ~50x slower.
+    # datasets' cache goes to a temp dir, not the home directory.
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def copy_task(path, n=60, seed=0):
+    """A learnable fixture: the completion repeats the prompt's words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 4)))
+        rows.append({"prompt": f"Repeat: {words}\n", "completion": f" {words}"})
+    return write_jsonl(path, rows)
+
+
+def tiny_cfg(tmp_path, data, **overrides):
+    """The tiny preset the demo uses, pointed at `data` with a held-out 20%."""
+    cfg = parse_config(sft.Config, [str(ROOT / "config" / "sft_tiny.py")])
+    base = dict(data=data, data_split="train[:80%]", eval_split="train[80%:]", out_dir=str(tmp_path / "out"),
+                n_samples=0, eval_interval=1000)
+    return dataclasses.replace(cfg, **{**base, **overrides})
+
+
+def cpu_setup():
+    return Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+
+
+def naive_sft_loss(logits, tokens, loss_mask):
+    """Mean -log softmax over target tokens, one token at a time."""
+    total, n = 0.0, 0
+    for b in range(tokens.shape[0]):
+        for t in range(1, tokens.shape[1]):
+            if loss_mask[b, t]:
+                total -= torch.log_softmax(logits[b, t - 1].double(), -1)[tokens[b, t]].item()
+                n += 1
+    return total / n
+
+
+# ----------------------------------------------------------------------------- the loss
+def test_sft_loss_matches_naive_and_ignores_prompt_labels():
+    torch.manual_seed(0)
+    pairs = [([5, 6, 7], [8, 9, EOS]), ([11], [12, 13, 14, 15, EOS]), ([1, 2, 3, 4], [EOS])]
+    b = collate_sft(pairs)
+    tokens, loss_mask = b["tokens"], b["loss_mask"]
+    logits = torch.randn(*tokens.shape, 50257)
+    n = loss_mask[:, 1:].sum()
+    loss = sft.sft_loss(logits, tokens, loss_mask, n)
+    assert abs(loss.item() - naive_sft_loss(logits, tokens, loss_mask)) < 1e-5
+    # Change every prompt token (and padding): as targets they are masked, and the logits are given.
+    changed = torch.where(loss_mask.bool(), tokens, torch.randint(0, 50257, tokens.shape))
+    assert not torch.equal(changed, tokens)
+    assert sft.sft_loss(logits, changed, loss_mask, n).item() == loss.item()
+    # ... whereas changing one completion token does change it (the test can fail).
+    changed = tokens.clone()
+    changed[1, 3] = 999
+    assert sft.sft_loss(logits, changed, loss_mask, n).item() != loss.item()
+
+
+def test_sft_loss_counts_the_final_eos():
+    prompt_ids, response_ids = tokenize_example("Q: capital of Japan?\nA:", " Tokyo", 16, 32)
+    assert response_ids[-1] == EOS
+    b = collate_sft([(prompt_ids, response_ids)])
+    assert b["loss_mask"].sum() == len(response_ids)  # the EOS is a target
+    eos_at = len(prompt_ids) + len(response_ids) - 1
+    assert b["tokens"][0, eos_at] == EOS and b["loss_mask"][0, eos_at] == 1
+    logits = torch.zeros(1, eos_at + 1, 50257)
+    base = sft.sft_loss(logits, b["tokens"], b["loss_mask"], 1.0)
+    logits[0, eos_at - 1, EOS] = 10.0  # the model now predicts the EOS: only that target's loss drops
+    assert sft.sft_loss(logits, b["tokens"], b["loss_mask"], 1.0) < base - 5
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    # completions of very different lengths: a mean of micro-batch means would weight them differently
+    pairs = [([1, 2, 3], [4, EOS]), ([5, 6], [7, 8, 9, 10, 11, 12, 13, EOS]), ([14], [15, EOS]),
+             ([16, 17, 18, 19], [20, 21, 22, 23, 24, 25, EOS])]
+
+    def grads(batches):
+        model.zero_grad()
+        loss, n_tokens = sft.forward_backward(model, batches, cpu_setup())
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    loss1, g1 = grads([collate_sft(pairs)])
+    loss2, g2 = grads([collate_sft(pairs[:1]), collate_sft(pairs[1:3]), collate_sft(pairs[3:])])
+    assert abs(loss1 - loss2) <= 1e-5
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    # a naive mean of micro-batch means differs: the test above can fail
+    with torch.no_grad():
+        means = [sft.sft_loss(model.lm_head(model(b["tokens"], b["mask"])), b["tokens"], b["loss_mask"],
+                              b["loss_mask"][:, 1:].sum()).item()
+                 for b in (collate_sft(pairs[:1]), collate_sft(pairs[1:3]), collate_sft(pairs[3:]))]
+    assert abs(sum(means) / 3 - loss1) > 1e-3
+
+
+def test_batch_indices_are_epochs_of_permutations():
+    idx = [i for step in range(5) for i in sft.batch_indices(step, 4, 10, seed=3)]
+    assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))
+    assert idx[:10] != list(range(10))  # shuffled
+    assert sft.batch_indices(3, 4, 10, seed=3) == idx[12:16]  # a pure function of (seed, step)
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_short_run_lowers_heldout_loss(tmp_path):
+    cfg = tiny_cfg(tmp_path, copy_task(tmp_path / "copy.jsonl"), max_iters=30, learning_rate=1e-2, eval_interval=15,
+                   n_samples=1, sample_tokens=4)
+    out = sft.main(cfg)
+    assert out["eval_loss"] < out["eval_loss_start"] - 2.0, out
+    out_dir = Path(cfg.out_dir)
+    assert (out_dir / "ckpt.pt").exists() and (out_dir / "best.pt").exists()
+    assert load_checkpoint(str(out_dir / "ckpt.pt"), "sft")["step"] == 30
+    assert abs(load_checkpoint(str(out_dir / "best.pt"), "sft")["best_eval_loss"] - out["best_eval_loss"]) < 1e-9
+    hf, _ = load_model(str(out_dir / "hf"))  # the exported HF folder loads back with the same weights
+    ours, _ = load_model(str(out_dir / "ckpt.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), ours.state_dict().values()))
+    lines = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()]
+    assert sum("loss" in x for x in lines) == 30 and sum("eval_loss" in x for x in lines) == 2
+
+
+def test_chosen_responses_of_hh_dialogues(tmp_path):
+    # data_format="chosen": SFT on a preference set's chosen responses, prompt split off by load_preferences
+    cfg = tiny_cfg(tmp_path, str(ROOT / "tests" / "fixtures" / "data" / "hh.jsonl"), data_format="chosen",
+                   data_split="train", eval_split="train", max_iters=2, grad_accum=1)
+    out = sft.main(cfg)
+    assert out["eval_loss"] < out["eval_loss_start"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    data = copy_task(tmp_path / "copy.jsonl", n=20)
+    # dropout on: the resumed run must also restore the RNG state
+    kw = dict(max_iters=6, lr_decay_iters=6, warmup_iters=2, learning_rate=1e-2, dropout=0.1)
+    sft.main(tiny_cfg(tmp_path / "a", data, **kw))
+    sft.main(tiny_cfg(tmp_path / "b", data, **{**kw, "max_iters": 3}))
+    sft.main(tiny_cfg(tmp_path / "b", data, **{**kw, "init_from": "resume"}))
+    a = load_checkpoint(str(tmp_path / "a" / "out" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "b" / "out" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6, rtol=0), k
+
+
+def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, copy_task(tmp_path / "copy.jsonl", n=20), max_iters=2, grad_accum=1)
+    sft.main(cfg)
+    path = Path(cfg.out_dir) / "ckpt.pt"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    real_loss, calls = sft.sft_loss, []
+
+    def nan_on_second_step(*args):  # a NaN in the training loss of the 2nd step after resuming (step 3)
+        loss = real_loss(*args)
+        if torch.is_grad_enabled():  # training, not eval
+            calls.append(1)
+            if len(calls) == 2:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(sft, "sft_loss", nan_on_second_step)
+    with pytest.raises(RuntimeError, match=r"step 3: loss is nan"):
+        sft.main(dataclasses.replace(cfg, init_from="resume", max_iters=6))
+    # step 2 updated the weights in memory only; the failure at step 3 wrote nothing: ckpt.pt is the step-2 file
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    ckpt = load_checkpoint(str(path), "sft")
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_bad_row_names_file_row_and_field(tmp_path):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": 3}])
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 2: field 'completion'"):
+        sft.main(tiny_cfg(tmp_path, data, data_split="train", eval_split="train"))
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    data = copy_task(tmp_path / "copy.jsonl", n=20)
+    common = ["--data=" + data, "--data_split=train[:80%]", "--eval_split=train[80%:]", "--max_iters=3",
+              "--batch_size=2", "--eval_interval=1000", "--n_samples=0", "--learning_rate=1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+           "config/sft_tiny.py", f"--out_dir={tmp_path / 'ddp'}", "--grad_accum=1", *common]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step 2 | loss" in r.stdout
+    # one process with 2 micro-batches sees the same global batch of 4 sequences
+    single = parse_config(sft.Config, ["config/sft_tiny.py", f"--out_dir={tmp_path / 'one'}", "--grad_accum=2",
+                                       *common])
+    sft.main(single)
+    a = load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"), "sft")["model"]
+    b = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"), "sft")["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+    # Adam is blind to a gradient's scale, so compare the logged loss and gradient norm too (a missing world_size
+    # factor halves the norm and leaves the weights alone)
+    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines() if '"loss"' in x]
+            for d in ("ddp", "one")]
+    for x, y in zip(*logs):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-4, (x, y)
