@@ -1,0 +1,319 @@
+"""ilql.py: hand-checked indexing, every loss term against a naive per-token loop, Polyak targets, ILQL decoding,
+learning a one-token preference, exact resume, reward plumbing, and one 2-process torchrun run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import ilql
+from common import load_checkpoint, load_model, make_optimizer, parse_config, save_checkpoint
+from model import EOS, GPT, GPTConfig, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "tests" / "fixtures" / "data"
+V = 50257
+TINY = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=32, block_size=32, max_prompt_len=16, max_len=24,
+            data_format="offline", device="cpu", warmup_iters=0, top_k=0)
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path_factory, monkeypatch):
+    # One thread: the CPU is shared, and oversubscribed OpenMP threads make tiny models many times slower.
+    # datasets' cache goes to a temp dir, not the home directory.
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def tiny_model(seed=0, n_embd=32):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=n_embd, heads=ilql.ilql_heads(V)))
+    ilql.init_targets(model)
+    ilql.freeze_targets(model)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- indexing
+def test_indices_and_batch_by_hand():
+    # row 0: prompt [10 11], response [12 13 EOS]; row 1: prompt [20 21 22 24], response [23 EOS]
+    items = [([10, 11], [12, 13, EOS], 2.0), ([20, 21, 22, 24], [23, EOS], -1.0)]
+    b = ilql.collate_offline(items)
+    assert b["tokens"].tolist() == [[10, 11, 12, 13, EOS, EOS], [20, 21, 22, 24, 23, EOS]]
+    # the hidden state at i chooses token i+1: row 0's actions 12, 13, EOS sit at positions 2, 3, 4 -> read at 1, 2, 3
+    assert b["actions_ixs"].tolist() == [[1, 2, 3], [3, 4, 0]]
+    assert b["action_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert (b["actions"] * b["action_mask"]).tolist() == [[12, 13, EOS], [23, EOS, 0]]
+    assert b["states_ixs"].tolist() == [[1, 2, 3, 4], [3, 4, 5, 0]]  # action states + the final position
+    assert b["states_ixs"][:, 1:].tolist() == [[2, 3, 4], [4, 5, 0]]  # next states
+    assert b["dones"].tolist() == [[0, 0, 0, 1], [0, 0, 1, 1]]  # terminal after the last action (and padding)
+    assert b["dones"][:, 1:].tolist() == [[0, 0, 1], [0, 1, 1]]  # done flag of each action's next state
+    assert b["rewards"].tolist() == [[0.0, 0.0, 2.0], [0.0, -1.0, 0.0]]  # on the last action
+    # the pure function alone
+    a, s, d, m = ilql.ilql_indices(torch.tensor([2, 4]), torch.tensor([3, 2]))
+    assert a.tolist() == [[1, 2, 3], [3, 4, 0]] and s.tolist() == [[1, 2, 3, 4], [3, 4, 5, 0]]
+    assert d.tolist() == [[0, 0, 0, 1], [0, 0, 1, 1]] and m.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_outputs_read_at_the_state_positions():
+    model = tiny_model()
+    b = ilql.collate_offline([([10, 11], [12, 13, EOS], 1.0), ([20, 21, 22, 24], [23, EOS], -1.0)])
+    with torch.no_grad():
+        h = model(b["tokens"], b["mask"])
+        out = ilql.ilql_outputs(model, h, b)
+        # row 0, action 1 (token 13 at position 3) is chosen by hidden 2; its next state is hidden 3
+        assert torch.allclose(out["qs"][0][0, 1], model.heads["q1"](h[0, 2]), atol=1e-6)
+        assert torch.allclose(out["logits"][0, 1], model.lm_head(h[0, 2]), atol=1e-6)
+        assert torch.allclose(out["vs"][0, 2], model.heads["v"](h[0, 3])[0], atol=1e-6)
+        assert torch.allclose(out["vs"][0, 3], model.heads["v"](h[0, 4])[0], atol=1e-6)  # the terminal state
+        t1, t2 = model.heads["q1_target"](h[1, 4]), model.heads["q2_target"](h[1, 4])  # row 1, action 1 = EOS
+        assert torch.allclose(out["target_q"][1, 1], torch.minimum(t1, t2)[EOS], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- losses
+def naive_losses(logits, qs, target_q, vs, actions, rewards, dones, mask, gamma, tau, beta_awac):
+    def log_softmax(row, a):
+        m = max(row)
+        return row[a] - (m + math.log(sum(math.exp(x - m) for x in row)))
+
+    B, A = len(actions), len(actions[0])
+    lq = lv = lcql = lawac = 0.0
+    n = 0
+    for b in range(B):
+        for t in range(A):
+            if not mask[b][t]:
+                continue
+            n += 1
+            a = actions[b][t]
+            td = rewards[b][t] + gamma * (1 - dones[b][t + 1]) * vs[b][t + 1]
+            for q in qs:
+                lq += (q[b][t][a] - td) ** 2
+                lcql += -log_softmax(q[b][t], a)
+            adv = target_q[b][t] - vs[b][t]
+            lv += (tau if adv >= 0 else 1 - tau) * adv ** 2
+            lawac += min(math.exp(beta_awac * adv), 100.0) * -log_softmax(logits[b][t], a)
+    return lq / n, lv / n, lcql / n, lawac / n
+
+
+@pytest.mark.parametrize("beta_awac", [0.0, 2.0])
+def test_losses_match_naive_loop(beta_awac):
+    g = torch.Generator().manual_seed(0)
+    B, A, Vs = 3, 4, 7
+    logits = torch.randn(B, A, Vs, generator=g)
+    qs = (torch.randn(B, A, Vs, generator=g), torch.randn(B, A, Vs, generator=g))
+    target_q, vs = torch.randn(B, A, generator=g), torch.randn(B, A + 1, generator=g)
+    actions = torch.randint(0, Vs, (B, A), generator=g)
+    _, _, dones, mask = ilql.ilql_indices(torch.tensor([2, 3, 1]), torch.tensor([4, 2, 1]))
+    rewards = torch.randn(B, A, generator=g) * mask
+    gamma, tau, cql_scale, awac_scale = 0.9, 0.7, 0.3, 0.5
+    loss, st = ilql.ilql_loss(logits, qs, target_q, vs, actions, rewards, dones, mask, gamma, tau, cql_scale,
+                              awac_scale, beta_awac)
+    ref = naive_losses(logits.tolist(), [q.tolist() for q in qs], target_q.tolist(), vs.tolist(), actions.tolist(),
+                       rewards.tolist(), dones.tolist(), mask.tolist(), gamma, tau, beta_awac)
+    got = [st[k].item() for k in ("loss_q", "loss_v", "loss_cql", "loss_awac")]
+    assert got == pytest.approx(ref, rel=1e-5)
+    assert loss.item() == pytest.approx(ref[0] + ref[1] + cql_scale * ref[2] + awac_scale * ref[3], rel=1e-5)
+    # n: an explicit denominator (the trainer's global action count) scales every term
+    loss2, _ = ilql.ilql_loss(logits, qs, target_q, vs, actions, rewards, dones, mask, gamma, tau, cql_scale,
+                              awac_scale, beta_awac, n=2 * mask.sum())
+    assert loss2.item() == pytest.approx(loss.item() / 2, rel=1e-6)
+
+
+def test_every_trainable_parameter_gets_a_gradient_and_targets_none():
+    # DDP runs with find_unused_parameters=False: every trainable parameter must get a gradient every step
+    model = tiny_model().train()
+    b = ilql.collate_offline([([10, 11], [12, 13, EOS], 1.0), ([20], [23, EOS], -1.0)])
+    out = ilql.ilql_outputs(model, model(b["tokens"], b["mask"]), b)
+    loss, _ = ilql.ilql_loss(**out, actions=b["actions"], rewards=b["rewards"], dones=b["dones"],
+                             action_mask=b["action_mask"], gamma=0.99, tau=0.7, cql_scale=0.1, awac_scale=1.0)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if "_target" in name:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None, name
+    opt_params = {id(p) for g in make_optimizer(model, 1e-3).param_groups for p in g["params"]}
+    assert not any(id(p) in opt_params for p in model.heads["q1_target"].parameters())
+
+
+def test_polyak_update_after_one_step(tmp_path):
+    # start from an ILQL checkpoint whose targets differ from the online heads, take one optimizer step
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        for p in list(model.heads["q1_target"].parameters()) + list(model.heads["q2_target"].parameters()):
+            p.normal_(0, 0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    init = str(tmp_path / "init.pt")
+    save_checkpoint(init, kind="ilql", model_config=asdict(model.config), model=model.state_dict(), step=0)
+    alpha = 0.3
+    cfg = ilql.Config(**{**TINY, "init_from": init}, data=str(FIX / "offline.jsonl"), out_dir=str(tmp_path / "out"),
+                      max_iters=1, batch_size=3, learning_rate=1e-2, alpha=alpha, eval_prompts=1, eval_betas=(1.0,),
+                      max_new_tokens=2)
+    ilql.main(cfg)
+    after = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"), "ilql")["model"]
+    for t, o in (("q1_target", "q1"), ("q2_target", "q2")):
+        for p in ("weight", "bias"):
+            target_before, target_after = before[f"heads.{t}.{p}"], after[f"heads.{t}.{p}"]
+            online_before, online_after = before[f"heads.{o}.{p}"], after[f"heads.{o}.{p}"]
+            assert not torch.equal(online_after, online_before)  # the online head was trained
+            assert torch.allclose(target_after, (1 - alpha) * target_before + alpha * online_after, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- decoding
+def prompts_batch():
+    return data.pad_left([data.encode("Hello there, how"), data.encode("A")])  # left padding
+
+
+def test_beta_zero_decodes_like_plain_generate():
+    model = tiny_model(seed=1)
+    tokens, mask = prompts_batch()
+    kw = dict(max_new_tokens=8, temperature=0.7, top_k=100)
+    a, lp_a, m_a = generate(model, tokens, mask, generator=torch.Generator().manual_seed(5), **kw)
+    b, lp_b, m_b = generate(model, tokens, mask, generator=torch.Generator().manual_seed(5),
+                            logits_fn=ilql.ilql_logits_fn(model, 0.0), **kw)
+    assert torch.equal(a, b) and torch.equal(m_a, m_b)
+    assert torch.allclose(lp_a, lp_b, atol=1e-5)
+
+
+def test_large_beta_picks_the_highest_advantage_token():
+    model = tiny_model(seed=2)
+    good, trap = 1234, 777
+    with torch.no_grad():
+        for name in ("v", "q1_target", "q2_target"):
+            model.heads[name].weight.zero_()
+            model.heads[name].bias.zero_()
+        model.heads["v"].bias.fill_(0.3)
+        model.heads["q1_target"].bias[good], model.heads["q2_target"].bias[good] = 5.0, 3.0  # min 3: advantage 2.7
+        model.heads["q1_target"].bias[trap] = 50.0  # only one head likes it: min is 0, so it is not chosen
+        model.heads["q1"].bias.fill_(100.0)  # the online heads play no part in decoding
+    tokens, mask = prompts_batch()
+    out, _, _ = generate(model, tokens, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                         logits_fn=ilql.ilql_logits_fn(model, 20.0))
+    assert (out[:, tokens.shape[1]:] == good).all()
+    plain, _, _ = generate(model, tokens, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert not (plain[:, tokens.shape[1]:] == good).all()
+    # and the formula itself, on random heads
+    model = tiny_model(seed=4)
+    with torch.no_grad():
+        model.heads["q2_target"].weight.normal_(0, 0.05)
+        h = torch.randn(3, 32)
+        want = (torch.log_softmax(model.lm_head(h), -1) + 1.5 * (torch.minimum(
+            model.heads["q1_target"](h), model.heads["q2_target"](h)) - model.heads["v"](h)))
+        assert torch.allclose(ilql.ilql_logits_fn(model, 1.5)(h), want, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- learning
+SUBJECTS = ["The movie was", "The food was", "The hotel was", "The book was"]
+
+
+def good_bad_data(path):
+    # 64 rows: every prompt followed half the time by " good" (+1), half by " bad" (-1)
+    rows = [{"prompt": SUBJECTS[(i // 2) % 4], "response": [" good", " bad"][i % 2], "reward": [1.0, -1.0][i % 2]}
+            for i in range(64)]
+    return write_jsonl(path, rows)
+
+
+def first_token_rates(model, beta, n=128):
+    tokens, mask = data.pad_left([data.encode("The food was")] * n)
+    out, _, _ = generate(model, tokens, mask, 1, 1.0, generator=torch.Generator().manual_seed(0),
+                         logits_fn=ilql.ilql_logits_fn(model, beta))
+    first = out[:, -1]
+    return [(first == data.encode(w)[0]).float().mean().item() for w in (" good", " bad")]
+
+
+def test_learns_the_rewarded_token(tmp_path):
+    cfg = ilql.Config(**TINY, data=good_bad_data(tmp_path / "gb.jsonl"), out_dir=str(tmp_path / "out"),
+                      batch_size=8, max_iters=80, learning_rate=5e-3, min_lr_ratio=1.0, alpha=0.2, cql_scale=0.5,
+                      eval_interval=1000, eval_prompts=1, eval_betas=(0.0,), max_new_tokens=1)
+    # (tuned on 16 seeds: beta = 0 gives 0.33-0.53 " good", beta = 4 gives >= 0.99; ~4 s on one thread)
+    ilql.main(cfg)
+    model, ckpt = load_model(str(tmp_path / "out" / "ckpt.pt"), ilql.ilql_heads(V), kind="ilql")
+    model.eval()
+    assert (ckpt["reward_mean"], ckpt["reward_std"]) == (0.0, 1.0)
+    good0, bad0 = first_token_rates(model, 0.0)
+    good4, bad4 = first_token_rates(model, 4.0)
+    # beta = 0 is behaviour cloning of 50/50 data; beta = 4 follows the advantage
+    assert 0.25 <= good0 <= 0.75 and 0.25 <= bad0 <= 0.75, (good0, bad0)
+    assert good4 >= 0.9 and bad4 <= 0.05, (good4, bad4)
+
+
+# ---------------------------------------------------------------------------- end to end: resume, preferences, scoring
+def run_cfg(tmp_path, name, **kw):
+    return ilql.Config(**{**TINY, "data": str(FIX / "prefs.jsonl"), "data_format": "preferences",
+                          "eval_split": "train[:1]", "out_dir": str(tmp_path / name), "batch_size": 2,
+                          "grad_accum": 2, "max_iters": 4, "eval_interval": 2, "learning_rate": 1e-3,
+                          "warmup_iters": 1, "min_lr_ratio": 1.0, "eval_prompts": 2, "eval_betas": (0.0, 2.0),
+                          "max_new_tokens": 3, **kw})
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full = ilql.main(run_cfg(tmp_path, "full"))
+    ilql.main(run_cfg(tmp_path, "part", max_iters=2))
+    part = ilql.main(run_cfg(tmp_path, "part", init_from="resume"))
+    a = load_checkpoint(str(tmp_path / "full" / "ckpt.pt"), "ilql")
+    b = load_checkpoint(str(tmp_path / "part" / "ckpt.pt"), "ilql")
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert full["loss"] == part["loss"] and full["eval_loss"] == part["eval_loss"]
+    # what the checkpoint carries: preference pairs became +1/-1 rows, z-scored with mean 0 and std 1
+    assert (a["reward_mean"], a["reward_std"]) == (0.0, 1.0)
+    assert a["model_config"]["heads"] == ilql.ilql_heads(V)
+    assert os.path.exists(tmp_path / "full" / "hf" / "model.safetensors")
+    assert math.isfinite(full["eval_loss"]) and full["len_beta0"] > 0
+
+
+def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
+    calls = []
+    module = types.ModuleType("ilql_test_rewards")
+    module.count = lambda prompts, responses: calls.append((prompts, responses)) or [1.0 + len(r) for r in responses]
+    monkeypatch.setitem(sys.modules, "ilql_test_rewards", module)
+    m = ilql.main(run_cfg(tmp_path, "fn", max_iters=1, grad_accum=1, reward_fn="ilql_test_rewards:count"))
+    held_out = data.load_preferences(str(FIX / "prefs.jsonl"), "train[:1]")[0].prompt
+    assert [c[0] for c in calls] == [[held_out], [held_out]]  # one prompt, two betas
+    assert m["score_beta0"] == 1.0 + len(calls[0][1][0]) and m["score_beta2"] == 1.0 + len(calls[1][1][0])
+
+    # a reward model is read through reward.load_reward_model / score_tokens on prompt + response tokens and mask
+    fake = types.ModuleType("reward")
+    fake.load_reward_model = lambda path, device: path
+    fake.score_tokens = lambda rm, tokens, mask: mask.sum(1).float()  # real tokens: prompt + response up to EOS
+    monkeypatch.setitem(sys.modules, "reward", fake)
+    m = ilql.main(run_cfg(tmp_path, "rm", max_iters=1, grad_accum=1, reward_model="rm.pt", eval_prompts=3,
+                          eval_split="train"))
+    prompts = [p.prompt for p in data.load_preferences(str(FIX / "prefs.jsonl"))]
+    prompt_len = sum(len(data.tokenize_prompt(p, 16)) for p in prompts) / 3
+    for beta in ("0", "2"):
+        assert m[f"score_beta{beta}"] == pytest.approx(prompt_len + m[f"len_beta{beta}"])
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
+    # the same global batch of 4 (2 ranks x 2 rows, or 1 rank x 4 rows) gives the same weights
+    args = ["config/ilql_tiny.py", "--max_iters=2", "--eval_interval=2", "--eval_prompts=2", "--max_new_tokens=2",
+            "--grad_accum=1", "--learning_rate=1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "ilql.py", *args, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    monkeypatch.chdir(ROOT)  # the tiny config's data path is relative to the repository
+    ilql.main(parse_config(ilql.Config, args + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"]))
+    a = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"), "ilql")["model"]
+    b = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"), "ilql")["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
