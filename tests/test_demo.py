@@ -1,0 +1,185 @@
+"""Tests for demo.py's own parts: the corpus generator, the gold labeler, Bradley-Terry noise, pair labeling,
+sampling, KL to the reference (against a per-sample naive computation), best-of-n, win rate and the report."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import demo
+from model import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path_factory, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
+
+
+def tiny_gpt(seed, heads=None):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, heads=heads or {})).eval()
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def test_corpus_deterministic_per_seed():
+    assert demo.make_corpus(300, 7) == demo.make_corpus(300, 7)
+    assert demo.make_corpus(300, 7) != demo.make_corpus(300, 8)
+
+
+def test_corpus_has_both_sentiments_and_is_clean_under_gold():
+    rows = demo.make_corpus(3000, 0)
+    moods = {r["sentiment"] for r in rows}
+    assert moods == {"positive", "negative", "mixed"}
+    frac = {m: sum(r["sentiment"] == m for r in rows) / len(rows) for m in moods}
+    assert abs(frac["positive"] - 0.4) < 0.04 and abs(frac["negative"] - 0.4) < 0.04
+    assert len({r["prompt"] + r["completion"] for r in rows}) > 2000  # variety
+    for r in rows:
+        c = r["completion"]
+        assert c.startswith(" ") and c.rstrip()[-1] in ".!", c
+        parts = demo.gold_parts(c)
+        # the corpus is what a good writer writes: no repetition, no unknown word, always an ending
+        assert parts["repeated_words"] == parts["repeated_bigrams"] == parts["unknown_words"] == 0, (c, parts)
+        assert not parts["no_ending"] and parts["extra_words"] == 0, c
+        # and the gold agrees with the generator's sentiment, negations included ("not bad at all")
+        if r["sentiment"] == "positive":
+            assert parts["sentiment"] > 0, c
+        elif r["sentiment"] == "negative":
+            assert parts["sentiment"] < 0, c
+        else:
+            assert abs(parts["sentiment"]) <= 1, c
+
+# ----------------------------------------------------------------------------- gold labeler
+
+
+@pytest.mark.parametrize("response, expected", [
+    (" really great, and the plot was clever.", 2.0),             # 2 positive words
+    (" really awful, and the plot was dull.", -2.0),              # 2 negative words
+    (" not bad at all.", 1.0),                                    # negated negative
+    (" I would not recommend it.", -1.0),                         # negated positive
+    (" great, wonderful, brilliant, excellent and moving.", 3.0),  # 5 positive words, clipped to 3
+    (" great great great great", -0.5),  # 3 (clipped 4) - 0.5*3 repeated words - 0.5*2 repeated bigrams - 1 no end
+    (" the plot was good", 0.0),                                  # 1 - 1 (no final "." or "!")
+    (" good.", 0.0),                                              # 1 - 1 (fewer than 3 words)
+    ("", -2.0),                                                   # no ending, too short
+    (" the plot was xyzzy and great.", 0.5),                      # 1 - 0.5 (unknown word)
+    (" the plot was great and the plot was great.", -0.5),        # 2 - 0.5*(2 words + 3 bigrams repeated)
+    # 34 words: 1 - 0.5*(9 repeated "cast" + 26 repeated bigrams: "and the" 9, "the cast" 9, "cast and" 8) - 0.1*4
+    (" the plot was good" + " and the cast" * 10 + ".", -16.9),
+])
+def test_gold_score_documented_values(response, expected):
+    assert demo.gold_score("The acting in this film was", response) == pytest.approx(expected)
+
+
+def test_gold_positive_beats_negative_and_degenerate():
+    g = lambda r: demo.gold_score("This movie", r)
+    assert g(" is great. I would recommend it to anyone!") > g(" is awful. I would not recommend it.")
+    assert g(" is great.") > g(" is great")                    # ending
+    assert g(" is great and clever.") > g(" is great great.")   # repetition
+
+# ----------------------------------------------------------------------------- Bradley-Terry noise and labeling
+
+
+def test_bt_prob_values():
+    assert demo.bt_prob(1.0, 1.0) == 0.5
+    assert demo.bt_prob(2.0, 0.5, 0.5) == pytest.approx(1 / (1 + math.exp(-3.0)))
+    assert demo.bt_prob(0.0, 1000.0) == pytest.approx(0.0) and demo.bt_prob(1000.0, 0.0) == 1.0  # no overflow
+    assert (demo.bt_prob(1, 0, 0), demo.bt_prob(0, 1, 0), demo.bt_prob(1, 1, 0)) == (1.0, 0.0, 0.5)
+
+
+@pytest.mark.parametrize("a, b, T", [(1.0, 0.3, 0.5), (-1.0, 0.0, 1.0), (2.0, 2.0, 1.0)])
+def test_bt_label_frequency_matches_probability(a, b, T):
+    rng = random.Random(0)
+    freq = sum(demo.bt_label(a, b, rng, T) for _ in range(20000)) / 20000
+    assert abs(freq - 1 / (1 + math.exp(-(a - b) / T))) < 0.01
+
+
+def test_label_pairs_roundtrip_through_load_preferences(tmp_path):
+    prompts = ["This movie", "This film", "The remake", "This sequel", "This movie"]
+    a = [" is great.", " is awful.", " is fine.", "", " is dull, really."]
+    b = [" is awful.", " is great and clever.", " is fine.", " is good.", " is nice"]
+    path = str(tmp_path / "prefs.jsonl")
+    rows = demo.label_pairs(prompts, a, b, seed=0, temperature=1.0, path=path)
+    assert len(rows) == 3  # the identical pair and the pair with an empty response are skipped
+    assert [r["prompt"] for r in rows] == ["This movie", "This film", "This movie"]
+    assert all({r["chosen"], r["rejected"]} == {x, y} for r, x, y in zip(rows, [a[0], a[1], a[4]], [b[0], b[1], b[4]]))
+    loaded = data.load_preferences(path)
+    assert [(p.prompt, p.chosen, p.rejected) for p in loaded] == [tuple(r.values()) for r in rows]
+    assert all(list(r) == ["prompt", "chosen", "rejected"] for r in rows)
+    assert demo.label_pairs(prompts, a, b, seed=0) == rows  # seeded
+    # the noiseless labeler always prefers the higher gold score
+    for r in demo.label_pairs(prompts, a, b, seed=1, temperature=0):
+        assert demo.gold_score(r["prompt"], r["chosen"]) > demo.gold_score(r["prompt"], r["rejected"])
+
+
+def test_gold_win_rate_with_ties():
+    assert demo.gold_win_rate([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 4.0, -1.0]) == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+    assert demo.gold_win_rate([1.0], [1.0]) == 0.5
+
+# ----------------------------------------------------------------------------- sampling, KL, best-of-n, report
+
+
+def test_sample_pairs_seeded():
+    model = tiny_gpt(0)
+    prompts = ["The acting in this film was", "This movie", "I watched this movie with my family and"]
+    a, b = demo.sample_pairs(model, prompts, max_new_tokens=6, seed=3, batch_size=2)
+    assert len(a) == len(b) == 3 and a != b
+    assert (a, b) == demo.sample_pairs(model, prompts, max_new_tokens=6, seed=3, batch_size=2)
+    assert (a, b) != demo.sample_pairs(model, prompts, max_new_tokens=6, seed=4, batch_size=2)
+
+
+def naive_kl(policy, ref, prompt_ids, response_ids):
+    """Per sample, unpadded: sum over response tokens of log p - log q from full log_softmax."""
+    seq = torch.tensor([prompt_ids + response_ids])
+    lp = [F.log_softmax(m.lm_head(m(seq)).float(), -1)[0] for m in (policy, ref)]  # (T, V)
+    P = len(prompt_ids)
+    return sum((lp[0][P - 1 + t, tok] - lp[1][P - 1 + t, tok]).item() for t, tok in enumerate(response_ids))
+
+
+def test_kl_to_ref_matches_naive_and_is_zero_for_the_same_model():
+    policy, ref = tiny_gpt(0), tiny_gpt(1)
+    prompts = ["This movie", "The acting in this film was really", "I"]
+    texts, batches = demo.sample(policy, prompts, max_new_tokens=5, seed=0)
+    tokens, mask, response_mask = batches[0]
+    N = response_mask.shape[1]
+    expected = []
+    for row, m, rm in zip(tokens, mask, response_mask):
+        real = row[m.bool()].tolist()
+        n_resp = int(rm.sum())
+        expected.append(naive_kl(policy, ref, real[:len(real) - n_resp], real[len(real) - n_resp:]))
+    with torch.no_grad():
+        assert demo.kl_to_ref(policy, ref, tokens, mask, response_mask) == pytest.approx(sum(expected) / 3, abs=1e-4)
+        assert demo.kl_to_ref(policy, policy, tokens, mask, response_mask) == 0.0
+    assert N == 5 and 0 < int(response_mask.sum()) <= 15
+
+
+def test_best_of_n_picks_the_reward_models_favourite(monkeypatch):
+    # reward.score with a stand-in head: the number of real tokens (longer = better), so the pick is checkable.
+    import reward
+    monkeypatch.setattr(reward, "score_tokens", lambda model, tokens, mask: mask.sum(-1).float())
+    model = tiny_gpt(0)
+    prompts, n = ["This movie", "The remake"], 4
+    best, scores = demo.best_of_n(model, model, prompts, n, seed=5, max_new_tokens=8)
+    texts, _ = demo.sample(model, [p for p in prompts for _ in range(n)], seed=5, max_new_tokens=8)
+    for i, p in enumerate(prompts):
+        lengths = [len(data.encode(p)) + len(data.encode(t)) + 1 for t in texts[i * n:(i + 1) * n]]  # + EOS
+        assert scores[i] == max(lengths)
+        assert best[i] == texts[i * n + lengths.index(max(lengths))]
+
+
+def test_write_report(tmp_path):
+    results = {"methods": {"SFT": dict(gold=0.1, rm=0.0, kl=0.0, win_rate=0.5, samples=[("This movie", " is ok.")]),
+                           "PPO": dict(gold=1.5, rm=2.0, kl=3.2, win_rate=0.8, samples=[("This film", " is great!")])},
+               "rm_accuracy": 0.85}
+    curves = {"ppo": [{"step": s, "score": 0.1 * s, "kl": 0.05 * s} for s in range(5)],
+              "gold_vs_rm": {"step": [0, 1, 2], "gold": [0.1, 0.5, 0.6], "rm": [0.0, 1.0, 2.0]}}
+    demo.write_report(str(tmp_path), results, curves)
+    report = (tmp_path / "report.md").read_text()
+    assert "| method | gold score | RM score | KL | gold win rate vs SFT |" in report
+    assert "| PPO | 1.500 | 2.000 | 3.200 | 0.800 |" in report and "0.850" in report and "is great!" in report
+    for png in ("ppo_training.png", "gold_vs_rm.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in report

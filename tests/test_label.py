@@ -1,0 +1,146 @@
+"""Tests for label.py, driven through stdin: answers map to chosen/rejected, ties and skips, invalid keys, resuming,
+and active querying picks the pair with the smallest reward gap (checked by brute force over all pairs)."""
+
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import label
+from common import save_checkpoint
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["This movie", "The acting in this film was", "I watched this movie with my family and", "This sequel",
+           "The remake", "When the credits rolled,"]
+SAMPLING = dict(max_new_tokens=6, max_prompt_len=256)
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path_factory, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
+
+
+def tiny_config(**heads):
+    return GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32, heads=heads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("label")
+    torch.manual_seed(0)
+    GPT(tiny_config()).save_hf(str(tmp / "policy"))
+    cfg = tiny_config(reward=1)
+    torch.manual_seed(1)
+    save_checkpoint(str(tmp / "rm.pt"), kind="reward", model_config=asdict(cfg), model=GPT(cfg).state_dict(), step=0,
+                    config={})
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return tmp
+
+
+def args(files, out, *extra):
+    return [f"--init_from={files / 'policy'}", f"--prompts={files / 'prompts.jsonl'}", f"--out={out}",
+            "--max_new_tokens=6", "--device=cpu", *extra]
+
+
+def run_main(argv, answers, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(answers))
+    counts = label.main(label.parse_config(label.Config, argv))
+    return counts, capsys.readouterr().out
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def candidates(files, prompt_id, n=2):
+    model = GPT.from_pretrained(str(files / "policy")).eval()
+    return label.sample_candidates(model, PROMPTS[prompt_id], n, 1337 + prompt_id, **SAMPLING)
+
+
+def test_answers_through_a_pipe_then_resume(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "prefs.jsonl"
+    # Session 1, a real process reading a pipe: 1, an invalid key (asked again), 2, tie, skip, quit.
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+    proc = subprocess.run([sys.executable, "label.py", *args(files, out)], input="1\nx\n2\nt\ns\nq\n", text=True,
+                          capture_output=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "'x' is not an answer" in proc.stdout
+    assert "1 pairs written" not in proc.stdout and "2 pairs written" in proc.stdout and "1 ties" in proc.stdout
+    rows = read(out)
+    (a0, b0), (a1, b1) = candidates(files, 0), candidates(files, 1)
+    assert rows == [{"prompt": PROMPTS[0], "chosen": a0, "rejected": b0, "prompt_id": 0},  # answer 1
+                    {"prompt": PROMPTS[1], "chosen": b1, "rejected": a1, "prompt_id": 1}]  # answer 2
+    ties = read(str(out) + ".ties.jsonl")
+    assert [t["prompt_id"] for t in ties] == [2]
+    assert [(p.prompt, p.chosen, p.rejected) for p in data.load_preferences(str(out))] == \
+        [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]  # reward.py's reader takes the file as it is
+
+    # Session 2, in-process: labeled and tied prompts are not asked again; the skipped prompt 3 comes first.
+    # The answer "2", then end of input: a clean quit.
+    counts, stdout = run_main(args(files, out), "2\n", monkeypatch, capsys)
+    assert counts == dict(labeled=1, ties=0, skipped=0)
+    assert "3 answered in earlier sessions, 3 to go" in stdout
+    a3, b3 = candidates(files, 3)
+    assert read(out)[2] == {"prompt": PROMPTS[3], "chosen": b3, "rejected": a3, "prompt_id": 3}
+
+
+def test_resume_refuses_another_prompt_list(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "prefs.jsonl"
+    out.write_text(json.dumps({"prompt": "something else", "chosen": "a", "rejected": "b", "prompt_id": 0}) + "\n")
+    with pytest.raises(ValueError, match="does not match this prompt list"):
+        run_main(args(files, out), "q\n", monkeypatch, capsys)
+
+
+def test_active_shows_the_pair_with_the_smallest_reward_gap(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "prefs.jsonl"
+    n = 5
+    run_main(args(files, out, "--active=True", f"--reward_model={files / 'rm.pt'}", f"--n_candidates={n}"),
+             "1\n2\nq\n", monkeypatch, capsys)
+    rows = read(out)
+    assert len(rows) == 2
+    cfg = tiny_config(reward=1)
+    torch.manual_seed(1)
+    rm = GPT(cfg).eval()  # the same weights as rm.pt
+    for i, row in enumerate(rows):
+        texts = candidates(files, i, n)
+        scores = []
+        with torch.no_grad():
+            for t in texts:  # one unpadded sequence at a time; the score is read at the appended EOS
+                p, r = data.tokenize_example(PROMPTS[i], t, 64 - 6 - 1, 64)  # label.py's prompt truncation
+                scores.append(rm.heads["reward"](rm(torch.tensor([p + r]))[0, -1]).item())
+        pairs = [(x, y) for x, y in itertools.combinations(range(n), 2)
+                 if texts[x] != texts[y] and texts[x] and texts[y]]
+        x, y = min(pairs, key=lambda xy: abs(scores[xy[0]] - scores[xy[1]]))
+        shown = (texts[x], texts[y]) if i == 0 else (texts[y], texts[x])  # answers: 1, then 2
+        assert (row["chosen"], row["rejected"]) == shown
+        gaps = sorted(abs(scores[u] - scores[v]) for u, v in pairs)
+        assert gaps[0] < gaps[1] - 1e-6  # the minimum is unique: the check is meaningful
+
+
+def test_start_prompts_like_sample_py(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "prefs.jsonl"
+    (tmp_path / "p.txt").write_text("This movie\nThe remake\n")
+    argv = [f"--init_from={files / 'policy'}", f"--out={out}", f"--start=FILE:{tmp_path / 'p.txt'}",
+            "--num_samples=2", "--max_new_tokens=6", "--device=cpu"]
+    counts, stdout = run_main(argv, "1\n1\n2\n", monkeypatch, capsys)
+    assert counts == dict(labeled=3, ties=0, skipped=0) and "4 to go" in stdout
+    rows = read(out)
+    assert [(r["prompt"], r["prompt_id"]) for r in rows] == [("This movie", 0), ("This movie", 1), ("The remake", 2)]
+    assert rows[0]["chosen"] != rows[1]["chosen"]  # seed + prompt_id: a new pair for the same prompt
+
+
+def test_closest_pair_skips_identical_and_empty():
+    assert label.closest_pair(["a", "a", "b"], [0.0, 0.1, 5.0]) == (0, 2)
+    assert label.closest_pair(["a", "", "b", "c"], [0.0, 0.0, 2.0, 0.5]) == (0, 3)
+    assert label.closest_pair(["c", "b", "a"], [3.0, 1.0, 1.5]) == (1, 2)
+    assert label.closest_pair(["a", "a"], [0.0, 0.0]) is None
