@@ -1,0 +1,184 @@
+"""
+Benchmarks, printed as tables (nanoGPT's bench.py, but against a reference): our KV-cache `generate` against
+`transformers.GPT2LMHeadModel.generate` on the same weights, in fp32 and bf16 autocast, and how our sampling time
+grows with the number of new tokens (linearly, with a KV cache). Timings are the best of `repeats` after a warm-up.
+
+The default is GPT-2 124M's shape with random weights (no download): batch 16, a 16-token prompt, 64 new tokens,
+plain sampling (temperature 1, no top-k/top-p), every row the full length (no EOS stop).
+
+    python bench.py                      # a few minutes on a 2-core CPU
+    python bench.py --quick=True         # tiny model, seconds: a smoke test of this script
+    python bench.py --dtypes=bfloat16 --batch_size=32 --profile=True
+
+Each section is a function `bench_x(cfg, gpt) -> dict` that prints its own table; add one to SECTIONS to extend.
+`transformers` is a benchmark/test dependency only, imported inside the functions that compare against it.
+"""
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import torch
+
+from common import ConfigError, parse_config
+from model import CONV1D, EOS, GPT, GPTConfig, generate
+
+
+@dataclass
+class Config:
+    n_layer: int = 12  # model shape; the default is GPT-2 124M's (random weights)
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # width
+    vocab_size: int = 50257  # GPT-2's vocabulary
+    block_size: int = 1024  # context length
+    batch_size: int = 16  # prompts sampled together
+    prompt_len: int = 16  # tokens per prompt
+    max_new_tokens: int = 64  # tokens sampled per prompt in the ours-vs-HF table
+    scaling: str = "32,64,128"  # new-token counts of the scaling table, comma-separated
+    dtypes: str = "float32,bfloat16"  # comma-separated; bfloat16 = torch.autocast for ours and HF alike
+    repeats: int = 3  # timings are the best of this many runs, after one warm-up run
+    device: str = "cpu"  # "cpu" | "cuda"
+    threads: int = 0  # torch.set_num_threads; 0 = torch's default. 1 is steadier on a machine shared with other jobs
+    profile: bool = False  # also print torch.profiler's top ops of one of our generate calls per dtype
+    quick: bool = False  # tiny model and few tokens: checks that this script runs, in seconds
+    seed: int = 1337  # weights, prompts and sampling
+
+
+QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=4, prompt_len=8, max_new_tokens=8,
+             scaling="4,8,16", repeats=1)
+
+
+def best_times(fns, repeats):
+    """Seconds of the fastest of `repeats` calls of each fn, after one untimed warm-up call each. The calls
+    alternate (a, b, a, b, ...) so that a load change on a shared machine hits all of them alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) for ts in times]
+
+
+def autocast(cfg, dtype):
+    return torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+
+def hf_copy(gpt):
+    """transformers.GPT2LMHeadModel holding exactly our weights (the save_hf mapping, in memory)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = gpt.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                    n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0, bos_token_id=EOS, eos_token_id=EOS))
+    sd = {"transformer." + k: v.t() if k.endswith(CONV1D) else v
+          for k, v in gpt.state_dict().items() if not k.startswith(("lm_head.", "heads."))}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied
+    return hf.to(gpt.wte.weight.device).eval()
+
+
+def prompts(cfg):
+    g = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.prompt_len), generator=g).to(cfg.device)
+    return tokens, torch.ones_like(tokens)
+
+
+def ours_sampler(cfg, gpt, new_tokens):
+    tokens, mask = prompts(cfg)
+
+    def run():
+        g = torch.Generator(cfg.device).manual_seed(cfg.seed)
+        out, _, _ = generate(gpt, tokens, mask, new_tokens, temperature=1.0, top_k=None, top_p=None, generator=g,
+                             eos_id=-1)
+        assert out.shape == (cfg.batch_size, cfg.prompt_len + new_tokens)
+    return run
+
+
+# ---------------------------------------------------------------------------- sections
+def bench_sampling(cfg, gpt):
+    """Ours vs transformers, same weights, same work: batch x new tokens of plain sampling, no early stop."""
+    hf = hf_copy(gpt)
+    tokens, mask = prompts(cfg)
+    N = cfg.max_new_tokens
+
+    def hf_run():
+        out = hf.generate(tokens, attention_mask=mask, max_new_tokens=N, do_sample=True, temperature=1.0,
+                          top_k=0, top_p=1.0, pad_token_id=EOS, eos_token_id=None)
+        assert out.shape == (cfg.batch_size, cfg.prompt_len + N)
+
+    print(f"\n## sampling: batch {cfg.batch_size}, prompt {cfg.prompt_len}, {N} new tokens, "
+          f"temperature 1 (tokens/s counts new tokens; best of {cfg.repeats})")
+    print(f"{'dtype':<10} {'ours tok/s':>11} {'HF tok/s':>10} {'ours s':>8} {'HF s':>8} {'speedup':>8}")
+    results = {}
+    for dtype in cfg.dtypes.split(","):
+        with torch.no_grad(), autocast(cfg, dtype):
+            ours, ref = best_times([ours_sampler(cfg, gpt, N), hf_run], cfg.repeats)
+        n = cfg.batch_size * N
+        print(f"{dtype:<10} {n / ours:>11.1f} {n / ref:>10.1f} {ours:>8.3f} {ref:>8.3f} {ref / ours:>7.2f}x")
+        results[dtype] = dict(ours_tok_s=n / ours, hf_tok_s=n / ref, speedup=ref / ours)
+    return results
+
+
+def bench_scaling(cfg, gpt):
+    """Our generate for several numbers of new tokens: with a KV cache the time per token stays flat."""
+    print(f"\n## ours, scaling with new tokens: batch {cfg.batch_size}, prompt {cfg.prompt_len}")
+    print(f"{'new tokens':<11}" + "".join(f" {d + ' s':>12} {'ms/token':>9}" for d in cfg.dtypes.split(",")))
+    results = {}
+    for n in map(int, cfg.scaling.split(",")):
+        row = f"{n:<11}"
+        for dtype in cfg.dtypes.split(","):
+            with torch.no_grad(), autocast(cfg, dtype):
+                t, = best_times([ours_sampler(cfg, gpt, n)], cfg.repeats)
+            row += f" {t:>12.3f} {1000 * t / n:>9.2f}"
+            results[(dtype, n)] = t
+        print(row)
+    return results
+
+
+def profile_ours(cfg, gpt):
+    from torch.profiler import ProfilerActivity, profile
+    for dtype in cfg.dtypes.split(","):
+        run = ours_sampler(cfg, gpt, cfg.max_new_tokens)
+        with torch.no_grad(), autocast(cfg, dtype):
+            run()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run()
+        print(f"\n## profile of our generate, {dtype}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+SECTIONS = [bench_sampling, bench_scaling]
+
+
+def main(cfg):
+    if cfg.quick:
+        cfg = replace(cfg, **QUICK)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gpt = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device).eval()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# bench: {gpt.num_params() / 1e6:.1f}M parameters (n_layer {cfg.n_layer}, n_head {cfg.n_head}, "
+          f"n_embd {cfg.n_embd}), {cfg.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"load average {load:.2f} at start")
+    results = {f.__name__: f(cfg, gpt) for f in SECTIONS}
+    if cfg.profile:
+        profile_ours(cfg, gpt)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config(Config))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,585 @@
+"""
+PPO for language models (RLHF stage 3): the SFT policy learns to earn a higher reward-model score while a KL penalty
+keeps it near the frozen SFT model it started from (the reference).
+
+Each iteration, on every rank:
+  1. sample responses to a batch of prompts (KV-cache sampler, temperature T, plain sampling: no top-k/top-p)
+  2. truncate each response after its first EOS; score it with the reward model or a Python `reward_fn`;
+     a response with no EOS has its score replaced by a penalty
+  3. forwards without grad: policy logprobs and values, reference logprobs
+  4. per-token rewards -beta * (logprobs - ref_logprobs), plus the score on the last token (the EOS)
+  5. GAE (gamma 1, lambda 0.95); advantages whitened over the real response tokens
+  6. ppo_epochs passes over shuffled minibatches: clipped-ratio loss + vf_coef * clipped value loss, grad-norm clip
+beta follows the adaptive KL controller of Ziegler et al. 2019 (or stays fixed with target_kl=0).
+
+Choices where public implementations differ:
+- Old logprobs come from one no-grad forward (3), not from the sampler. The KV-cache sampler's logprobs differ from
+  a full forward by ~1e-6 in fp32 and ~2e-3 under bf16 (other kernels and shapes), so the first ratio would not be
+  exactly 1. The forward is shared with the values (same trunk when critic="shared"), and the sampler/forward gap is
+  logged as `lp_gap`: a live check of positions and padding (it should stay ~1e-6 in fp32).
+- critic="separate" (default with a reward model): its own GPT, initialised from the reward model with the reward
+  head copied into its value head, so values start on the score's scale. OpenAI's lm-human-preferences and the
+  "N+ implementation details" reproduction do this and found it better than a head on the policy. It costs one more
+  forward and backward per minibatch. critic="shared": a value head on the policy trunk, one forward for both; the
+  default with a reward_fn (there is no reward model to start from) unless critic_init_from names a checkpoint.
+- Advantages are whitened with the mean and variance of the global batch (one all-reduce of 3 numbers), and losses
+  are token means over the whole minibatch of all ranks: N ranks whiten and average as one process would over the
+  same rollouts. Per-rank whitening would make the update depend on the number of GPUs (and be noisier).
+- Dropout is off whatever the checkpoint says: every model stays in eval mode, also while training (the only thing
+  train mode would change is dropout, and the first ratio must be exactly 1).
+- Prompt order is a pure function of (seed, step) and each rollout is sampled with a torch.Generator seeded by
+  (seed, step, rank), so a resumed run continues exactly like an uninterrupted one.
+- Each log line gives the wall time of generation, scoring, the no-grad forwards (3-5) and the update (6). On a CPU
+  the update dominates (ppo_epochs forward+backward passes); on GPUs, generation usually does.
+
+  python ppo.py config/ppo_tiny.py                                    # after sft.py / reward.py tiny presets
+  python ppo.py config/ppo_tiny.py --reward_model= --reward_fn=tests.test_ppo:count_the
+  torchrun --standalone --nproc_per_node=2 ppo.py config/ppo_tiny.py
+  torchrun --standalone --nproc_per_node=8 ppo.py config/ppo_hh_gpt2.py
+"""
+
+import collections
+import copy
+import importlib
+import json
+import math
+import numbers
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, check_finite, cleanup, load_checkpoint,
+                    load_model, log_line, lr_at, make_optimizer, parse_config, print0, print_config, rng_state,
+                    save_checkpoint, set_rng_state, setup)
+from data import EOS, decode, load_prompts, pad_left, tokenize_prompt
+from model import GPTConfig, generate, token_logprobs
+from reward import load_reward_model, score_tokens
+from sft import batch_indices, rank0_first
+
+
+@dataclass
+class Config:
+    init_from: str = "out-sft/ckpt.pt"  # policy + reference: SFT .pt, HF folder, hub id, "scratch", or "resume"
+    n_layer: int = 2  # model size for init_from="scratch" (tests, benchmarks)
+    n_head: int = 2  # scratch only
+    n_embd: int = 32  # scratch only
+    block_size: int = 64  # scratch only
+    reward_model: str = "out-rm/ckpt.pt"  # reward model checkpoint from reward.py ("" to use reward_fn)
+    reward_fn: str = ""  # instead: "module:function", f(prompts, responses) -> list of floats (trlx style)
+    critic: str = ""  # "separate" (own GPT from reward model) | "shared" (value head on policy); "" = see docstring
+    critic_init_from: str = ""  # separate critic's initial trunk (default: the reward model, head included)
+    out_dir: str = "out-ppo"  # ckpt.pt (policy, critic, optimizer, KL controller), hf/ (final policy), log.jsonl
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # "bfloat16": autocast; logprob/KL/GAE math stays fp32
+    seed: int = 1337  # prompts, rollouts and minibatches are seeded by (seed, step, rank)
+    # prompts
+    data: str = "Anthropic/hh-rlhf"  # hub dataset or local file (data.load_prompts)
+    data_subset: str = None  # hub dataset config name, if any
+    data_split: str = "train"  # slices allowed: "train[:90%]"
+    eval_split: str = "test"  # held-out prompts, e.g. "train[90%:]"
+    skip_bad: bool = False  # drop malformed rows (counted) instead of stopping
+    max_prompt_len: int = 32  # prompt tokens kept (the end of the prompt)
+    max_new_tokens: int = 32  # response length limit
+    # rollouts
+    batch_size: int = 16  # prompts per rank per iteration
+    temperature: float = 1.0  # sampling temperature, used in every logprob
+    penalize_missing_eos: bool = True  # replace the score of a response without EOS by missing_eos_penalty
+    missing_eos_penalty: float = -1.0  # (in reward model units: normalise it to std 1 for -1 to mean much)
+    # PPO
+    max_iters: int = 100  # iterations (rollout batches)
+    ppo_epochs: int = 4  # passes over each batch
+    minibatch_size: int = 4  # sequences per optimizer step per rank
+    grad_accum: int = 1  # micro-batches per minibatch (memory); also the chunking of no-grad forwards
+    learning_rate: float = 1e-5  # AdamW (eps 1e-5 as in the N+ details), policy and critic alike
+    warmup_iters: int = 0  # linear warmup iterations
+    min_lr_ratio: float = 1.0  # cosine decay to this fraction of learning_rate at max_iters; 1 = constant
+    weight_decay: float = 0.0  # AdamW, on matrices only
+    grad_clip: float = 1.0  # max global grad norm
+    cliprange: float = 0.2  # ratio clip
+    cliprange_value: float = 0.2  # value clip, around the rollout values
+    vf_coef: float = 0.1  # weight of the value loss
+    gamma: float = 1.0  # discount (1: the score at the end counts fully for every token)
+    lam: float = 0.95  # GAE lambda
+    init_kl_coef: float = 0.05  # beta at step 0
+    target_kl: float = 6.0  # adaptive beta aims at this KL (nats per response); 0 = fixed beta
+    kl_horizon: int = 10000  # in episodes (responses)
+    # evaluation, checkpoints
+    eval_interval: int = 50  # evaluate held-out prompts and checkpoint every N iterations (and at the end)
+    eval_size: int = 64  # held-out prompts (all ranks together); 0 = no evaluation
+    eval_samples: int = 2  # sample texts printed per evaluation
+
+
+# ----------------------------------------------------------------------------- the algorithm, as pure functions
+def truncate_after_eos(responses, eos_id=EOS):
+    """2. (response_mask, has_eos) of sampled responses (B, N): mask 1 up to and including each row's first EOS."""
+    is_eos = (responses == eos_id).long()
+    after = is_eos.cumsum(1) - is_eos > 0  # strictly after the first EOS
+    return (~after).long(), is_eos.bool().any(1)
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, mask, beta):
+    """4. Per-token rewards (B, N): -beta * (logprobs - ref_logprobs) (the k1 KL estimate) on every response token,
+    plus the score on the last real token (the EOS; responses are right-padded). Returns (rewards, kl)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = mask.sum(1) - 1  # (B,)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """5. Generalized advantage estimation over right-padded responses; the value after the last token is 0.
+    Returns (advantages, returns), zero on padding; returns = advantages + values."""
+    rewards, values = rewards * mask, values * mask  # zero on the padding after each response: nothing flows back
+    N = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(N)):
+        nextvalues = values[:, t + 1] if t + 1 < N else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages[:, t] = lastgaelam
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def masked_mean_var(x, mask, s=None):
+    """Mean and (population) variance of x over mask == 1, over all ranks when `s` is a DDP setup."""
+    mask = mask.to(x.dtype)
+    sums = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if s is not None:
+        all_reduce_sum(sums, s)
+    mean = sums[0] / sums[2]
+    return mean.to(x.dtype), (sums[1] / sums[2] - mean * mean).clamp(min=0).to(x.dtype)
+
+
+def whiten(x, mask, s=None, eps=1e-8):
+    """Mean 0 / variance 1 over the real tokens (of all ranks with `s`); padding is ignored and set to 0."""
+    mean, var = masked_mean_var(x, mask, s)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, cliprange=0.2,
+               cliprange_value=0.2, n_tokens=None):
+    """6. Clipped-ratio policy loss and clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2), as sums over real
+    tokens divided by n_tokens (default: mask.sum(); the trainer passes the token count of the whole minibatch).
+    Returns (pg_loss, vf_loss, stats); stats: approx_kl (k3 estimator), clipfrac, vf_clipfrac, ratio."""
+    mask = mask.float()
+    n = mask.sum() if n_tokens is None else n_tokens
+    mean = lambda x: (x * mask).sum() / n
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_loss = mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)))
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_loss = mean(0.5 * torch.max((values - returns) ** 2, (values_clipped - returns) ** 2))
+    with torch.no_grad():
+        stats = dict(approx_kl=mean(ratio - 1 - log_ratio), clipfrac=mean(((ratio - 1).abs() > cliprange).float()),
+                     vf_clipfrac=mean(((values - old_values).abs() > cliprange_value).float()), ratio=mean(ratio))
+    return pg_loss, vf_loss, stats
+
+
+class AdaptiveKLController:
+    """beta of the KL penalty (Ziegler et al. 2019): e = clip(KL / target - 1, -0.2, 0.2),
+    beta *= 1 + e * n_steps / horizon, n_steps = responses in the batch. target 0 keeps beta fixed."""
+
+    def __init__(self, beta, target, horizon):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl, n_steps):
+        if self.target > 0:
+            e = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.beta *= 1 + e * n_steps / self.horizon
+
+    def state_dict(self):
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state):
+        self.beta = state["beta"]
+
+
+def entropy_from_logits(logits, temperature):
+    logits = logits.float() / temperature
+    return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+
+
+def step_seed(seed, step, rank):
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2**63
+
+
+# ----------------------------------------------------------------------------- scoring
+def load_reward_fn(spec):
+    """"module:function" -> the function; a ValueError naming reward_fn and the problem otherwise."""
+    module_name, sep, fn_name = spec.partition(":")
+    if not sep or not module_name or not fn_name:
+        raise ValueError(f"reward_fn {spec!r}: expected 'module:function', e.g. 'my_rewards:score'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+                         f"is it on PYTHONPATH?") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward_fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def check_scores(scores, n, name):
+    """What a reward_fn returned -> (n,) fp32 tensor, or a ValueError saying what is wrong with it."""
+    if hasattr(scores, "tolist"):  # torch / numpy arrays
+        scores = scores.tolist()
+    if not isinstance(scores, (list, tuple)):
+        raise ValueError(f"reward_fn {name!r} returned a {type(scores).__name__}; expected a list of {n} floats")
+    if len(scores) != n:
+        raise ValueError(f"reward_fn {name!r} returned {len(scores)} scores for {n} responses")
+    for i, x in enumerate(scores):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x!r} ({type(x).__name__}), not a number")
+        if not math.isfinite(x):
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, not a finite number")
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def reward_fn_scorer(fn, name):
+    """score_fn(prompts, tokens, mask, P) -> (B,) scores from a Python function of prompt and response strings."""
+    def score_fn(prompts, tokens, mask, P):
+        responses = [decode(t[m.bool() & (t != EOS)]) for t, m in zip(tokens[:, P:].cpu(), mask[:, P:].cpu())]
+        return check_scores(fn(list(prompts), responses), len(prompts), name).to(tokens.device)
+    return score_fn
+
+
+def reward_model_scorer(rm, autocast=nullcontext, micro_batch_size=None):
+    """score_fn(prompts, tokens, mask, P) -> (B,) scores of a reward model, read at each row's last real token."""
+    @torch.no_grad()
+    def score_fn(prompts, tokens, mask, P):
+        size = micro_batch_size or len(tokens)
+        with autocast():
+            return torch.cat([score_tokens(rm, t, m).float() for t, m in zip(tokens.split(size), mask.split(size))])
+    return score_fn
+
+
+# ----------------------------------------------------------------------------- policy, critic, rollouts
+def response_hidden(model, tokens, mask, P):
+    """Final hidden states at the positions that choose the response tokens tokens[:, P:]: (B, N, C). Hidden state t
+    chooses token t + 1, so these are positions P-1 ... T-2; only they go through lm_head.
+    Contiguous on purpose: on a strided slice, torch.matmul picks mm or bmm depending on whether the weight requires
+    grad, and those round differently, so the frozen reference would disagree with an identical policy by ~1e-6."""
+    return model(tokens, mask)[:, P - 1:-1].contiguous()
+
+
+def response_logprobs(model, tokens, mask, P, temperature):
+    return token_logprobs(model.lm_head(response_hidden(model, tokens, mask, P)), tokens[:, P:], temperature)
+
+
+class ActorCritic(nn.Module):
+    """Policy and value function as one module, so DDP, the optimizer and the checkpoint see one thing.
+    critic None: the "value" head sits on the policy trunk and one forward gives both."""
+
+    def __init__(self, policy, critic=None):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, tokens, mask, P, temperature):
+        """logprobs (B, N) fp32 of the response tokens tokens[:, P:], values (B, N) fp32 of the states that choose
+        them, and the logits (B, N, V)."""
+        h = response_hidden(self.policy, tokens, mask, P)
+        logits = self.policy.lm_head(h)  # (B, N, V)
+        logprobs = token_logprobs(logits, tokens[:, P:], temperature)
+        if self.critic is not None:
+            h = response_hidden(self.critic, tokens, mask, P)
+        values = (self.policy if self.critic is None else self.critic).heads["value"](h).squeeze(-1).float()
+        return logprobs, values, logits
+
+
+class PhaseTimer:
+    """Wall time per phase of an iteration (CUDA-synchronised, so each phase is charged its own kernels)."""
+
+    def __init__(self, device):
+        self.cuda, self.times = str(device).startswith("cuda"), collections.Counter()
+
+    @contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times[name] += time.perf_counter() - t0
+
+
+@torch.no_grad()
+def rollout(policy, score_fn, prompts, max_prompt_len, max_new_tokens, temperature, generator, autocast=nullcontext,
+            penalty=None, timer=None):
+    """Steps 1-2: sample responses to `prompts` (strings) and score them. Returns a dict: tokens (B, P+N) = left-padded
+    prompt + response, mask (B, P+N), P, response_mask (B, N), gen_logprobs (B, N) (the sampler's), scores (B,),
+    has_eos (B,)."""
+    timer = timer or PhaseTimer("cpu")
+    device = next(policy.parameters()).device
+    tokens, mask = pad_left([tokenize_prompt(p, max_prompt_len) for p in prompts])
+    tokens, mask, P = tokens.to(device), mask.to(device), tokens.shape[1]
+    with timer("generate"), autocast():  # 1
+        tokens, gen_logprobs, _ = generate(policy, tokens, mask, max_new_tokens, temperature, generator=generator)
+    with timer("score"):  # 2
+        response_mask, has_eos = truncate_after_eos(tokens[:, P:])
+        mask = torch.cat([mask, response_mask], 1)
+        scores = score_fn(prompts, tokens, mask, P)
+        if penalty is not None:
+            scores = torch.where(has_eos, scores, torch.full_like(scores, penalty))
+    return dict(tokens=tokens, mask=mask, P=P, response_mask=response_mask, gen_logprobs=gen_logprobs,
+                scores=scores, has_eos=has_eos)
+
+
+@torch.no_grad()
+def forward_rollout(ac, ref, tokens, mask, P, temperature, micro_batch_size, autocast=nullcontext):
+    """Step 3: logprobs, values, ref_logprobs (B, N) fp32 and per-token entropy, in chunks of micro_batch_size rows
+    (the training forward's batch shape, so its first ratio is exactly 1)."""
+    out = collections.defaultdict(list)
+    for t, m in zip(tokens.split(micro_batch_size), mask.split(micro_batch_size)):
+        with autocast():
+            logprobs, values, logits = ac(t, m, P, temperature)
+            out["ref_logprobs"].append(response_logprobs(ref, t, m, P, temperature))
+        out["logprobs"].append(logprobs)
+        out["values"].append(values)
+        out["entropy"].append(entropy_from_logits(logits, temperature))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def ppo_update(model, optimizer, batch, P, cfg, s, generator, step=0):
+    """Step 6: cfg.ppo_epochs passes over the rollout batch in shuffled minibatches, one optimizer step each.
+    `model` is the ActorCritic (DDP-wrapped under torchrun). Returns one dict of stats per minibatch."""
+    B, micro = batch["tokens"].shape[0], cfg.minibatch_size // cfg.grad_accum
+    stats = []
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=generator).to(batch["tokens"].device)
+        for start in range(0, B, cfg.minibatch_size):
+            mb_idx = perm[start:start + cfg.minibatch_size]
+            n_tokens = all_reduce_sum(batch["response_mask"][mb_idx].sum().float(), s)  # all ranks' minibatch
+            chunks, mb_stats = mb_idx.split(micro), collections.Counter()
+            for i, idx in enumerate(chunks):
+                mb = {k: v[idx] for k, v in batch.items()}
+                last = i == len(chunks) - 1
+                with model.no_sync() if s.ddp and not last else nullcontext():  # all-reduce grads once per step
+                    with s.autocast():
+                        logprobs, values, _ = model(mb["tokens"], mb["mask"], P, cfg.temperature)
+                    pg_loss, vf_loss, st = ppo_losses(logprobs, mb["logprobs"], mb["advantages"], values,
+                                                      mb["values"], mb["returns"], mb["response_mask"],
+                                                      cfg.cliprange, cfg.cliprange_value, n_tokens)
+                    loss = (pg_loss + cfg.vf_coef * vf_loss) * s.world_size  # DDP averages grads over ranks
+                    check_finite(loss.item(), "loss", step)
+                    loss.backward()
+                # x world_size: this rank's share of the global token mean -> ~its own mean (all_reduce_mean later)
+                for k, v in dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), **st).items():
+                    mb_stats[k] += v.item() * s.world_size
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            check_finite(grad_norm.item(), "grad_norm", step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.append({**mb_stats, "grad_norm": grad_norm.item()})
+    return stats
+
+
+@torch.no_grad()
+def evaluate(policy, ref, score_fn, prompts, max_prompt_len=32, max_new_tokens=32, temperature=1.0, batch_size=16,
+             seed=0, autocast=nullcontext, penalty=None, n_samples=2, s=None):
+    """Mean score, KL to the reference (summed over response tokens) and response length on held-out `prompts`,
+    sampled like the training rollouts but with a fixed seed, so evaluations differ only by the policy. With a DDP
+    setup `s`, each rank passes its own prompts and the means are over all of them. Returns floats + `samples`."""
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    sums = [0.0] * 4  # score, kl, response length, count
+    samples = []
+    for i in range(0, len(prompts), batch_size):
+        r = rollout(policy, score_fn, prompts[i:i + batch_size], max_prompt_len, max_new_tokens, temperature,
+                    generator, autocast, penalty)
+        with autocast():
+            logprobs = response_logprobs(policy, r["tokens"], r["mask"], r["P"], temperature)
+            ref_logprobs = response_logprobs(ref, r["tokens"], r["mask"], r["P"], temperature)
+        kl = ((logprobs - ref_logprobs) * r["response_mask"]).sum(1)
+        for k, v in enumerate((r["scores"].sum().item(), kl.sum().item(), r["response_mask"].sum().item(), len(kl))):
+            sums[k] += v
+        for j in range(min(n_samples - len(samples), len(kl))):
+            response = r["tokens"][j, r["P"]:][r["response_mask"][j].bool()]
+            samples.append((prompts[i + j], decode(response), r["scores"][j].item()))
+    sums = torch.tensor(sums, dtype=torch.float64, device=device)
+    score, kl, length, n = (all_reduce_sum(sums, s) if s is not None else sums).tolist()
+    return dict(score=score / n, kl=kl / n, response_len=length / n, samples=samples)
+
+
+# ----------------------------------------------------------------------------- training
+def main(cfg):
+    # --- setup
+    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    print_config(cfg)
+    if bool(cfg.reward_model) == bool(cfg.reward_fn):
+        raise ConfigError("set exactly one of reward_model (a reward.py checkpoint) and reward_fn ('module:function')")
+    critic = cfg.critic or ("separate" if cfg.reward_model or cfg.critic_init_from else "shared")
+    if critic not in ("separate", "shared"):
+        raise ConfigError(f"critic must be 'separate' or 'shared', not {cfg.critic!r}")
+    if critic == "separate" and not (cfg.reward_model or cfg.critic_init_from):
+        raise ConfigError("critic='separate' needs a reward_model or critic_init_from to initialise the critic")
+    if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.grad_accum:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
+                          f"({cfg.minibatch_size}), itself a multiple of grad_accum ({cfg.grad_accum})")
+    if cfg.eval_interval < 1:
+        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
+    if cfg.temperature <= 0:
+        raise ConfigError("temperature must be > 0 (PPO needs the sampling distribution's logprobs)")
+    micro = cfg.minibatch_size // cfg.grad_accum
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, "ppo") if cfg.init_from == "resume" else None
+    init_from = ckpt["config"]["init_from"] if ckpt else cfg.init_from  # the SFT model: reference and start
+    scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+
+    # --- reward
+    if cfg.reward_fn:
+        score_fn, rm = reward_fn_scorer(load_reward_fn(cfg.reward_fn), cfg.reward_fn), None
+    else:
+        rm = load_reward_model(cfg.reward_model, s.device)
+        score_fn = reward_model_scorer(rm, s.autocast, micro)
+
+    # --- models: policy (+ value head or separate critic), frozen reference
+    heads = {"value": 1} if critic == "shared" else {}
+    torch.manual_seed(cfg.seed)  # the same initial heads (and scratch weights) on every rank and on resume
+    policy, _ = load_model(init_from, heads=heads, kind=("sft", "ppo"), scratch=scratch)
+    ref, _ = load_model(init_from, kind=("sft", "ppo"), scratch=scratch)
+    if init_from == "scratch":
+        ref.load_state_dict(policy.state_dict(), strict=False)  # a random policy's reference is itself
+    ref.requires_grad_(False)
+    value_model = None
+    if critic == "separate" and cfg.critic_init_from:
+        value_model, _ = load_model(cfg.critic_init_from, heads={"value": 1}, scratch=scratch)
+    elif critic == "separate":  # the reward model, its (normalised) reward head becoming the value head
+        value_model = copy.deepcopy(rm)
+        value_model.heads = nn.ModuleDict({"value": value_model.heads["reward"]})
+        value_model.config.heads = {"value": 1}
+        value_model.requires_grad_(True)
+    ac = ActorCritic(policy, value_model).to(s.device).eval()  # eval mode = dropout off (see docstring)
+    ref.to(s.device).eval()
+    for m in [ac, ref] + ([rm] if rm is not None else []):
+        n_ctx = m.policy.config.block_size if m is ac else m.config.block_size
+        if cfg.max_prompt_len + cfg.max_new_tokens > n_ctx:
+            raise ConfigError(f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} "
+                              f"exceeds a model's block_size {n_ctx}")
+    print0(f"policy {policy.num_params() / 1e6:.2f}M params, critic {critic}")
+
+    # --- data: a global batch of prompts per iteration, split rank::world_size
+    with rank0_first(s):
+        prompts = load_prompts(cfg.data, cfg.data_split, cfg.data_subset, cfg.skip_bad)
+        eval_prompts = []
+        if cfg.eval_size:
+            eval_prompts = load_prompts(cfg.data, cfg.eval_split, cfg.data_subset, cfg.skip_bad)[:cfg.eval_size]
+    print0(f"{len(prompts)} prompts, {len(eval_prompts)} held-out")
+    do_eval, eval_prompts = bool(eval_prompts), eval_prompts[s.rank::s.world_size]  # a rank's share may be empty
+
+    # --- optimizer, KL controller, resume
+    optimizer = make_optimizer(ac, cfg.learning_rate, cfg.weight_decay, eps=1e-5)  # eps 1e-5: N+ details
+    kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
+    start = 0
+    if ckpt:
+        policy.load_state_dict(ckpt["model"])
+        if value_model is not None:
+            value_model.load_state_dict(ckpt["critic"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        kl_ctl.load_state_dict(ckpt["kl_ctl"])
+        set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        print0(f"resumed from {ckpt_path} at step {start}")
+    model = ac
+    if s.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(ac, device_ids=[s.local_rank] if "cuda" in s.device else None)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if s.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if not ckpt and os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run starts a fresh log
+
+    def log_json(record):
+        if s.master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- loop
+    timer_eta, metrics, eval_metrics = Timer(cfg.max_iters, start), {}, {}
+    penalty = cfg.missing_eos_penalty if cfg.penalize_missing_eos else None
+    for step in range(start, cfg.max_iters + 1):
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            if do_eval and (step > start or not ckpt):  # a resumed run's first step was evaluated before it stopped
+                ev = evaluate(policy, ref, score_fn, eval_prompts, cfg.max_prompt_len, cfg.max_new_tokens,
+                              cfg.temperature, cfg.batch_size, step_seed(cfg.seed, -1, s.rank), s.autocast,
+                              penalty, cfg.eval_samples, s)
+                for prompt, response, score in ev.pop("samples"):
+                    print0(f"--- sample (score {score:.3f})\n{prompt!r} -> {response!r}")
+                eval_metrics = {f"eval_{k}": v for k, v in ev.items()}
+                log_line(step, eval_metrics)
+                log_json({"step": step, **eval_metrics})
+            if step > start and s.master:
+                save_checkpoint(ckpt_path, kind="ppo", model_config=asdict(policy.config), model=policy.state_dict(),
+                                critic_config=asdict(value_model.config) if value_model else None,
+                                critic=value_model.state_dict() if value_model else None,
+                                optimizer=optimizer.state_dict(), kl_ctl=kl_ctl.state_dict(), step=step,
+                                config=asdict(cfg), rng=rng_state())
+        if step == cfg.max_iters:
+            break
+        t0, timer = time.perf_counter(), PhaseTimer(s.device)
+        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = torch.Generator(s.device).manual_seed(step_seed(cfg.seed, step, s.rank))
+        idx = batch_indices(step, cfg.batch_size * s.world_size, len(prompts), cfg.seed)[s.rank::s.world_size]
+        batch_prompts = [prompts[i] for i in idx]
+
+        # 1-2. sample, truncate after EOS, score (penalty without EOS)
+        r = rollout(policy, score_fn, batch_prompts, cfg.max_prompt_len, cfg.max_new_tokens, cfg.temperature,
+                    generator, s.autocast, penalty, timer)
+        tokens, mask, P, response_mask, scores = r["tokens"], r["mask"], r["P"], r["response_mask"], r["scores"]
+        with timer("forward"):
+            # 3. logprobs and values of the rollout (old logprobs: see docstring), reference logprobs
+            f = forward_rollout(ac, ref, tokens, mask, P, cfg.temperature, micro, s.autocast)
+            # 4. KL-penalised per-token rewards
+            rewards, kl = compute_rewards(scores, f["logprobs"], f["ref_logprobs"], response_mask, kl_ctl.beta)
+            # 5. advantages (whitened over the real tokens of all ranks) and returns
+            advantages, returns = gae(rewards, f["values"], response_mask, cfg.gamma, cfg.lam)
+            advantages = whiten(advantages, response_mask, s)
+        # 6. K epochs of minibatch updates
+        with timer("update"):
+            batch = dict(tokens=tokens, mask=mask, response_mask=response_mask, logprobs=f["logprobs"],
+                         values=f["values"], advantages=advantages, returns=returns)
+            update_gen = torch.Generator().manual_seed(step_seed(cfg.seed + 1, step, s.rank))
+            stats = ppo_update(model, optimizer, batch, P, cfg, s, update_gen, step)
+
+        # --- metrics (all-reduced), KL controller, log
+        _, ret_var = masked_mean_var(returns, response_mask, s)
+        _, err_var = masked_mean_var(returns - f["values"], response_mask, s)
+        n_real = response_mask.sum().clamp(min=1)
+        dt = time.perf_counter() - t0
+        metrics = dict(score=scores.mean().item(), kl=kl.sum(1).mean().item(), beta=kl_ctl.beta,
+                       **{k: sum(st[k] for st in stats) / len(stats) for k in stats[0]},
+                       explained_var=(1 - err_var / ret_var.clamp(min=1e-8)).item(),
+                       entropy=((f["entropy"] * response_mask).sum() / n_real).item(),
+                       response_len=response_mask.sum(1).float().mean().item(),
+                       no_eos=1 - r["has_eos"].float().mean().item(),
+                       lp_gap=((r["gen_logprobs"] - f["logprobs"]).abs() * response_mask).max().item(),
+                       lr=lr, tok_per_s=response_mask.sum().item() / dt,
+                       **{f"t_{k}": v for k, v in timer.times.items()})
+        metrics = all_reduce_mean(metrics, s)
+        metrics["tok_per_s"] *= s.world_size
+        kl_ctl.update(metrics["kl"], cfg.batch_size * s.world_size)
+        shown = {k: metrics[k] for k in ("score", "kl", "beta", "approx_kl", "clipfrac", "vf_loss", "explained_var",
+                                         "entropy", "response_len", "no_eos", "lp_gap", "tok_per_s")}
+        times = "/".join(f"{metrics.get('t_' + k, 0.0):.2f}" for k in ("generate", "score", "forward", "update"))
+        log_line(step, {**shown, "s gen/score/fwd/update": times, "eta": timer_eta.eta(step)})
+        log_json({"step": step, **metrics})  # everything, incl. pg_loss, vf_clipfrac, ratio, grad_norm, lr
+
+    # --- export
+    if s.master:
+        policy.save_hf(os.path.join(cfg.out_dir, "hf"))
+    cleanup(s)
+    return {**metrics, **eval_metrics}
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,396 @@
+"""
+model.py against references: `transformers.GPT2LMHeadModel` (logits through the HF folder both ways and both key
+layouts, greedy generate), a naive no-cache sampler (the KV-cache `generate`), softmax (the sampler's distribution)
+and itself (padded == unpadded, gradient checkpointing). Tiny random-weight models on CPU, fp32.
+
+Weights are randomised well beyond GPT-2's init (LayerNorm gains and every bias included): at the init the biases
+are 0 and the gains 1, so a missing bias or a LayerNorm mix-up would still pass.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from model import EOS, GPT, GPTConfig, filter_logits, generate, sample_token, token_logprobs
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+V, C, L, NH, BLOCK = 50257, 32, 2, 2, 64
+
+
+def tiny_config(**kw):
+    return GPTConfig(**{**dict(block_size=BLOCK, vocab_size=V, n_layer=L, n_head=NH, n_embd=C), **kw})
+
+
+def hf_config():
+    return GPT2Config(n_positions=BLOCK, vocab_size=V, n_layer=L, n_head=NH, n_embd=C,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+@torch.no_grad()
+def randomize_(module, seed, std=0.2):
+    """Every parameter random (tied ones once): LayerNorm gains 1 + noise, everything else noise."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=g) * std
+        p.copy_(1 + noise if p.dim() == 1 and ".ln_" in f".{name}" and name.endswith("weight") else noise)
+    return module
+
+
+def random_gpt(seed=0, **kw):
+    return randomize_(GPT(tiny_config(**kw)), seed).eval()
+
+
+def random_hf(seed=0):
+    torch.manual_seed(seed)
+    return randomize_(GPT2LMHeadModel(hf_config()), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return random_gpt(seed=0)
+
+
+def logits_of(model, idx, mask=None):
+    with torch.no_grad():
+        return model.lm_head(model(idx, mask))
+
+
+def hf_logits(hf, idx, mask=None):
+    with torch.no_grad():
+        if mask is None:
+            return hf(idx).logits
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return hf(idx, attention_mask=mask, position_ids=pos).logits
+
+
+def left_pad(seqs, pad=EOS):
+    T = max(map(len, seqs))
+    tokens = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            tokens[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = 1
+    return tokens, mask
+
+
+def rand_tokens(*shape, seed=0):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_state_dict(hf):
+    return {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
+
+
+def write_config(folder, **overrides):
+    os.makedirs(folder, exist_ok=True)
+    cfg = hf_config().to_dict()
+    cfg.update(overrides)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def assert_close(a, b, tol, what=""):
+    diff = (a.float() - b.float()).abs().max().item()
+    assert diff <= tol, f"{what}: max abs diff {diff:.3g} > {tol}"
+
+
+# ---------------------------------------------------------------------------- parity with transformers
+def test_ours_to_hf_folder(gpt, tmp_path):
+    """(a) our random model -> save_hf -> GPT2LMHeadModel.from_pretrained: same logits, also left padded."""
+    gpt.save_hf(tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = rand_tokens(3, 20)
+    ours = logits_of(gpt, idx)
+    assert ours.abs().max() > 1.0  # the weights are random enough for the comparison to mean something
+    assert_close(ours, hf_logits(hf, idx), 1e-4, "logits")
+    # Left padding: HF counts pads in its default positions, so give it ours explicitly; compare real tokens.
+    tokens, mask = left_pad([rand_tokens(12, seed=1).tolist(), rand_tokens(5, seed=2).tolist(),
+                             rand_tokens(1, seed=3).tolist()])
+    real = mask.bool()
+    assert_close(logits_of(gpt, tokens, mask)[real], hf_logits(hf, tokens, mask)[real], 1e-4, "left-padded logits")
+    # and the folder loads back into ours unchanged
+    back = GPT.from_pretrained(str(tmp_path)).eval()
+    assert_close(logits_of(back, idx), ours, 0.0, "round trip")
+
+
+def test_hf_folder_to_ours(tmp_path):
+    """(b) a random GPT2LMHeadModel -> save_pretrained -> GPT.from_pretrained: same logits."""
+    hf = random_hf(seed=1)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = rand_tokens(2, 24, seed=4)
+    assert_close(logits_of(ours, idx), hf_logits(hf, idx), 1e-4, "logits")
+    tokens, mask = left_pad([rand_tokens(9, seed=5).tolist(), rand_tokens(3, seed=6).tolist()])
+    real = mask.bool()
+    assert_close(logits_of(ours, tokens, mask)[real], hf_logits(hf, tokens, mask)[real], 1e-4, "left-padded")
+
+
+def test_hub_layout_and_pytorch_bin(tmp_path):
+    """(c) the hub `gpt2` key layout (no "transformer." prefix, h.N.attn.bias buffers, no lm_head.weight) in a
+    model.safetensors, and the save_pretrained layout in a pytorch_model.bin."""
+    hf = random_hf(seed=2)
+    sd = hf_state_dict(hf)
+    hub = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
+    for i in range(L):
+        hub[f"h.{i}.attn.bias"] = torch.tril(torch.ones(BLOCK, BLOCK)).view(1, 1, BLOCK, BLOCK)
+        hub[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    assert not any(k.startswith("transformer.") for k in hub)
+    write_config(tmp_path / "hub")
+    save_file(hub, str(tmp_path / "hub" / "model.safetensors"))
+    write_config(tmp_path / "bin")
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    idx = rand_tokens(2, 16, seed=7)
+    ref = hf_logits(hf, idx)
+    for sub in ("hub", "bin"):
+        ours = GPT.from_pretrained(str(tmp_path / sub)).eval()
+        assert_close(logits_of(ours, idx), ref, 1e-4, sub)
+
+
+def test_heads_survive_loading(tmp_path):
+    """Extra heads are created fresh on top of HF weights; save_hf leaves them out and HF still loads the folder."""
+    gpt = random_gpt(seed=3, heads={"value": 1})
+    gpt.save_hf(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path), heads={"value": 1, "q": V}).eval()
+    assert ours.heads["value"].out_features == 1 and ours.heads["q"].out_features == V
+    idx = rand_tokens(1, 8, seed=8)
+    assert_close(logits_of(ours, idx), logits_of(gpt, idx), 0.0, "logits with heads")
+
+
+# ---------------------------------------------------------------------------- loader errors
+def _expect_folder_error(folder, *words):
+    with pytest.raises(ValueError) as err:
+        GPT.from_pretrained(str(folder))
+    msg = str(err.value)
+    assert str(folder) in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_rejects_non_gpt2_folders(tmp_path):
+    hf = random_hf(seed=4)
+    sd = hf_state_dict(hf)
+    # a llama config
+    write_config(tmp_path / "llama", model_type="llama")
+    save_file(sd, str(tmp_path / "llama" / "model.safetensors"))
+    _expect_folder_error(tmp_path / "llama", "llama")
+    # config but no weights
+    write_config(tmp_path / "noweights")
+    _expect_folder_error(tmp_path / "noweights", "model.safetensors")
+    # no config at all
+    os.makedirs(tmp_path / "empty")
+    _expect_folder_error(tmp_path / "empty", "config.json")
+    # config says n_embd 64, weights are n_embd 32
+    write_config(tmp_path / "shape", n_embd=64)
+    save_file(sd, str(tmp_path / "shape" / "model.safetensors"))
+    _expect_folder_error(tmp_path / "shape", "shape")
+    # weights of another architecture (keys that are not GPT-2's)
+    write_config(tmp_path / "keys")
+    save_file({"model.embed_tokens.weight": torch.zeros(V, C)}, str(tmp_path / "keys" / "model.safetensors"))
+    _expect_folder_error(tmp_path / "keys", "missing")
+
+
+@pytest.mark.parametrize("override", [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False)])
+def test_rejects_gpt2_variants_with_other_attention(tmp_path, override):
+    """A GPT-2 config whose attention is scaled differently loads into HF with different logits than ours would
+    compute: the loader must refuse it rather than silently give other logits."""
+    hf = random_hf(seed=5)
+    write_config(tmp_path, **override)
+    save_file(hf_state_dict(hf), str(tmp_path / "model.safetensors"))
+    ref = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    try:
+        ours = GPT.from_pretrained(str(tmp_path)).eval()
+    except ValueError as e:
+        assert str(tmp_path) in str(e)
+        return
+    idx = rand_tokens(1, 12, seed=9)
+    assert_close(logits_of(ours, idx), hf_logits(ref, idx), 1e-4, f"loaded {override} without complaint")
+
+
+def test_unknown_hub_id_is_a_clear_error():
+    with pytest.raises(ValueError, match="no-such-user/no-such-model"):
+        GPT.from_pretrained("no-such-user/no-such-model")
+
+
+# ---------------------------------------------------------------------------- padding
+def test_padded_equals_unpadded(gpt):
+    rows = [rand_tokens(10, seed=10), rand_tokens(4, seed=11)]
+    alone = [logits_of(gpt, r[None])[0] for r in rows]
+    # left padded
+    tokens, mask = left_pad([r.tolist() for r in rows])
+    out = logits_of(gpt, tokens, mask)
+    assert torch.isfinite(out).all()
+    for i, r in enumerate(rows):
+        assert_close(out[i, -len(r):], alone[i], 1e-5, f"left-padded row {i}")
+    # right padded, with a fully padded row too
+    T = 12
+    tokens = torch.full((3, T), EOS)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = r, 1
+    out = logits_of(gpt, tokens, mask)
+    assert torch.isfinite(out).all()
+    for i, r in enumerate(rows):
+        assert_close(out[i, :len(r)], alone[i], 1e-5, f"right-padded row {i}")
+
+
+# ---------------------------------------------------------------------------- the sampler
+def test_sample_token_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n, T = 20000, 0.7
+    g = torch.Generator().manual_seed(0)
+    draws = sample_token(logits.expand(n, -1), T, generator=g)
+    freq = torch.bincount(draws, minlength=6).double() / n
+    p = torch.softmax(logits.double() / T, -1)
+    std = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 4 * std + 1e-4).all(), (freq, p)
+    # top_k=2: only the top two, in proportion
+    draws = sample_token(logits.expand(n, -1), T, top_k=2, generator=g)
+    assert set(draws.unique().tolist()) == {0, 1}
+    p2 = torch.softmax(logits[:2].double() / T, -1)[0]
+    assert abs((draws == 0).double().mean() - p2) <= 4 * (p2 * (1 - p2) / n).sqrt()
+    # temperature 0 is argmax, row by row, and consumes no randomness
+    rows = torch.randn(64, 100, generator=g)
+    assert torch.equal(sample_token(rows, 0.0), rows.argmax(-1))
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    # probabilities 0.5, 0.25, 0.15, 0.1 (shuffled): the nucleus is the smallest prefix whose mass reaches top_p
+    probs = torch.tensor([0.15, 0.5, 0.1, 0.25])
+    logits = probs.log()
+    cases = {0.4: {1}, 0.6: {1, 3}, 0.8: {1, 3, 0}, 0.95: {1, 3, 0, 2}, 1.0: {0, 1, 2, 3}}
+    for top_p, nucleus in cases.items():
+        kept = set(torch.isfinite(filter_logits(logits, top_p=top_p)).nonzero().flatten().tolist())
+        assert kept == nucleus, (top_p, kept)
+        g = torch.Generator().manual_seed(1)
+        drawn = set(sample_token(logits.expand(4000, -1), 1.0, top_p=top_p, generator=g).unique().tolist())
+        assert drawn == nucleus, (top_p, drawn)
+    # top_k and top_p together: top_k first, then the nucleus of what is left, renormalised (2/3, 1/3)
+    for top_p, nucleus in {0.6: {1}, 0.7: {1, 3}}.items():
+        assert set(torch.isfinite(filter_logits(logits, top_k=2, top_p=top_p)).nonzero().flatten().tolist()) == nucleus
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.3), (None, 0.9), (50, 0.8)])
+def test_filter_logits_equals_transformers_warpers(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    logits = torch.randn(8, 1000, generator=torch.Generator().manual_seed(5)) * 3
+    ref = logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    assert torch.equal(torch.isfinite(filter_logits(logits, top_k, top_p)), torch.isfinite(ref))
+
+
+def naive_generate(model, tokens, mask, max_new_tokens, temperature, top_k, top_p, generator, eos_id):
+    """The reference sampler: a full forward over the whole sequence for every new token, no cache."""
+    B = tokens.shape[0]
+    done = torch.zeros(B, dtype=torch.bool)
+    new, logprobs, resp_mask = [], [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model.lm_head(model(tokens, mask))[:, -1].float()  # (B, V)
+            tok = sample_token(logits, temperature, top_k, top_p, generator)
+            lp = torch.log_softmax(logits / (temperature or 1.0), -1)[torch.arange(B), tok]
+            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            new.append(tok)
+            logprobs.append(torch.where(done, torch.zeros_like(lp), lp))
+            resp_mask.append((~done).long())
+            done = done | (tok == eos_id)
+            tokens = torch.cat([tokens, tok[:, None]], 1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+            if done.all():
+                break
+    return tokens, torch.stack(logprobs, 1), torch.stack(resp_mask, 1)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (40, 0.9)])
+def test_generate_equals_naive_sampler(gpt, top_k, top_p):
+    """KV cache == full forwards: same tokens, same logprobs; EOS ends a row; logprobs == a training forward."""
+    T, N = 0.7, 10
+    tokens, mask = left_pad([rand_tokens(7, seed=12).tolist(), rand_tokens(2, seed=13).tolist(),
+                             rand_tokens(5, seed=14).tolist()])
+    P = tokens.shape[1]
+    run = lambda fn, eos: fn(gpt, tokens, mask, N, T, top_k, top_p, torch.Generator().manual_seed(42), eos)
+    free, _, _ = run(generate, -1)
+    # EOS = the token row 0 sampled 4th, so row 0 stops early while the others (most likely) run on
+    eos = int(free[0, P + 3])
+    out, lp, rmask = run(generate, eos)
+    ref_out, ref_lp, ref_mask = run(naive_generate, eos)
+    assert torch.equal(out, ref_out)
+    assert torch.equal(rmask, ref_mask)
+    assert_close(lp, ref_lp, 1e-5, "logprobs vs naive")
+    assert out.shape == (3, P + N) and lp.dtype == torch.float32
+    # response_mask: 1 up to and including the first EOS, 0 after; later tokens are EOS; prompts untouched
+    assert torch.equal(out[:, :P], tokens)
+    resp = out[:, P:]
+    stopped = 0
+    for i in range(3):
+        hits = (resp[i] == eos).nonzero().flatten().tolist()
+        end = hits[0] + 1 if hits else N
+        assert rmask[i].tolist() == [1] * end + [0] * (N - end), i
+        assert (resp[i, end:] == eos).all() and (lp[i, end:] == 0).all()
+        stopped += end < N
+    assert rmask[0].sum() <= 4 and stopped >= 1
+    # the PPO invariant: rollout logprobs == a training forward's log_softmax(logits / T) on the full sequence
+    full_mask = torch.cat([mask, rmask], 1)
+    logits = logits_of(gpt, out, full_mask)
+    train_lp = token_logprobs(logits[:, P - 1:-1], out[:, P:], T)
+    real = rmask.bool()
+    assert_close(lp[real], train_lp[real], 1e-5, "rollout vs training logprobs")
+
+
+def test_generate_stops_when_every_row_is_done(gpt):
+    tokens = rand_tokens(1, 4, seed=15)
+    mask = torch.ones_like(tokens)
+    free, _, _ = generate(gpt, tokens, mask, 8, 0.7, generator=torch.Generator().manual_seed(3), eos_id=-1)
+    eos = int(free[0, 4 + 2])
+    out, lp, rmask = generate(gpt, tokens, mask, 8, 0.7, generator=torch.Generator().manual_seed(3), eos_id=eos)
+    end = (free[0, 4:] == eos).nonzero()[0].item() + 1
+    assert out.shape[1] == 4 + end and rmask.tolist() == [[1] * end]
+    assert torch.equal(out, free[:, :4 + end])
+
+
+# ---------------------------------------------------------------------------- greedy against transformers
+def test_greedy_generate_equals_transformers(gpt, tmp_path):
+    gpt.save_hf(tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    N = 12
+    for prompts in (rand_tokens(1, 6, seed=16), rand_tokens(3, 6, seed=17)):
+        mask = torch.ones_like(prompts)
+        ours, lp, rmask = generate(gpt, prompts, mask, N, temperature=0.0, eos_id=-1)
+        with torch.no_grad():
+            ref = hf.generate(prompts, attention_mask=mask, max_new_tokens=N, do_sample=False,
+                              pad_token_id=EOS, eos_token_id=None)
+        assert ref.shape == ours.shape == (prompts.shape[0], 6 + N)
+        assert torch.equal(ours, ref), (ours[:, 6:], ref[:, 6:])
+        # temperature 0 logprobs are those of the plain logits
+        train_lp = token_logprobs(logits_of(gpt, ours)[:, 5:-1], ours[:, 6:])
+        assert_close(lp, train_lp, 1e-5, "greedy logprobs")
+
+
+# ---------------------------------------------------------------------------- training
+def test_grad_checkpointing_same_gradients():
+    model = random_gpt(seed=6, heads={"value": 1}).train()
+    tokens, mask = left_pad([rand_tokens(9, seed=18).tolist(), rand_tokens(5, seed=19).tolist()])
+
+    def grads(ckpt):
+        model.zero_grad(set_to_none=True)
+        model.grad_checkpointing = ckpt
+        h = model(tokens, mask)
+        loss = -token_logprobs(model.lm_head(h)[:, :-1], tokens[:, 1:]).mul(mask[:, 1:]).sum()
+        (loss + model.heads["value"](h).square().mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        assert_close(plain[n], ckpt[n], 1e-5, n)
+    model.grad_checkpointing = False

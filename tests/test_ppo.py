@@ -1,0 +1,371 @@
+"""PPO: the pure functions against naive references and known values, the rollout/training invariants (ratio == 1,
+rollout logprobs == training logprobs, KL == 0 against itself, score at the EOS), learning with a reward_fn and
+with a reward model, reward_fn errors, exact resume, and one 2-process torchrun run."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from common import Setup, load_checkpoint, save_checkpoint
+from data import EOS
+from model import GPT, GPTConfig
+from ppo import (ActorCritic, AdaptiveKLController, Config, check_scores, compute_rewards, forward_rollout, gae,
+                 load_reward_fn, main, ppo_losses, ppo_update, reward_fn_scorer, reward_model_scorer, rollout,
+                 truncate_after_eos, whiten)
+from reward import load_reward_model
+
+THE = 262  # " the"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["Tell me a joke.", "Hi", "What is the capital of France, and why is it there?", "Write a poem about",
+           "Once upon a time", "Q: 2+2? A:", "The weather today is", "List three colors:"] * 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny: one thread is as fast alone and several times faster on a CPU shared with other jobs
+    # (idle OpenMP threads spin and fight for the cores).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def count_the(prompts, responses):  # the reward_fn of the learning test: "tests.test_ppo:count_the"
+    return [float(r.count(" the")) for r in responses]
+
+
+def wrong_length(prompts, responses):
+    return [0.0] * (len(responses) + 1)
+
+
+def nan_score(prompts, responses):
+    return [float("nan")] * len(responses)
+
+
+def biased_gpt(token, logit, heads=None, seed=0):
+    """A tiny random GPT that already says `token` often: its final LayerNorm bias u and the token's (tied)
+    embedding w = u * logit / |u|^2 give that token a logit of about `logit`, every other one ~0."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, heads=heads or {}))
+    with torch.no_grad():
+        u = torch.randn(32)
+        u = u / u.norm() * 4
+        model.ln_f.bias.copy_(u)
+        model.wte.weight[token] = u * logit / 16
+    return model
+
+
+def save_sft(path, model):
+    save_checkpoint(str(path), kind="sft", model_config=asdict(model.config), model=model.state_dict())
+    return str(path)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def run_cfg(tmp_path, data, **kw):
+    base = dict(init_from=save_sft(tmp_path / "sft.pt", biased_gpt(THE, 5.0)), reward_model="", data=data,
+                eval_split="train", out_dir=str(tmp_path / "out"), device="cpu", max_prompt_len=16, max_new_tokens=8,
+                batch_size=16, minibatch_size=8, ppo_epochs=2, learning_rate=1e-3, penalize_missing_eos=False,
+                max_iters=6, eval_interval=1000, eval_size=0, target_kl=0.0, init_kl_coef=0.02)
+    return Config(**{**base, **kw})
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- pure functions
+def test_truncate_after_eos():
+    a, b = 11, 22
+    responses = torch.tensor([[a, EOS, EOS, b], [a, b, a, b], [EOS, a, EOS, b], [a, a, b, EOS]])
+    mask, has_eos = truncate_after_eos(responses)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert has_eos.tolist() == [True, False, True, True]
+
+
+def test_compute_rewards_score_on_last_real_token():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    logprobs, ref_logprobs = torch.randn(3, 5), torch.randn(3, 5)
+    scores = torch.tensor([10.0, 20.0, 30.0])
+    rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, beta=0.1)
+    expected = -0.1 * (logprobs - ref_logprobs) * mask
+    for row, last in enumerate([2, 4, 0]):
+        expected[row, last] += scores[row]
+    torch.testing.assert_close(rewards, expected)
+    torch.testing.assert_close(kl, (logprobs - ref_logprobs) * mask)
+    assert (rewards[mask == 0] == 0).all()
+
+
+def naive_gae(rewards, values, length, gamma, lam):
+    adv, last = [0.0] * length, 0.0
+    for t in reversed(range(length)):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def test_gae_matches_naive_loop_with_variable_lengths():
+    torch.manual_seed(0)
+    lengths = [5, 2, 7, 1]
+    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).long()
+    rewards, values = torch.randn(4, 7), torch.randn(4, 7)  # garbage on padding: must be ignored
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    for i, n in enumerate(lengths):
+        expected = naive_gae(rewards[i].tolist(), values[i].tolist(), n, 0.9, 0.8)
+        torch.testing.assert_close(adv[i, :n], torch.tensor(expected))
+        torch.testing.assert_close(ret[i, :n], torch.tensor(expected) + values[i, :n])
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_whiten_ignores_padding():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    x = torch.randn(3, 4) * 5 + 3
+    w = whiten(x, mask)
+    real = w[mask.bool()]
+    assert abs(real.mean().item()) < 1e-5
+    assert abs(real.var(unbiased=False).item() - 1) < 1e-4
+    y = x.clone()
+    y[mask == 0] = 1000.0
+    torch.testing.assert_close(whiten(y, mask), w)
+    assert (w[mask == 0] == 0).all()
+
+
+def test_ppo_losses_known_values():
+    # token 0: advantage 1, ratio 1.5 -> clipped to 1.2: loss max(-1.5, -1.2) = -1.2
+    # token 1: advantage -1, ratio 0.5 -> clipped 0.8: loss max(0.5, 0.8) = 0.8;  token 2: padding
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 7.0]]))
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, -1.0, 5.0]])
+    values, old_values, returns = torch.tensor([[1.0, 0.1, 9.0]]), torch.zeros(1, 3), torch.tensor([[1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    pg, vf, st = ppo_losses(logprobs, old, adv, values, old_values, returns, mask, 0.2, 0.2)
+    assert pg.item() == pytest.approx((-1.2 + 0.8) / 2)
+    # token 0: V 1 -> clipped 0.2, R 1: 0.5 * max(0, 0.64); token 1: V 0.1 (inside the clip), R 0: 0.5 * 0.01
+    assert vf.item() == pytest.approx((0.32 + 0.005) / 2)
+    assert st["clipfrac"].item() == 1.0 and st["vf_clipfrac"].item() == 0.5
+    expected_kl = ((1.5 - 1 - math.log(1.5)) + (0.5 - 1 - math.log(0.5))) / 2
+    assert st["approx_kl"].item() == pytest.approx(expected_kl, rel=1e-5)
+    # at ratio 1: pg_loss = -mean(advantages), nothing clipped, approx_kl exactly 0
+    pg, _, st = ppo_losses(old, old, adv, values, old_values, returns, mask)
+    assert pg.item() == pytest.approx(0.0) and st["approx_kl"].item() == 0.0 and st["ratio"].item() == 1.0
+
+
+def test_adaptive_kl_controller():
+    n, horizon = 256, 10000
+    up = AdaptiveKLController(0.1, 6.0, horizon)
+    up.update(9.0, n)  # KL/target - 1 = 0.5, clipped to 0.2
+    assert up.beta == pytest.approx(0.1 * (1 + 0.2 * n / horizon))
+    down = AdaptiveKLController(0.1, 6.0, horizon)
+    down.update(1.0, n)  # -0.83 clipped to -0.2
+    assert down.beta == pytest.approx(0.1 * (1 - 0.2 * n / horizon))
+    small = AdaptiveKLController(0.1, 6.0, horizon)
+    small.update(6.6, n)  # 0.1: inside the clip
+    assert small.beta == pytest.approx(0.1 * (1 + 0.1 * n / horizon))
+    fixed = AdaptiveKLController(0.1, 0.0, horizon)
+    fixed.update(100.0, n)
+    assert fixed.beta == 0.1
+    restored = AdaptiveKLController(0.5, 6.0, horizon)
+    restored.load_state_dict(up.state_dict())
+    assert restored.beta == up.beta
+
+
+# ----------------------------------------------------------------------------- rollout / training invariants
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype):
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
+    s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=autocast)
+    policy = biased_gpt(THE, 4.0, heads={"value": 1})
+    ac = ActorCritic(policy).eval()  # as in main: eval mode = dropout off
+    ref = biased_gpt(THE, 4.0)
+    ref.load_state_dict(policy.state_dict(), strict=False)  # the same weights: KL must be exactly 0
+    ref.requires_grad_(False)  # frozen, as in main (on CPU this once changed matmul's kernel choice)
+    cfg = Config(temperature=0.7, ppo_epochs=2, minibatch_size=4, grad_accum=2, learning_rate=1e-3)
+    prompts = PROMPTS[:8]  # lengths 1..15 tokens: left padding
+    r = rollout(policy, lambda p, t, m, P: torch.zeros(len(p)), prompts, 16, 10, cfg.temperature,
+                torch.Generator().manual_seed(0), autocast)
+    assert r["mask"][:, :r["P"]].min() == 0  # some prompts really are left-padded
+    f = forward_rollout(ac, ref, r["tokens"], r["mask"], r["P"], cfg.temperature, 2, autocast)
+    rm = r["response_mask"].bool()
+    # The sampler's logprobs (KV cache, temperature 0.7, left padding) equal a full forward's, up to kernel noise.
+    tol = 1e-5 if dtype == "float32" else 0.1
+    assert (r["gen_logprobs"] - f["logprobs"])[rm].abs().max() < tol
+    assert torch.equal(f["logprobs"][rm], f["ref_logprobs"][rm])  # policy == reference: KL exactly 0
+    torch.manual_seed(0)
+    batch = dict(tokens=r["tokens"], mask=r["mask"], response_mask=r["response_mask"], logprobs=f["logprobs"],
+                 values=f["values"], advantages=whiten(torch.randn_like(f["values"]), r["response_mask"]),
+                 returns=torch.randn_like(f["values"]))
+    opt = torch.optim.AdamW(ac.parameters(), lr=1e-3)
+    stats = ppo_update(ac, opt, batch, r["P"], cfg, s, torch.Generator().manual_seed(0))
+    assert len(stats) == 2 * 8 // 4
+    assert stats[0]["ratio"] == 1.0 and stats[0]["approx_kl"] == 0.0 and stats[0]["clipfrac"] == 0.0
+    assert stats[1]["approx_kl"] > 0  # after one optimizer step the policy has moved
+
+
+@pytest.mark.parametrize("n_response", [2, 9])
+def test_kl_is_exactly_zero_when_policy_is_reference(n_response):
+    # The reference is frozen (requires_grad False), the policy is not: the same weights must still give the same
+    # logprobs bit for bit. (torch.matmul on a strided (B, N, C) slice picks mm or bmm by requires_grad, and with
+    # N = 2 those round differently: the slice must be made contiguous first.)
+    policy = biased_gpt(THE, 4.0, heads={"value": 1})
+    ref = biased_gpt(THE, 4.0)
+    ref.load_state_dict(policy.state_dict(), strict=False)
+    ref.requires_grad_(False)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50000, (4, 32 + n_response))
+    tokens[:, 32::2] = THE  # likely tokens: their own logit's rounding shows in their logprob
+    mask = torch.ones_like(tokens)
+    mask[1, :7] = 0
+    f = forward_rollout(ActorCritic(policy), ref, tokens, mask, 32, 0.7, 4)
+    assert torch.equal(f["logprobs"], f["ref_logprobs"])
+
+
+def test_missing_eos_penalty_and_reward_fn_sees_text_without_eos():
+    policy = biased_gpt(EOS, 9.5)  # says EOS about half the time
+    seen = []
+
+    def fn(prompts, responses):
+        seen.extend(responses)
+        return [5.0] * len(responses)
+
+    r = rollout(policy, reward_fn_scorer(fn, "fn"), PROMPTS[:16], 16, 3, 1.0, torch.Generator().manual_seed(0),
+                penalty=-1.0)
+    has_eos = (r["tokens"][:, r["P"]:] == EOS).any(1)
+    assert 0 < has_eos.sum() < 16  # both kinds present
+    assert r["scores"].tolist() == [5.0 if e else -1.0 for e in has_eos.tolist()]
+    assert all("<|endoftext|>" not in text for text in seen)
+    no_penalty = rollout(policy, reward_fn_scorer(fn, "fn"), PROMPTS[:16], 16, 3, 1.0,
+                         torch.Generator().manual_seed(0))
+    assert (no_penalty["scores"] == 5.0).all()
+
+
+def test_reward_model_score_read_at_eos(tmp_path):
+    torch.manual_seed(1)
+    rm = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, heads={"reward": 1}))
+    path = tmp_path / "rm.pt"
+    save_checkpoint(str(path), kind="reward", model_config=asdict(rm.config), model=rm.state_dict())
+    rm = load_reward_model(str(path), "cpu")
+    policy = biased_gpt(EOS, 9.5)
+    r = rollout(policy, reward_model_scorer(rm), PROMPTS[:8], 16, 6, 1.0, torch.Generator().manual_seed(1))
+    for i in range(8):
+        real = r["tokens"][i][r["mask"][i].bool()]  # prompt + response up to and incl. its first EOS, unpadded
+        with torch.no_grad():
+            h = rm(real[None])[:, -1]
+            expected = rm.heads["reward"](h).squeeze()
+        torch.testing.assert_close(r["scores"][i], expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- reward_fn errors
+def test_bad_reward_fn_outputs():
+    with pytest.raises(ValueError, match=r"reward_fn 'f' returned 3 scores for 2 responses"):
+        check_scores([1.0, 2.0, 3.0], 2, "f")
+    with pytest.raises(ValueError, match=r"reward_fn 'f': score 1 is nan, not a finite number"):
+        check_scores([1.0, float("nan")], 2, "f")
+    with pytest.raises(ValueError, match=r"reward_fn 'f': score 0 is 'good' \(str\), not a number"):
+        check_scores(["good", 1.0], 2, "f")
+    with pytest.raises(ValueError, match=r"reward_fn 'f' returned a float; expected a list of 2 floats"):
+        check_scores(1.0, 2, "f")
+    with pytest.raises(ValueError, match=r"score 0 is True \(bool\), not a number"):
+        check_scores([True, 1.0], 2, "f")
+    assert check_scores(torch.tensor([1.0, 2.0]), 2, "f").tolist() == [1.0, 2.0]
+
+
+def test_bad_reward_fn_paths():
+    with pytest.raises(ValueError, match=r"reward_fn 'nomodule:f': cannot import module 'nomodule'"):
+        load_reward_fn("nomodule:f")
+    with pytest.raises(ValueError, match=r"reward_fn 'tests.test_ppo:missing': module 'tests.test_ppo' has no function"):
+        load_reward_fn("tests.test_ppo:missing")
+    with pytest.raises(ValueError, match=r"reward_fn 'count_the': expected 'module:function'"):
+        load_reward_fn("count_the")
+    assert load_reward_fn("tests.test_ppo:count_the")([""], [" the the"]) == [2.0]
+
+
+def test_bad_reward_fn_stops_training(tmp_path, prompts_file):
+    with pytest.raises(ValueError, match="reward_fn 'tests.test_ppo:nan_score': score 0 is nan"):
+        main(run_cfg(tmp_path, prompts_file, reward_fn="tests.test_ppo:nan_score", max_iters=1))
+    with pytest.raises(ValueError, match="reward_fn 'tests.test_ppo:wrong_length' returned 17 scores for 16"):
+        main(run_cfg(tmp_path, prompts_file, reward_fn="tests.test_ppo:wrong_length", max_iters=1))
+
+
+# ----------------------------------------------------------------------------- learning, end to end
+def test_learning_with_reward_fn(tmp_path, prompts_file):
+    cfg = run_cfg(tmp_path, prompts_file, reward_fn="tests.test_ppo:count_the")
+    out = main(cfg)
+    log = read_log(cfg.out_dir)
+    first, last = log[0]["score"], sum(row["score"] for row in log[-2:]) / 2
+    assert last > first + 1.0, (first, last)  # " the" per response: clearly more
+    assert 0 < out["kl"] < 15  # nats per 8-token response: it moved, within reason
+    assert all(math.isfinite(row["vf_loss"]) and row["approx_kl"] < 0.5 for row in log)
+    assert os.path.exists(os.path.join(cfg.out_dir, "hf", "model.safetensors"))
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "ppo")
+    assert "heads.value.weight" in ckpt["model"] and ckpt["critic"] is None  # shared critic with a reward_fn
+
+
+def test_learning_with_reward_model(tmp_path, prompts_file):
+    # A random tiny reward model, except that a final " the" scores high: PPO must raise ITS score.
+    torch.manual_seed(2)
+    rm = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, heads={"reward": 1}))
+    with torch.no_grad():
+        d = torch.randn(32)
+        d = d / d.norm()
+        rm.wte.weight[THE] += 3 * d
+        rm.heads["reward"].weight.copy_(d[None])
+    path = tmp_path / "rm.pt"
+    save_checkpoint(str(path), kind="reward", model_config=asdict(rm.config), model=rm.state_dict())
+    cfg = run_cfg(tmp_path, prompts_file, reward_model=str(path), eval_size=16, eval_interval=1000)
+    out = main(cfg)
+    log = read_log(cfg.out_dir)
+    evals = [row for row in log if "eval_score" in row]
+    assert len(evals) == 2  # before and after training
+    assert evals[1]["eval_score"] > evals[0]["eval_score"] + 0.5, evals
+    assert evals[0]["eval_kl"] == 0.0 and evals[1]["eval_kl"] < 15
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "ppo")
+    assert ckpt["critic"] is not None and "heads.value.weight" in ckpt["critic"]  # separate critic from the RM
+    assert out["eval_score"] == evals[1]["eval_score"]
+
+
+def test_resume_is_exact(tmp_path, prompts_file):
+    kw = dict(reward_fn="tests.test_ppo:count_the", batch_size=4, minibatch_size=2, max_new_tokens=6,
+              target_kl=3.0, kl_horizon=100)
+    full = run_cfg(tmp_path, prompts_file, max_iters=4, **kw)
+    main(full)
+    part = run_cfg(tmp_path, prompts_file, max_iters=2, out_dir=str(tmp_path / "part"), **kw)
+    main(part)
+    main(run_cfg(tmp_path, prompts_file, max_iters=4, out_dir=part.out_dir, **{**kw, "init_from": "resume"}))
+    a = load_checkpoint(os.path.join(full.out_dir, "ckpt.pt"), "ppo")
+    b = load_checkpoint(os.path.join(part.out_dir, "ckpt.pt"), "ppo")
+    assert a["step"] == b["step"] == 4
+    assert a["kl_ctl"]["beta"] == b["kl_ctl"]["beta"] != 0.02
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["score"] for r in read_log(full.out_dir)] == [r["score"] for r in read_log(part.out_dir)]
+
+
+def test_torchrun_two_processes(tmp_path, prompts_file):
+    cfg = run_cfg(tmp_path, prompts_file)
+    args = [f"--init_from={cfg.init_from}", "--reward_model=", "--reward_fn=tests.test_ppo:count_the",
+            f"--data={prompts_file}", f"--out_dir={tmp_path / 'ddp'}", "--device=cpu", "--max_iters=2",
+            "--batch_size=4", "--minibatch_size=2", "--max_new_tokens=6", "--max_prompt_len=16", "--eval_size=4",
+            "--eval_split=train", "--penalize_missing_eos=False"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "ppo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    log = read_log(tmp_path / "ddp")
+    assert [row["step"] for row in log if "score" in row] == [0, 1]
+    assert os.path.exists(tmp_path / "ddp" / "hf" / "config.json")
