@@ -175,7 +175,8 @@ def all_reduce_mean(metrics, s):
     keys = sorted(metrics)
     t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=s.device)
     dist.all_reduce(t)
-    return {k: v / s.world_size for k, v in zip(keys, t.tolist())}
+    reduced = dict(zip(keys, t.tolist()))
+    return {k: reduced[k] / s.world_size for k in metrics}  # the caller's key order, as in a single process
 
 
 def all_reduce_sum(x, s):
@@ -245,16 +246,17 @@ def is_checkpoint_path(init_from):
 
 def load_model(init_from, heads=None, kind=None, scratch=None):
     """A GPT from `init_from`: "scratch" (with the GPTConfig `scratch`), one of our .pt checkpoints, a local HF
-    folder, or a hub id such as "gpt2". `heads` replaces the checkpoint's heads: heads of the same name and shape
-    are kept, new ones freshly initialised. Returns (model, checkpoint dict or None)."""
-    heads = dict(heads or {})
+    folder, or a hub id such as "gpt2". `heads` (name -> size) replaces the checkpoint's heads: those of the same
+    name and shape keep their weights, new ones are freshly initialised; None keeps the checkpoint's heads as they
+    are. Returns (model, checkpoint dict or None)."""
     if init_from == "scratch":
         if scratch is None:
             raise ConfigError("init_from='scratch' needs a model size (n_layer, n_head, n_embd, block_size)")
-        return GPT(GPTConfig(**{**asdict(scratch), "heads": heads})), None
+        return GPT(GPTConfig(**{**asdict(scratch), "heads": dict(heads or {})})), None
     if is_checkpoint_path(init_from):
         ckpt = load_checkpoint(init_from, kind)
-        mc = GPTConfig(**{**ckpt["model_config"], "heads": heads})
+        heads = ckpt["model_config"].get("heads", {}) if heads is None else heads
+        mc = GPTConfig(**{**ckpt["model_config"], "heads": dict(heads)})
         model = GPT(mc)
         sd = ckpt["model"]
         own = model.state_dict()
@@ -263,7 +265,7 @@ def load_model(init_from, heads=None, kind=None, scratch=None):
         if missing:
             raise ValueError(f"{init_from}: checkpoint lacks {missing[:5]}")
         return model, ckpt
-    return GPT.from_pretrained(init_from, heads=heads), None
+    return GPT.from_pretrained(init_from, heads=dict(heads or {})), None
 
 
 # ---------------------------------------------------------------------------- optimisation

@@ -14,7 +14,7 @@ GPT-2 written out in plain PyTorch, with the few extras RLHF needs.
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -163,7 +163,8 @@ class GPT(nn.Module):
         # Position = number of real tokens before this one, so left padding shifts nothing (HF's forward instead
         # counts pads, unlike its generate: a classic source of PPO ratios != 1). Pads get position 0, unused.
         pos = (n_real[:, None] + mask.long().cumsum(-1) - 1).clamp(min=0)
-        assert int(pos.max()) < self.config.block_size, f"sequence longer than block_size {self.config.block_size}"
+        if T + L > self.config.block_size:  # positions never exceed the slot count, so this check suffices
+            raise ValueError(f"sequence of {T + L} tokens is longer than the model's block_size {self.config.block_size}")
         if cache is None and bool(mask.all()):
             attn_mask = None  # plain causal: lets SDPA use its fastest kernel
         else:
@@ -202,8 +203,9 @@ class GPT(nn.Module):
             hf = json.load(f)
         if hf.get("model_type") != "gpt2":
             raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
-        if hf.get("activation_function", "gelu_new") != "gelu_new" or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
-            raise ValueError(f"{cfg_path}: only GPT-2's gelu_new activation and layer_norm_epsilon 1e-5 are supported")
+        variant = {k: hf.get(k, v) for k, v in GPT2_FIXED.items() if hf.get(k, v) != v}
+        if variant:  # these would load without a shape error and silently compute other logits
+            raise ValueError(f"{cfg_path}: GPT-2 variant not supported: {variant} (expected {GPT2_FIXED})")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, heads=dict(heads or {}))
         model = cls(config)
@@ -250,6 +252,9 @@ class GPT(nn.Module):
             json.dump(hf, f, indent=2)
 
 
+# config.json settings that change GPT-2's computation without changing any weight shape
+GPT2_FIXED = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+              "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -272,16 +277,12 @@ def _load_weights(folder):
     raise ValueError(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
 
 
-def config_dict(config):
-    return asdict(config)
-
-
 # ---------------------------------------------------------------------- logprobs and sampling
 def token_logprobs(logits, targets, temperature=1.0):
     """log p(targets) under softmax(logits / temperature), in fp32 whatever the autocast dtype.
     cross_entropy is a fused log-softmax + gather: no (B, T, V) fp32 log-prob tensor is kept around."""
     V = logits.shape[-1]
-    lp = -F.cross_entropy(logits.float().reshape(-1, V) / temperature, targets.reshape(-1), reduction="none")
+    lp = -F.cross_entropy(logits.float().reshape(-1, V) / (temperature or 1.0), targets.reshape(-1), reduction="none")
     return lp.view(targets.shape)
 
 
@@ -299,13 +300,14 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row. temperature 0 = greedy. Sampling is the exponential race argmax(p / E), E ~ Exp(1)
-    (equivalent to Gumbel-max): exact, and several times cheaper than torch.multinomial over a 50k vocabulary."""
+    """One token per row. temperature 0 = greedy. Sampling is the exponential race argmax(p / E), E ~ Exp(1), i.e.
+    Gumbel-max: exact, no normalisation or cumulative sum. E is drawn as -log(U): on CPU `exponential_` costs ~4x a
+    `uniform_` (and torch.multinomial draws through it), and this draw is ~10% of a 124M model's sampling step."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    race = torch.empty_like(logits).exponential_(1.0, generator=generator)
-    return (logits - race.log()).argmax(-1)
+    race = torch.empty_like(logits).uniform_(generator=generator).log_().neg_()  # E ~ Exp(1)
+    return (logits - race.log_()).argmax(-1)
 
 
 @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step (RLHF_NOTES)
@@ -321,6 +323,8 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, t
     raw = getattr(model, "module", model)
     logits_fn = logits_fn or raw.lm_head
     B, P = tokens.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cache = KVCache(B, P + max_new_tokens, tokens.device)
     h = raw(tokens, mask, cache=cache)[:, -1]  # prefill
     done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
