@@ -282,7 +282,10 @@ def token_logprobs(logits, targets, temperature=1.0):
     """log p(targets) under softmax(logits / temperature), in fp32 whatever the autocast dtype.
     cross_entropy is a fused log-softmax + gather: no (B, T, V) fp32 log-prob tensor is kept around."""
     V = logits.shape[-1]
-    lp = -F.cross_entropy(logits.float().reshape(-1, V) / (temperature or 1.0), targets.reshape(-1), reduction="none")
+    logits = logits.float().reshape(-1, V)
+    if temperature not in (0, 1):  # temperature 0 (greedy) scores under the plain logits, as generate records them
+        logits = logits / temperature  # a (N, V) fp32 pass and its backward: skipped when it would change nothing
+    lp = -F.cross_entropy(logits, targets.reshape(-1), reduction="none")
     return lp.view(targets.shape)
 
 

@@ -84,14 +84,17 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- pure functions
-def sft_loss(logits, tokens, loss_mask, n_targets):
+def sft_loss(lm_head, h, tokens, loss_mask, n_targets):
     """Summed -log p(target) over the target tokens, divided by n_targets.
 
-    logits (B, T, V): at every position (the logits at t predict token t+1). tokens, loss_mask (B, T): loss_mask is
-    1 on the target tokens (completion incl. its EOS), 0 on prompt and padding. n_targets: the number of targets of
-    the whole optimizer step (all micro-batches, all ranks), so the micro-batch losses add up to the batch mean."""
-    logprobs = token_logprobs(logits[:, :-1], tokens[:, 1:])  # (B, T-1) fp32
-    return -(logprobs * loss_mask[:, 1:]).sum() / n_targets
+    h (B, T, C): final hidden states; h[:, t] predicts token t+1. tokens, loss_mask (B, T): loss_mask is 1 on the
+    target tokens (completion incl. its EOS), 0 on prompt and padding. The LM head runs only at the positions that
+    predict a target: prompt and padding positions (often half a batch) never pay for the 50k-vocabulary projection
+    and softmax, which dominate a small model's step. n_targets: the number of targets of the whole optimizer step
+    (all micro-batches, all ranks), so the micro-batch losses add up to the batch mean."""
+    sel = loss_mask[:, 1:].bool()  # (B, T-1): position t predicts target t+1
+    logprobs = token_logprobs(lm_head(h[:, :-1][sel]), tokens[:, 1:][sel])  # (n,) fp32
+    return -logprobs.sum() / n_targets
 
 
 def batch_indices(step, batch_size, n, seed):
@@ -131,8 +134,8 @@ def forward_backward(model, batches, s):
         sync = not s.ddp or i == len(batches) - 1
         with nullcontext() if sync else model.no_sync():
             with s.autocast():
-                logits = raw.lm_head(model(tokens, mask))  # (B, T, V)
-            loss = sft_loss(logits, tokens, loss_mask, n_targets)  # this micro-batch's share of the global mean
+                h = model(tokens, mask)  # (B, T, C)
+                loss = sft_loss(raw.lm_head, h, tokens, loss_mask, n_targets)  # this micro-batch's share of the mean
             # DDP AVERAGES gradients over ranks, i.e. divides their sum by world_size. Every rank's loss is already
             # its part of the global sum / n_targets, so we want the plain sum: multiply by world_size to undo it.
             (loss * s.world_size).backward()
@@ -206,8 +209,8 @@ def main(cfg):
         for j in range(0, len(mine), cfg.eval_batch_size):
             b = {k: v.to(s.device) for k, v in collate_sft(mine[j:j + cfg.eval_batch_size]).items()}
             with s.autocast():
-                logits = raw.lm_head(raw(b["tokens"], b["mask"]))
-            total += torch.stack([sft_loss(logits, b["tokens"], b["loss_mask"], 1.0), b["loss_mask"][:, 1:].sum()])
+                loss = sft_loss(raw.lm_head, raw(b["tokens"], b["mask"]), b["tokens"], b["loss_mask"], 1.0)
+            total += torch.stack([loss, b["loss_mask"][:, 1:].sum()])
         all_reduce_sum(total, s)
         model.train()
         return (total[0] / total[1]).item()

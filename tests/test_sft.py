@@ -63,6 +63,9 @@ def cpu_setup():
     return Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
 
 
+ID = torch.nn.Identity()  # sft_loss's lm_head, for tests that hand it logits directly
+
+
 def naive_sft_loss(logits, tokens, loss_mask):
     """Mean -log softmax over target tokens, one token at a time."""
     total, n = 0.0, 0
@@ -82,16 +85,16 @@ def test_sft_loss_matches_naive_and_ignores_prompt_labels():
     tokens, loss_mask = b["tokens"], b["loss_mask"]
     logits = torch.randn(*tokens.shape, 50257)
     n = loss_mask[:, 1:].sum()
-    loss = sft.sft_loss(logits, tokens, loss_mask, n)
+    loss = sft.sft_loss(ID, logits, tokens, loss_mask, n)
     assert abs(loss.item() - naive_sft_loss(logits, tokens, loss_mask)) < 1e-5
     # Change every prompt token (and padding): as targets they are masked, and the logits are given.
     changed = torch.where(loss_mask.bool(), tokens, torch.randint(0, 50257, tokens.shape))
     assert not torch.equal(changed, tokens)
-    assert sft.sft_loss(logits, changed, loss_mask, n).item() == loss.item()
+    assert sft.sft_loss(ID, logits, changed, loss_mask, n).item() == loss.item()
     # ... whereas changing one completion token does change it (the test can fail).
     changed = tokens.clone()
     changed[1, 3] = 999
-    assert sft.sft_loss(logits, changed, loss_mask, n).item() != loss.item()
+    assert sft.sft_loss(ID, logits, changed, loss_mask, n).item() != loss.item()
 
 
 def test_sft_loss_counts_the_final_eos():
@@ -102,9 +105,9 @@ def test_sft_loss_counts_the_final_eos():
     eos_at = len(prompt_ids) + len(response_ids) - 1
     assert b["tokens"][0, eos_at] == EOS and b["loss_mask"][0, eos_at] == 1
     logits = torch.zeros(1, eos_at + 1, 50257)
-    base = sft.sft_loss(logits, b["tokens"], b["loss_mask"], 1.0)
+    base = sft.sft_loss(ID, logits, b["tokens"], b["loss_mask"], 1.0)
     logits[0, eos_at - 1, EOS] = 10.0  # the model now predicts the EOS: only that target's loss drops
-    assert sft.sft_loss(logits, b["tokens"], b["loss_mask"], 1.0) < base - 5
+    assert sft.sft_loss(ID, logits, b["tokens"], b["loss_mask"], 1.0) < base - 5
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -126,7 +129,7 @@ def test_grad_accumulation_equals_one_big_batch():
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
     # a naive mean of micro-batch means differs: the test above can fail
     with torch.no_grad():
-        means = [sft.sft_loss(model.lm_head(model(b["tokens"], b["mask"])), b["tokens"], b["loss_mask"],
+        means = [sft.sft_loss(model.lm_head, model(b["tokens"], b["mask"]), b["tokens"], b["loss_mask"],
                               b["loss_mask"][:, 1:].sum()).item()
                  for b in (collate_sft(pairs[:1]), collate_sft(pairs[1:3]), collate_sft(pairs[3:]))]
     assert abs(sum(means) / 3 - loss1) > 1e-3
