@@ -9,13 +9,16 @@ default and the comment written beside it.
 
 import ast
 import difflib
+import importlib
 import inspect
+import json
 import math
+import numbers
 import os
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
@@ -249,6 +252,8 @@ def load_model(init_from, heads=None, kind=None, scratch=None):
     folder, or a hub id such as "gpt2". `heads` (name -> size) replaces the checkpoint's heads: those of the same
     name and shape keep their weights, new ones are freshly initialised; None keeps the checkpoint's heads as they
     are. Returns (model, checkpoint dict or None)."""
+    if init_from == "resume":  # the script resolves it to its own out_dir/ckpt.pt; reaching here is a bug
+        raise ConfigError("init_from='resume' must be resolved to a checkpoint path before load_model")
     if init_from == "scratch":
         if scratch is None:
             raise ConfigError("init_from='scratch' needs a model size (n_layer, n_head, n_embd, block_size)")
@@ -296,3 +301,67 @@ class Timer:
         done = step + 1 - self.start
         left = (time.time() - self.t0) / max(1, done) * (self.total - step - 1)
         return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+
+# ---------------------------------------------------------------------------- data order, logs, reward functions
+def batch_indices(step, batch_size, n, seed):
+    """Indices of the `batch_size` examples of global batch `step`: consecutive slices of an endless stream of
+    epochs, each a permutation of range(n) seeded by (seed, epoch). A pure function of (seed, step), so a resumed
+    run reads exactly what an uninterrupted one does."""
+    idx, g = [], step * batch_size
+    while len(idx) < batch_size:
+        epoch, i = divmod(g, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        take = min(n - i, batch_size - len(idx))
+        idx += perm[i:i + take].tolist()
+        g += take
+    return idx
+
+
+@contextmanager
+def rank0_first(s):
+    """Rank 0 runs the block first (datasets writes its cache), the other ranks after (they read it)."""
+    if s.ddp and not s.master:
+        dist.barrier()
+    yield
+    if s.ddp and s.master:
+        dist.barrier()
+
+
+def append_jsonl(path, record):
+    """Append one JSON line (metrics logs: rank 0 only)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def load_reward_fn(spec):
+    """"module:function" -> the function; a ValueError naming reward_fn and the problem otherwise."""
+    module_name, sep, fn_name = spec.partition(":")
+    if not sep or not module_name or not fn_name:
+        raise ValueError(f"reward_fn {spec!r}: expected 'module:function', e.g. 'my_rewards:score'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+                         f"is it on PYTHONPATH?") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward_fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def check_scores(scores, n, name):
+    """What a reward_fn returned -> (n,) fp32 tensor, or a ValueError saying what is wrong with it."""
+    if hasattr(scores, "tolist"):  # torch / numpy arrays
+        scores = scores.tolist()
+    if not isinstance(scores, (list, tuple)):
+        raise ValueError(f"reward_fn {name!r} returned a {type(scores).__name__}; expected a list of {n} floats")
+    if len(scores) != n:
+        raise ValueError(f"reward_fn {name!r} returned {len(scores)} scores for {n} responses")
+    for i, x in enumerate(scores):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x!r} ({type(x).__name__}), not a number")
+        if not math.isfinite(x):
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, not a finite number")
+    return torch.tensor(scores, dtype=torch.float32)

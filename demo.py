@@ -353,6 +353,7 @@ QUICK = dict(n_train=200, n_eval=20, n_pref_prompts=16, n_heldout_prompts=16, n_
 
 
 def main(cfg):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline by design: fail fast, never reach for a hub
     cfg = replace(cfg, **QUICK) if cfg.quick else cfg
     s = setup(cfg.device, cfg.dtype, cfg.seed)
     print_config(cfg)

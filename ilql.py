@@ -39,8 +39,6 @@ grads and AdamW moments, plus 0.3 GB of targets. Activations: the LM and the two
     python ilql.py config/ilql_tiny.py --init_from=resume      # continue exactly from out_dir/ckpt.pt
 """
 
-import importlib
-import json
 import os
 import statistics
 import time
@@ -48,13 +46,12 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, check_finite, cleanup, load_model, log_line,
-                    lr_at, make_optimizer, parse_config, print0, print_config, rng_state, save_checkpoint,
-                    set_rng_state, setup)
+from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_jsonl, batch_indices, check_finite,
+                    check_scores, cleanup, load_model, load_reward_fn, log_line, lr_at, make_optimizer, parse_config,
+                    print0, print_config, rank0_first, rng_state, save_checkpoint, set_rng_state, setup)
 from model import GPTConfig, generate
 
 
@@ -242,26 +239,6 @@ def ilql_logits_fn(model, beta):
     return logits_fn
 
 
-def batch_indices(n, step, global_batch, seed):
-    """Indices of the examples of optimizer step `step`: the step-th slice of an endless stream of epochs, each a
-    permutation seeded by seed + epoch. A pure function of (seed, step): resuming replays the same data."""
-    out = []
-    for pos in range(step * global_batch, (step + 1) * global_batch):
-        epoch, i = divmod(pos, n)
-        if i == 0 or not out:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(int(perm[i]))
-    return out
-
-
-def load_reward_fn(spec):
-    """"module:function" -> the function (the trlx-style f(prompts, responses) -> list of floats)."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(f"reward_fn must be 'module:function', got {spec!r}")
-    return getattr(importlib.import_module(module), name)
-
-
 # ---------------------------------------------------------------------------- data and evaluation helpers
 def load_examples(cfg, split):
     if cfg.data_format == "offline":
@@ -364,12 +341,9 @@ def main(cfg):
            f"({sum(p.numel() for p in raw.heads.parameters()) / 1e6:.1f}M in the heads)")
 
     # --- data: z-scored rewards, tokenized once
-    if s.ddp and not s.master:
-        dist.barrier()  # rank 0 loads first (datasets writes its cache), then the others (they read it)
-    train_examples = load_examples(cfg, cfg.data_split)
-    eval_examples = load_examples(cfg, cfg.eval_split) if cfg.eval_split else []
-    if s.ddp and s.master:
-        dist.barrier()
+    with rank0_first(s):
+        train_examples = load_examples(cfg, cfg.data_split)
+        eval_examples = load_examples(cfg, cfg.eval_split) if cfg.eval_split else []
     if resume:
         reward_mean, reward_std = ckpt["reward_mean"], ckpt["reward_std"]
     else:
@@ -397,10 +371,7 @@ def main(cfg):
         fn = load_reward_fn(cfg.reward_fn)
 
         def scorer(prompts, responses, tokens, mask):
-            scores = [float(x) for x in fn(list(prompts), responses)]
-            if len(scores) != len(prompts):
-                raise ValueError(f"reward_fn {cfg.reward_fn!r}: {len(scores)} scores for {len(prompts)} responses")
-            return scores
+            return check_scores(fn(list(prompts), responses), len(prompts), cfg.reward_fn).tolist()
 
     # --- optimizer and DDP
     opt = make_optimizer(raw, cfg.learning_rate, cfg.weight_decay)
@@ -427,7 +398,7 @@ def main(cfg):
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = batch_indices(len(train_items), step, global_batch, cfg.seed)
+        idx = batch_indices(step, global_batch, len(train_items), cfg.seed)
         # every rank knows the whole global batch, so the loss is one mean over all its actions; DDP averages
         # gradients over ranks, hence the denominator divided by world_size
         n = sum(len(train_items[i][1]) for i in idx) / s.world_size
@@ -459,9 +430,7 @@ def main(cfg):
         metrics.update(lr=lr, tok_per_s=n_tokens * s.world_size / dt)
         log_line(step, {**metrics, "eta": timer.eta(step)})
         if s.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), {"step": step, **metrics})
 
         # --- evaluation and checkpoint
         done = step + 1
@@ -473,8 +442,7 @@ def main(cfg):
             log_line(f"{done} (eval)", ev)
             metrics.update(ev)
             if s.master:
-                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": done, **ev}) + "\n")
+                append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), {"step": done, **ev})
                 save_checkpoint(ckpt_path, kind="ilql", model_config=asdict(raw.config), model=raw.state_dict(),
                                 optimizer=opt.state_dict(), step=done, config=asdict(cfg), rng=rng_state(),
                                 reward_mean=reward_mean, reward_std=reward_std)

@@ -40,25 +40,21 @@ Choices where public implementations differ:
 
 import collections
 import copy
-import importlib
-import json
-import math
-import numbers
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 
-from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, check_finite, cleanup, load_checkpoint,
-                    load_model, log_line, lr_at, make_optimizer, parse_config, print0, print_config, rng_state,
-                    save_checkpoint, set_rng_state, setup)
+from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_jsonl, batch_indices, check_finite,
+                    check_scores, cleanup, load_checkpoint, load_model, load_reward_fn, log_line, lr_at,
+                    make_optimizer, parse_config, print0, print_config, rank0_first, rng_state, save_checkpoint,
+                    set_rng_state, setup)
 from data import EOS, decode, load_prompts, pad_left, tokenize_prompt
 from model import GPTConfig, generate, token_logprobs
 from reward import load_reward_model, score_tokens
-from sft import batch_indices, rank0_first
 
 
 @dataclass
@@ -211,38 +207,6 @@ def step_seed(seed, step, rank):
 
 
 # ----------------------------------------------------------------------------- scoring
-def load_reward_fn(spec):
-    """"module:function" -> the function; a ValueError naming reward_fn and the problem otherwise."""
-    module_name, sep, fn_name = spec.partition(":")
-    if not sep or not module_name or not fn_name:
-        raise ValueError(f"reward_fn {spec!r}: expected 'module:function', e.g. 'my_rewards:score'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-                         f"is it on PYTHONPATH?") from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"reward_fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
-    return fn
-
-
-def check_scores(scores, n, name):
-    """What a reward_fn returned -> (n,) fp32 tensor, or a ValueError saying what is wrong with it."""
-    if hasattr(scores, "tolist"):  # torch / numpy arrays
-        scores = scores.tolist()
-    if not isinstance(scores, (list, tuple)):
-        raise ValueError(f"reward_fn {name!r} returned a {type(scores).__name__}; expected a list of {n} floats")
-    if len(scores) != n:
-        raise ValueError(f"reward_fn {name!r} returned {len(scores)} scores for {n} responses")
-    for i, x in enumerate(scores):
-        if isinstance(x, bool) or not isinstance(x, numbers.Real):
-            raise ValueError(f"reward_fn {name!r}: score {i} is {x!r} ({type(x).__name__}), not a number")
-        if not math.isfinite(x):
-            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, not a finite number")
-    return torch.tensor(scores, dtype=torch.float32)
-
-
 def reward_fn_scorer(fn, name):
     """score_fn(prompts, tokens, mask, P) -> (B,) scores from a Python function of prompt and response strings."""
     def score_fn(prompts, tokens, mask, P):
@@ -499,8 +463,7 @@ def main(cfg):
 
     def log_json(record):
         if s.master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(log_path, record)
 
     # --- loop
     timer_eta, metrics, eval_metrics = Timer(cfg.max_iters, start), {}, {}
@@ -521,7 +484,9 @@ def main(cfg):
                                 critic_config=asdict(value_model.config) if value_model else None,
                                 critic=value_model.state_dict() if value_model else None,
                                 optimizer=optimizer.state_dict(), kl_ctl=kl_ctl.state_dict(), step=step,
-                                config=asdict(cfg), rng=rng_state())
+                                # the SFT model in init_from, also when this run was itself a resume: the
+                                # next resume rebuilds the reference from it
+                                config=asdict(replace(cfg, init_from=init_from)), rng=rng_state())
         if step == cfg.max_iters:
             break
         t0, timer = time.perf_counter(), PhaseTimer(s.device)

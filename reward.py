@@ -26,7 +26,6 @@ Public API for other scripts: score_tokens, load_reward_model, score, bt_loss.
     torchrun --standalone --nproc_per_node=8 reward.py config/reward_hh_gpt2.py
 """
 
-import json
 import math
 import os
 import time
@@ -36,11 +35,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (Timer, all_reduce_sum, check_finite, cleanup, load_model, log_line, lr_at, make_optimizer,
-                    parse_config, print0, print_config, rng_state, save_checkpoint, set_rng_state, setup)
+from common import (Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup, load_model, log_line,
+                    lr_at, make_optimizer, parse_config, print0, print_config, rank0_first, rng_state,
+                    save_checkpoint, set_rng_state, setup)
 from data import EOS, load_preferences, load_sft, pad_right, tokenize_example
 from model import GPTConfig
-from sft import batch_indices, rank0_first
 
 
 @dataclass
@@ -262,9 +261,7 @@ def main(cfg):
 
     def log(metrics):
         if s.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), metrics)
 
     # ------------------------------------------------------------------------- training loop
     timer, metrics, ev = Timer(cfg.max_iters, start_step), {}, {}

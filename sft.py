@@ -23,18 +23,16 @@ model as a Hugging Face folder), log.jsonl.
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_hh_gpt2.py
 """
 
-import json
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 
-from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, log_line, lr_at,
-                    make_optimizer, parse_config, print0, print_config, rng_state, save_checkpoint, set_rng_state,
-                    setup)
+from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup,
+                    load_model, log_line, lr_at, make_optimizer, parse_config, print0, print_config, rank0_first,
+                    rng_state, save_checkpoint, set_rng_state, setup)
 from data import (EOS, SFTExample, collate_sft, decode, load_preferences, load_sft, pad_left, tokenize_example,
                   tokenize_prompt)
 from model import GPTConfig, generate, token_logprobs
@@ -97,20 +95,6 @@ def sft_loss(lm_head, h, tokens, loss_mask, n_targets):
     return -logprobs.sum() / n_targets
 
 
-def batch_indices(step, batch_size, n, seed):
-    """Indices of the `batch_size` examples of global batch `step`: consecutive slices of an endless stream of
-    epochs, each a permutation of range(n) seeded by (seed, epoch). A pure function of (seed, step), so a resumed
-    run reads exactly what an uninterrupted one does."""
-    idx, g = [], step * batch_size
-    while len(idx) < batch_size:
-        epoch, i = divmod(g, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        take = min(n - i, batch_size - len(idx))
-        idx += perm[i:i + take].tolist()
-        g += take
-    return idx
-
-
 def micro_batches(examples, step, cfg, s):
     """This rank's micro-batches of optimizer step `step`: the global batch is split rank::world_size, then into
     grad_accum micro-batches of batch_size. Any split of the same global batch gives the same gradient."""
@@ -141,16 +125,6 @@ def forward_backward(model, batches, s):
             (loss * s.world_size).backward()
         total += torch.stack([loss.detach(), mask.sum().float()])
     return tuple(all_reduce_sum(total, s))
-
-
-@contextmanager
-def rank0_first(s):
-    """Rank 0 runs the block first (datasets writes its cache), the other ranks after (they read it)."""
-    if s.ddp and not s.master:
-        dist.barrier()
-    yield
-    if s.ddp and s.master:
-        dist.barrier()
 
 
 def load_examples(cfg, split):
@@ -239,9 +213,7 @@ def main(cfg):
 
     def log(metrics):
         if s.master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), metrics)
 
     # ------------------------------------------------------------------------- training loop
     eval_loss_start = eval_loss = None

@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from model import EOS, GPT, GPTConfig, filter_logits, generate, sample_token, token_logprobs

@@ -16,8 +16,9 @@ import torch
 from common import Setup, load_checkpoint, save_checkpoint
 from data import EOS
 from model import GPT, GPTConfig
-from ppo import (ActorCritic, AdaptiveKLController, Config, check_scores, compute_rewards, forward_rollout, gae,
-                 load_reward_fn, main, ppo_losses, ppo_update, reward_fn_scorer, reward_model_scorer, rollout,
+from common import check_scores, load_reward_fn
+from ppo import (ActorCritic, AdaptiveKLController, Config, compute_rewards, forward_rollout, gae,
+                 main, ppo_losses, ppo_update, reward_fn_scorer, reward_model_scorer, rollout,
                  truncate_after_eos, whiten)
 from reward import load_reward_model
 

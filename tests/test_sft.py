@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import sft
-from common import Setup, load_checkpoint, load_model, parse_config
+from common import Setup, batch_indices, load_checkpoint, load_model, parse_config
 from data import EOS, DataError, collate_sft, tokenize_example
 from model import GPT, GPTConfig
 
@@ -136,10 +136,10 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_batch_indices_are_epochs_of_permutations():
-    idx = [i for step in range(5) for i in sft.batch_indices(step, 4, 10, seed=3)]
+    idx = [i for step in range(5) for i in batch_indices(step, 4, 10, seed=3)]
     assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))
     assert idx[:10] != list(range(10))  # shuffled
-    assert sft.batch_indices(3, 4, 10, seed=3) == idx[12:16]  # a pure function of (seed, step)
+    assert batch_indices(3, 4, 10, seed=3) == idx[12:16]  # a pure function of (seed, step)
 
 
 # ----------------------------------------------------------------------------- end to end
