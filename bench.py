@@ -155,7 +155,41 @@ def profile_ours(cfg, gpt):
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-SECTIONS = [bench_sampling, bench_scaling]
+def count_reward(prompts, responses):
+    """bench_ppo's reward_fn: any cheap scorer does, the timing is PPO's."""
+    return [float(len(r)) for r in responses]
+
+
+def bench_ppo(cfg, gpt):
+    """One PPO iteration of ppo.py on this shape (scratch weights, a shared critic, a Python reward_fn), split into
+    its phases: batch 8, 16-token prompts, 32 response tokens, 4 PPO epochs of 1 minibatch. The last of 3 iterations."""
+    import resource
+    import tempfile
+
+    import ppo
+    print("\n## one PPO iteration of ppo.py: batch 8, prompt 16, 32 new tokens, 4 epochs x 1 minibatch (seconds)")
+    print(f"{'dtype':<10}{'generate':>10}{'score':>8}{'forward':>9}{'update':>8}{'total':>8}  peak RSS")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = os.path.join(tmp, "prompts.jsonl")
+        with open(prompts, "w") as f:
+            f.writelines('{"prompt": "%s"}\n' % " ".join(["word"] * 16) for _ in range(64))
+        for dtype in cfg.dtypes.split(","):
+            m = ppo.main(ppo.Config(
+                init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                block_size=cfg.block_size, reward_model="", reward_fn="bench:count_reward", data=prompts,
+                eval_split="train", eval_size=0, out_dir=os.path.join(tmp, dtype), device=cfg.device, dtype=dtype,
+                max_iters=3, batch_size=8, minibatch_size=8, ppo_epochs=4, max_prompt_len=16, max_new_tokens=32,
+                penalize_missing_eos=False, eval_interval=1000, seed=cfg.seed))
+            t = [m[f"t_{k}"] for k in ("generate", "score", "forward", "update")]
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+            print(f"{dtype:<10}" + "".join(f"{x:>{w}.2f}" for x, w in zip(t + [sum(t)], (10, 8, 9, 8, 8)))
+                  + f"  {rss:.2f} GiB")
+            out[dtype] = t
+    return out
+
+
+SECTIONS = [bench_sampling, bench_scaling, bench_ppo]
 
 
 def main(cfg):

@@ -325,7 +325,7 @@ class Config:
     out_dir: str = "out/demo"  # everything goes here: data/, sft/, reward/, ppo/, ilql/, report.md
     seed: int = 1337  # every seed of the run derives from it
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    dtype: str = "float32"  # "float32" | "bfloat16" (autocast)
+    dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast; ~1.5x faster here, the numerics that matter stay fp32)
     quick: bool = False  # tiny sizes and budgets (tests, smoke runs): overrides the sizes below
     n_train: int = 20000  # SFT corpus rows
     n_eval: int = 500  # held-out corpus rows (SFT eval loss, PPO eval prompts)
@@ -339,11 +339,11 @@ class Config:
     n_embd: int = 128
     block_size: int = 96  # prompt (<= 32 tokens) + response (<= max_new_tokens)
     batch_size: int = 32  # sequences (SFT), pairs (RM, ILQL) or prompts (PPO) per step
-    sft_iters: int = 1500
-    rm_iters: int = 400
-    ppo_iters: int = 100
-    ilql_iters: int = 500
-    ilql_beta: float = 1.0  # ILQL decoding: log_softmax(logits) + beta * (Q - V)
+    sft_iters: int = 400  # ~1.5 min on 2 CPU cores
+    rm_iters: int = 400  # ~0.7 min
+    ppo_iters: int = 60  # ~3 min
+    ilql_iters: int = 120  # ~2.5 min: the vocab-sized Q heads make an ILQL step ~5x an SFT step
+    ilql_betas: tuple = (1.0, 4.0)  # ILQL decoding: log_softmax(logits) + beta * (Q - V), each one evaluated
     best_of_n: int = 8  # n of the best-of-n baseline
 
 
@@ -431,9 +431,9 @@ def main(cfg):
     stage(6, "ILQL on the same labeled pairs")
     import ilql
     ilql.main(ilql.Config(init_from=sft_ckpt, data=path("data", "prefs"), data_format="preferences",
-                          eval_split="test", out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-4,
+                          eval_split="test", out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3, alpha=0.01,
                           warmup_iters=min(10, cfg.ilql_iters // 10), eval_interval=every(cfg.ilql_iters),
-                          max_new_tokens=cfg.max_new_tokens, eval_betas=(0.0, cfg.ilql_beta), **lengths, **common))
+                          max_new_tokens=cfg.max_new_tokens, eval_betas=(0.0, *cfg.ilql_betas), **lengths, **common))
 
     stage(7, "evaluate: gold score, RM score, KL to SFT, gold win rate vs SFT")
     prompts = [r["prompt"] for r in make_corpus(cfg.n_eval_prompts, cfg.seed + 4)]
@@ -449,9 +449,9 @@ def main(cfg):
                                                   kl=math.log(n) - (n - 1) / n,  # the analytic upper bound
                                                   gold_scores=gold, samples=list(zip(prompts, texts))[:4])
         methods["PPO"] = evaluate(ppo_policy, policy, rm, prompts, cfg.seed + 4, **sampling)
-        methods[f"ILQL (beta {cfg.ilql_beta})"] = evaluate(ilql_model, policy, rm, prompts, cfg.seed + 4,
-                                                           logits_fn=ilql.ilql_logits_fn(ilql_model, cfg.ilql_beta),
-                                                           **sampling)
+        for beta in cfg.ilql_betas:
+            methods[f"ILQL (beta {beta:g})"] = evaluate(ilql_model, policy, rm, prompts, cfg.seed + 4,
+                                                       logits_fn=ilql.ilql_logits_fn(ilql_model, beta), **sampling)
         rm_acc = rm_accuracy(rm, prefs_heldout) if prefs_heldout else None
     for m in methods.values():
         m["win_rate"] = gold_win_rate(m["gold_scores"], methods["SFT"]["gold_scores"])

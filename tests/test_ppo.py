@@ -347,7 +347,8 @@ def test_resume_is_exact(tmp_path, prompts_file):
     main(full)
     part = run_cfg(tmp_path, prompts_file, max_iters=2, out_dir=str(tmp_path / "part"), **kw)
     main(part)
-    main(run_cfg(tmp_path, prompts_file, max_iters=4, out_dir=part.out_dir, **{**kw, "init_from": "resume"}))
+    for stop in (3, 4):  # resumed twice: a resumed run's checkpoint must resume too
+        main(run_cfg(tmp_path, prompts_file, max_iters=stop, out_dir=part.out_dir, **{**kw, "init_from": "resume"}))
     a = load_checkpoint(os.path.join(full.out_dir, "ckpt.pt"), "ppo")
     b = load_checkpoint(os.path.join(part.out_dir, "ckpt.pt"), "ppo")
     assert a["step"] == b["step"] == 4
