@@ -19,7 +19,7 @@ import torch
 
 from common import ConfigError, load_model, parse_config, print_config, setup
 from data import EOS, decode, tokenize_prompt
-from model import GPT, GPTConfig, generate
+from model import generate
 
 
 @dataclass
@@ -75,9 +75,7 @@ def main(cfg):
             raise ConfigError(f"--beta={cfg.beta} decodes with ILQL's Q and V heads, but {cfg.init_from!r} is not an "
                               f"ilql checkpoint")
         from ilql import ilql_logits_fn  # only ILQL decoding needs it
-        model = GPT(GPTConfig(**ckpt["model_config"]))  # load_model keeps no heads; ILQL decoding needs them all
-        model.load_state_dict(ckpt["model"])
-        logits_fn = ilql_logits_fn(model, cfg.beta)
+        logits_fn = ilql_logits_fn(model, cfg.beta)  # load_model kept the checkpoint's Q and V heads
     model.to(s.device).eval()
     prompts = read_prompts(cfg.start)
     with s.autocast():

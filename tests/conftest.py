@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Tests never touch the network: every hub call must fail fast instead of hanging or downloading.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -8,3 +10,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # On a shared 2-core machine, OpenMP threads that spin-wait for work make torch 5-20x slower whenever another
 # process holds a core; passive waiting costs nothing when the machine is idle. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture
+def one_thread(tmp_path_factory, monkeypatch):
+    """One torch thread, and datasets' cache in this session's temp dir (not the home directory). With two threads on
+    a CPU shared with other processes, OpenMP oversubscription makes tiny models many times slower."""
+    import datasets
+    import torch
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

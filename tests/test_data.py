@@ -13,6 +13,7 @@ import torch
 from data import (EOS, DataError, OfflineExample, PrefExample, SFTExample, collate_prompts, collate_sft, decode,
                   encode, get_tokenizer, load_offline, load_preferences, load_prompts, load_rows, load_sft, pad_left,
                   pad_right, preferences_to_offline, tokenize_example, tokenize_prompt)
+from tests.helpers import write_jsonl
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "data"
 H, A = "\n\nHuman:", "\n\nAssistant:"
@@ -24,10 +25,6 @@ def _datasets_cache(tmp_path_factory, monkeypatch):
     import datasets
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 # -----------------------------------------------------------------------------
 # tokenizer

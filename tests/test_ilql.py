@@ -1,7 +1,6 @@
 """ilql.py: hand-checked indexing, every loss term against a naive per-token loop, Polyak targets, ILQL decoding,
 learning a one-token preference, exact resume, reward plumbing, and one 2-process torchrun run."""
 
-import json
 import math
 import os
 import subprocess
@@ -16,6 +15,7 @@ import torch
 import data
 import ilql
 from common import load_checkpoint, load_model, make_optimizer, parse_config, save_checkpoint
+from tests.helpers import write_jsonl
 from model import EOS, GPT, GPTConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,21 +25,9 @@ TINY = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=32, block_size=32, 
             data_format="offline", device="cpu", warmup_iters=0, top_k=0)
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    # One thread: the CPU is shared, and oversubscribed OpenMP threads make tiny models many times slower.
-    # datasets' cache goes to a temp dir, not the home directory.
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def tiny_model(seed=0, n_embd=32):

@@ -3,7 +3,6 @@ a short run learns an easy preference; the stored normalisation gives mean 0 (st
 preference format and init (SFT checkpoint, HF folder) works; bad data is named."""
 
 import dataclasses
-import json
 import math
 import random
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 import reward
 from common import load_checkpoint, parse_config, save_checkpoint
 from data import EOS, DataError, load_preferences, pad_left, pad_right, tokenize_example
+from tests.helpers import write_jsonl
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,21 +21,9 @@ FIX = ROOT / "tests" / "fixtures" / "data"
 WORDS = "apple river stone cloud green tiger piano seven orange window silver music forest candle yellow".split()
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    # One thread: the CPU is shared, and oversubscribed OpenMP threads make tiny models ~50x slower.
-    # datasets' cache goes to a temp dir, not the home directory.
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def marker_prefs(path, n=300, seed=0):

@@ -18,27 +18,16 @@ import torch
 import sft
 from common import Setup, batch_indices, load_checkpoint, load_model, parse_config
 from data import EOS, DataError, collate_sft, tokenize_example
+from tests.helpers import write_jsonl
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "apple river stone cloud green tiger piano seven orange window silver music forest candle yellow".split()
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    # One thread: the CPU is shared, and oversubscribed OpenMP threads make tiny models ~50x slower.
-    # datasets' cache goes to a temp dir, not the home directory.
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def copy_task(path, n=60, seed=0):
