@@ -168,7 +168,7 @@ def bench_ppo(cfg, gpt):
 
     import ppo
     print("\n## one PPO iteration of ppo.py: batch 8, prompt 16, 32 new tokens, 4 epochs x 1 minibatch (seconds)")
-    print(f"{'dtype':<10}{'generate':>10}{'score':>8}{'forward':>9}{'update':>8}{'total':>8}  peak RSS")
+    print(f"{'dtype':<10}{'generate':>10}{'score':>8}{'forward':>9}{'update':>8}{'total':>8}{'tok/s':>8}  peak RSS")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         prompts = os.path.join(tmp, "prompts.jsonl")
@@ -183,8 +183,9 @@ def bench_ppo(cfg, gpt):
                 penalize_missing_eos=False, eval_interval=1000, seed=cfg.seed))
             t = [m[f"t_{k}"] for k in ("generate", "score", "forward", "update")]
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+            tok_s = 8 * 32 / sum(t)  # response tokens of the iteration (every row runs the full 32: no EOS stop)
             print(f"{dtype:<10}" + "".join(f"{x:>{w}.2f}" for x, w in zip(t + [sum(t)], (10, 8, 9, 8, 8)))
-                  + f"  {rss:.2f} GiB")
+                  + f"{tok_s:>8.1f}  {rss:.2f} GiB")
             out[dtype] = t
     return out
 
