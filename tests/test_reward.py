@@ -13,7 +13,7 @@ import torch
 import reward
 from common import load_checkpoint, parse_config, save_checkpoint
 from data import EOS, DataError, load_preferences, pad_left, pad_right, tokenize_example
-from tests.helpers import write_jsonl
+from tests.helpers import assert_same_weights, write_jsonl
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,11 +149,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     reward.main(tiny_cfg(tmp_path / "a", data, **kw))
     reward.main(tiny_cfg(tmp_path / "b", data, **{**kw, "max_iters": 3}))
     reward.main(tiny_cfg(tmp_path / "b", data, **{**kw, "init_from": "resume"}))
-    a = load_checkpoint(str(tmp_path / "a" / "out" / "ckpt.pt"))
-    b = load_checkpoint(str(tmp_path / "b" / "out" / "ckpt.pt"))
-    assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6, rtol=0), k
+    assert_same_weights(tmp_path / "a" / "out" / "ckpt.pt", tmp_path / "b" / "out" / "ckpt.pt", step=6)
 
 
 @pytest.mark.parametrize("fixture", ["prefs.jsonl", "hh.jsonl", "tldr.jsonl"])

@@ -18,7 +18,7 @@ import torch
 import sft
 from common import Setup, batch_indices, load_checkpoint, load_model, parse_config
 from data import EOS, DataError, collate_sft, tokenize_example
-from tests.helpers import write_jsonl
+from tests.helpers import assert_same_weights, write_jsonl
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,11 +163,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     sft.main(tiny_cfg(tmp_path / "a", data, **kw))
     sft.main(tiny_cfg(tmp_path / "b", data, **{**kw, "max_iters": 3}))
     sft.main(tiny_cfg(tmp_path / "b", data, **{**kw, "init_from": "resume"}))
-    a = load_checkpoint(str(tmp_path / "a" / "out" / "ckpt.pt"))
-    b = load_checkpoint(str(tmp_path / "b" / "out" / "ckpt.pt"))
-    assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6, rtol=0), k
+    assert_same_weights(tmp_path / "a" / "out" / "ckpt.pt", tmp_path / "b" / "out" / "ckpt.pt", step=6)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
