@@ -180,7 +180,7 @@ class GPT(nn.Module):
             attn_mask = attn_mask[:, None]  # (B, 1, T, L+T)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for i, block in enumerate(self.h):
-            if self.grad_checkpointing and self.training:
+            if self.grad_checkpointing and torch.is_grad_enabled():  # not .training: PPO trains in eval mode
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
                 x = block(x, attn_mask, cache, i)
@@ -302,27 +302,32 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, shard=None):
     """One token per row. temperature 0 = greedy. Sampling is the exponential race argmax(p / E), E ~ Exp(1), i.e.
     Gumbel-max: exact, no normalisation or cumulative sum. E is drawn as -log(U): on CPU `exponential_` costs ~4x a
-    `uniform_` (and torch.multinomial draws through it), and this draw is ~10% of a 124M model's sampling step."""
+    `uniform_` (and torch.multinomial draws through it), and this draw is ~10% of a 124M model's sampling step.
+    shard=(i, n): these rows are rows i::n of a batch n times larger; the noise of that whole batch is drawn and rows
+    i::n kept, so n ranks sharing one generator seed sample exactly what one process would sample for the batch."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    race = torch.empty_like(logits).uniform_(generator=generator).log_().neg_()  # E ~ Exp(1)
+    i, n = shard or (0, 1)
+    race = logits.new_empty(logits.shape[0] * n, logits.shape[1]).uniform_(generator=generator)[i::n]
+    race = race.log_().neg_()  # E ~ Exp(1)
     return (logits - race.log_()).argmax(-1)
 
 
 @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step (RLHF_NOTES)
 def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-             eos_id=EOS, logits_fn=None):
+             eos_id=EOS, logits_fn=None, shard=None):
     """Sample continuations of left-padded prompts `tokens`/`mask` (B, P).
 
     Returns (tokens (B, P+N), logprobs (B, N) fp32, response_mask (B, N)), N <= max_new_tokens (it stops once every
     row has produced EOS). The response mask is 1 up to and including each row's first EOS; later slots hold EOS.
     `logprobs` are log_softmax(logits / temperature) of the sampled tokens (temperature 0: of the plain logits),
     before top-k/top-p filtering, i.e. what a training forward with the same temperature computes.
-    `logits_fn(hidden) -> logits` replaces the LM head (ILQL decoding uses it)."""
+    `logits_fn(hidden) -> logits` replaces the LM head (ILQL decoding uses it). `shard=(i, n)`: these rows are rows
+    i::n of a larger batch (one DDP rank's share): see sample_token."""
     raw = getattr(model, "module", model)
     logits_fn = logits_fn or raw.lm_head
     B, P = tokens.shape
@@ -334,7 +339,7 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, t
     out, logprobs, resp_mask = [], [], []
     for _ in range(max_new_tokens):
         logits = logits_fn(h).float()
-        tok = sample_token(logits, temperature, top_k, top_p, generator)
+        tok = sample_token(logits, temperature, top_k, top_p, generator, shard)
         lp = torch.log_softmax(logits / (temperature or 1.0), dim=-1).gather(-1, tok[:, None]).squeeze(-1)
         tok = tok.masked_fill(done, eos_id)
         out.append(tok)

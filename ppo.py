@@ -28,7 +28,11 @@ Choices where public implementations differ:
 - Dropout is off whatever the checkpoint says: every model stays in eval mode, also while training (the only thing
   train mode would change is dropout, and the first ratio must be exactly 1).
 - Prompt order is a pure function of (seed, step) and each rollout is sampled with a torch.Generator seeded by
-  (seed, step, rank), so a resumed run continues exactly like an uninterrupted one.
+  (seed, step), so a resumed run continues exactly like an uninterrupted one. Under DDP every rank draws the noise
+  of the global batch and keeps its rows rank::world_size: N ranks sample exactly the responses one process would
+  (test_ppo checks 2 ranks == 1 process). Minibatches are shuffled per rank (a global shuffle would need every
+  rank to hold every rollout), so with several minibatches per epoch a DDP minibatch is a stratified draw of the
+  same size: equal in distribution to one process's, and equal in fact with one minibatch per epoch.
 - Each log line gives the wall time of generation, scoring, the no-grad forwards (3-5) and the update (6). On a CPU
   the update dominates (ppo_epochs forward+backward passes); on GPUs, generation usually does.
 
@@ -71,7 +75,7 @@ class Config:
     out_dir: str = "out-ppo"  # ckpt.pt (policy, critic, optimizer, KL controller), hf/ (final policy), log.jsonl
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # "bfloat16": autocast; logprob/KL/GAE math stays fp32
-    seed: int = 1337  # prompts, rollouts and minibatches are seeded by (seed, step, rank)
+    seed: int = 1337  # prompts and rollouts are seeded by (seed, step), minibatch shuffles by (seed, step, rank)
     # prompts
     data: str = "Anthropic/hh-rlhf"  # hub dataset or local file (data.load_prompts)
     data_subset: str = None  # hub dataset config name, if any
@@ -90,6 +94,7 @@ class Config:
     ppo_epochs: int = 4  # passes over each batch
     minibatch_size: int = 4  # sequences per optimizer step per rank
     grad_accum: int = 1  # micro-batches per minibatch (memory); also the chunking of no-grad forwards
+    grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, ~30% slower
     learning_rate: float = 1e-5  # AdamW (eps 1e-5 as in the N+ details), policy and critic alike
     warmup_iters: int = 0  # linear warmup iterations
     min_lr_ratio: float = 1.0  # cosine decay to this fraction of learning_rate at max_iters; 1 = constant
@@ -277,16 +282,22 @@ class PhaseTimer:
 
 @torch.no_grad()
 def rollout(policy, score_fn, prompts, max_prompt_len, max_new_tokens, temperature, generator, autocast=nullcontext,
-            penalty=None, timer=None):
+            penalty=None, timer=None, shard=None):
     """Steps 1-2: sample responses to `prompts` (strings) and score them. Returns a dict: tokens (B, P+N) = left-padded
     prompt + response, mask (B, P+N), P, response_mask (B, N), gen_logprobs (B, N) (the sampler's), scores (B,),
-    has_eos (B,)."""
+    has_eos (B,), prompts.
+    shard=(rank, world_size): `prompts` is the global batch and this rank takes rows rank::world_size. Every rank pads
+    the whole batch (tokenizing a few more prompts is cheap), so its prompt tensor is exactly those rows of one
+    process's; with the sampler's shard (see model.sample_token), the ranks' samples together equal one process's."""
     timer = timer or PhaseTimer("cpu")
     device = next(policy.parameters()).device
+    rank, world_size = shard or (0, 1)
     tokens, mask = pad_left([tokenize_prompt(p, max_prompt_len) for p in prompts])
+    prompts, tokens, mask = prompts[rank::world_size], tokens[rank::world_size], mask[rank::world_size]
     tokens, mask, P = tokens.to(device), mask.to(device), tokens.shape[1]
     with timer("generate"), autocast():  # 1
-        tokens, gen_logprobs, _ = generate(policy, tokens, mask, max_new_tokens, temperature, generator=generator)
+        tokens, gen_logprobs, _ = generate(policy, tokens, mask, max_new_tokens, temperature, generator=generator,
+                                           shard=shard)
     with timer("score"):  # 2
         response_mask, has_eos = truncate_after_eos(tokens[:, P:])
         mask = torch.cat([mask, response_mask], 1)
@@ -294,7 +305,7 @@ def rollout(policy, score_fn, prompts, max_prompt_len, max_new_tokens, temperatu
         if penalty is not None:
             scores = torch.where(has_eos, scores, torch.full_like(scores, penalty))
     return dict(tokens=tokens, mask=mask, P=P, response_mask=response_mask, gen_logprobs=gen_logprobs,
-                scores=scores, has_eos=has_eos)
+                scores=scores, has_eos=has_eos, prompts=prompts)
 
 
 @torch.no_grad()
@@ -422,6 +433,8 @@ def main(cfg):
         value_model.config.heads = {"value": 1}
         value_model.requires_grad_(True)
     ac = ActorCritic(policy, value_model).to(s.device).eval()  # eval mode = dropout off (see docstring)
+    for m in (policy, value_model or policy):
+        m.grad_checkpointing = cfg.grad_checkpointing
     ref.to(s.device).eval()
     for m in [ac, ref] + ([rm] if rm is not None else []):
         n_ctx = m.policy.config.block_size if m is ac else m.config.block_size
@@ -493,13 +506,14 @@ def main(cfg):
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        generator = torch.Generator(s.device).manual_seed(step_seed(cfg.seed, step, s.rank))
-        idx = batch_indices(step, cfg.batch_size * s.world_size, len(prompts), cfg.seed)[s.rank::s.world_size]
+        # the global batch's prompts and one generator seed on every rank; each rank samples its rows rank::world_size
+        generator = torch.Generator(s.device).manual_seed(step_seed(cfg.seed, step, 0))
+        idx = batch_indices(step, cfg.batch_size * s.world_size, len(prompts), cfg.seed)
         batch_prompts = [prompts[i] for i in idx]
 
         # 1-2. sample, truncate after EOS, score (penalty without EOS)
         r = rollout(policy, score_fn, batch_prompts, cfg.max_prompt_len, cfg.max_new_tokens, cfg.temperature,
-                    generator, s.autocast, penalty, timer)
+                    generator, s.autocast, penalty, timer, shard=(s.rank, s.world_size))
         tokens, mask, P, response_mask, scores = r["tokens"], r["mask"], r["P"], r["response_mask"], r["scores"]
         with timer("forward"):
             # 3. logprobs and values of the rollout (old logprobs: see docstring), reference logprobs

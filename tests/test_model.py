@@ -346,6 +346,21 @@ def test_generate_equals_naive_sampler(gpt, top_k, top_p):
     assert_close(lp[real], train_lp[real], 1e-5, "rollout vs training logprobs")
 
 
+def test_sharded_generate_equals_one_batch(gpt):
+    """DDP rollouts: 2 ranks, each sampling rows rank::2 of a batch with the same generator seed and shard=(rank, 2),
+    produce exactly the rows one process samples for the whole batch (the union of the ranks' samples is equal)."""
+    tokens, mask = left_pad([rand_tokens(n, seed=20 + n).tolist() for n in (3, 6, 2, 5)])
+    run = lambda t, m, shard: generate(gpt, t, m, 8, 1.0, None, None, torch.Generator().manual_seed(7), -1,
+                                       shard=shard)
+    whole, whole_lp, _ = run(tokens, mask, None)
+    for rank in (0, 1):
+        part, part_lp, _ = run(tokens[rank::2], mask[rank::2], (rank, 2))
+        assert torch.equal(part, whole[rank::2]), rank
+        assert_close(part_lp, whole_lp[rank::2], 1e-5, f"logprobs of rank {rank}")
+    # and the shard really matters: without it, rank 1 would replay rank 0's noise
+    assert not torch.equal(run(tokens[1::2], mask[1::2], None)[0], whole[1::2])
+
+
 def test_generate_stops_when_every_row_is_done(gpt):
     tokens = rand_tokens(1, 4, seed=15)
     mask = torch.ones_like(tokens)

@@ -218,6 +218,30 @@ def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype):
     assert stats[1]["approx_kl"] > 0  # after one optimizer step the policy has moved
 
 
+def test_grad_checkpointing_in_eval_mode_same_grads(monkeypatch):
+    """PPO trains in eval mode (dropout off): the flag must still recompute each block in backward (every MLP runs
+    twice) and give the same gradients as a plain backward."""
+    import model
+    n, mlp_forward = [0], model.MLP.forward
+    monkeypatch.setattr(model.MLP, "forward", lambda self, x: n.__setitem__(0, n[0] + 1) or mlp_forward(self, x))
+    tokens = torch.randint(0, 50000, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[0, :5] = 0
+    grads, calls = [], []
+    for flag in (False, True):
+        policy = biased_gpt(THE, 4.0, heads={"value": 1})
+        policy.grad_checkpointing = flag
+        ac = ActorCritic(policy).eval()
+        n[0] = 0
+        logprobs, values, _ = ac(tokens, mask, 12, 0.7)
+        (logprobs.sum() + values.sum()).backward()
+        grads.append({k: p.grad.clone() for k, p in ac.named_parameters()})
+        calls.append(n[0])
+    assert calls == [2, 4]  # 2 blocks, recomputed with the flag
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5), k
+
+
 @pytest.mark.parametrize("n_response", [2, 9])
 def test_kl_is_exactly_zero_when_policy_is_reference(n_response):
     # The reference is frozen (requires_grad False), the policy is not: the same weights must still give the same
@@ -317,8 +341,8 @@ def test_learning_with_reward_fn(tmp_path, prompts_file):
     assert "heads.value.weight" in ckpt["model"] and ckpt["critic"] is None  # shared critic with a reward_fn
 
 
-def test_learning_with_reward_model(tmp_path, prompts_file):
-    # A random tiny reward model, except that a final " the" scores high: PPO must raise ITS score.
+def rigged_reward_model(path):
+    """A random tiny reward model, except that a final " the" scores high, saved as reward.py would."""
     torch.manual_seed(2)
     rm = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, heads={"reward": 1}))
     with torch.no_grad():
@@ -326,8 +350,13 @@ def test_learning_with_reward_model(tmp_path, prompts_file):
         d = d / d.norm()
         rm.wte.weight[THE] += 3 * d
         rm.heads["reward"].weight.copy_(d[None])
-    path = tmp_path / "rm.pt"
     save_checkpoint(str(path), kind="reward", model_config=asdict(rm.config), model=rm.state_dict())
+    return str(path)
+
+
+def test_learning_with_reward_model(tmp_path, prompts_file):
+    # PPO must raise the rigged reward model's score
+    path = rigged_reward_model(tmp_path / "rm.pt")
     cfg = run_cfg(tmp_path, prompts_file, reward_model=str(path), eval_size=16, eval_interval=1000)
     out = main(cfg)
     log = read_log(cfg.out_dir)
@@ -358,16 +387,31 @@ def test_resume_is_exact(tmp_path, prompts_file):
     assert [r["score"] for r in read_log(full.out_dir)] == [r["score"] for r in read_log(part.out_dir)]
 
 
-def test_torchrun_two_processes(tmp_path, prompts_file):
-    cfg = run_cfg(tmp_path, prompts_file)
-    args = [f"--init_from={cfg.init_from}", "--reward_model=", "--reward_fn=tests.test_ppo:count_the",
-            f"--data={prompts_file}", f"--out_dir={tmp_path / 'ddp'}", "--device=cpu", "--max_iters=2",
-            "--batch_size=4", "--minibatch_size=2", "--max_new_tokens=6", "--max_prompt_len=16", "--eval_size=4",
-            "--eval_split=train", "--penalize_missing_eos=False"]
+def test_torchrun_two_processes_equal_one_process(tmp_path, prompts_file):
+    """2 ranks x 4 prompts == 1 process x 8 prompts: the same rollouts (the log's scores and KL are means over the
+    global batch), the same adaptive beta and, after 3 iterations of 2 epochs, the same policy and critic weights.
+    The reward model + separate critic path, so DDP wraps two GPTs; one minibatch per epoch (see ppo.py)."""
+    rm = rigged_reward_model(tmp_path / "rm.pt")
+    one = run_cfg(tmp_path, prompts_file, reward_model=rm, max_iters=3, batch_size=8, minibatch_size=8,
+                  target_kl=1.0, kl_horizon=50, out_dir=str(tmp_path / "one"))
+    args = [f"--{k}={getattr(one, k)}" for k in ("init_from", "reward_model", "data", "eval_split", "max_prompt_len",
+                                                 "max_new_tokens", "ppo_epochs", "learning_rate", "max_iters",
+                                                 "eval_size", "target_kl", "kl_horizon", "init_kl_coef",
+                                                 "penalize_missing_eos")]
+    args += [f"--out_dir={tmp_path / 'ddp'}", "--device=cpu", "--batch_size=4", "--minibatch_size=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "ppo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    log = read_log(tmp_path / "ddp")
-    assert [row["step"] for row in log if "score" in row] == [0, 1]
+    main(one)
+    logs = [[row for row in read_log(tmp_path / d) if "score" in row] for d in ("one", "ddp")]
+    assert [row["step"] for row in logs[1]] == [0, 1, 2]
+    for x, y in zip(*logs):
+        for k in ("score", "kl", "response_len", "beta", "vf_loss", "approx_kl"):
+            assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (k, x[k], y[k])
+    assert logs[0][-1]["beta"] != 0.02  # the controller moved, identically
+    a, b = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "ppo") for d in ("one", "ddp"))
+    for part in ("model", "critic"):
+        for k in a[part]:
+            assert torch.allclose(a[part][k], b[part][k], atol=1e-5, rtol=0), (part, k)
     assert os.path.exists(tmp_path / "ddp" / "hf" / "config.json")
