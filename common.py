@@ -64,6 +64,20 @@ def _convert(key, value, default, where):
         raise ConfigError(f"{where}: --{key}={value!r} is not a valid {type(default).__name__}") from None
 
 
+def _check_type(key, value, default, where):
+    """A config file's value must have its field's type (an int may stand for a float, a list for a tuple): a string
+    "3" for max_iters would otherwise fail deep inside the training loop, after the data and model have loaded."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, type(default)):
+        raise ConfigError(f"{where}: {key} = {value!r} is a {type(value).__name__}, expected {type(default).__name__}")
+    return value
+
+
 def _default(f):
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
@@ -100,7 +114,7 @@ def parse_config(cls, argv=None):
                 if key.startswith("_") or inspect.ismodule(value):
                     continue
                 _check_key(cls, key, arg)
-                values[key] = value
+                values[key] = _check_type(key, value, values[key], arg)
     return cls(**values)
 
 
@@ -207,26 +221,31 @@ def save_checkpoint(path, **obj):
     """Atomic write: a crash mid-write leaves the previous checkpoint as it was (temp file, fsync, rename)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: do not leave a GB-sized partial file behind to keep it full
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, kind=None):
     """Load one of our checkpoints; `kind` ("sft", "reward", "ppo", "ilql") or a tuple of kinds it must be."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found")
+        raise ConfigError(f"checkpoint {path!r} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
-        raise ValueError(f"{path}: not a checkpoint written by this codebase")
+        raise ConfigError(f"{path}: not a checkpoint written by this codebase")
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds and ckpt["kind"] not in kinds:
-        raise ValueError(f"{path}: is a {ckpt['kind']!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
+        raise ConfigError(f"{path}: is a {ckpt['kind']!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
     return ckpt
 
 
@@ -268,9 +287,12 @@ def load_model(init_from, heads=None, kind=None, scratch=None):
         sd = {k: v for k, v in sd.items() if not k.startswith("heads.") or (k in own and own[k].shape == v.shape)}
         missing = [k for k in model.load_state_dict(sd, strict=False).missing_keys if not k.startswith("heads.")]
         if missing:
-            raise ValueError(f"{init_from}: checkpoint lacks {missing[:5]}")
+            raise ConfigError(f"{init_from}: checkpoint lacks {missing[:5]}")
         return model, ckpt
-    return GPT.from_pretrained(init_from, heads=dict(heads or {})), None
+    try:
+        return GPT.from_pretrained(init_from, heads=dict(heads or {})), None
+    except ValueError as e:  # not a GPT-2 folder, not on the hub, ...: a wrong setting (the message names it)
+        raise ConfigError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -336,18 +358,18 @@ def append_jsonl(path, record):
 
 
 def load_reward_fn(spec):
-    """"module:function" -> the function; a ValueError naming reward_fn and the problem otherwise."""
+    """"module:function" -> the function; a ConfigError naming reward_fn and the problem otherwise."""
     module_name, sep, fn_name = spec.partition(":")
     if not sep or not module_name or not fn_name:
-        raise ValueError(f"reward_fn {spec!r}: expected 'module:function', e.g. 'my_rewards:score'")
+        raise ConfigError(f"reward_fn {spec!r}: expected 'module:function', e.g. 'my_rewards:score'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
-                         f"is it on PYTHONPATH?") from e
+        raise ConfigError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+                          f"is it on PYTHONPATH?") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ValueError(f"reward_fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
+        raise ConfigError(f"reward_fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
     return fn
 
 

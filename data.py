@@ -74,6 +74,8 @@ BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 def load_rows(source: str, split: str = "train", subset: str | None = None) -> list[dict]:
     """Rows of a local file (its whole content is the "train" split), a local directory of such files, or a hub
     dataset. `split` accepts datasets' slicing syntax, e.g. "train[:90%]" / "train[90%:]"."""
+    if not source:
+        raise DataError("data is empty: give a local file or folder, or a hub dataset name")
     import datasets  # imported here: it takes ~1 s, and scripts that only tokenize should not pay for it
 
     ext = os.path.splitext(source)[1].lower()

@@ -28,6 +28,7 @@ Public API for other scripts: score_tokens, load_reward_model, score, bt_loss.
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -35,10 +36,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup, load_model, log_line,
-                    lr_at, make_optimizer, parse_config, print0, print_config, rank0_first, rng_state,
-                    save_checkpoint, set_rng_state, setup)
-from data import EOS, load_preferences, load_sft, pad_right, tokenize_example
+from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup,
+                    load_model, log_line, lr_at, make_optimizer, parse_config, print0, print_config, rank0_first,
+                    rng_state, save_checkpoint, set_rng_state, setup)
+from data import EOS, DataError, load_preferences, load_sft, pad_right, tokenize_example
 from model import GPTConfig
 
 
@@ -82,6 +83,7 @@ class Config:
     dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; the reward head and the loss run in fp32)
     seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
     compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute each block in backward: ~30% slower, activations of 1 block not all
 
 
 # ----------------------------------------------------------------------------- public API
@@ -169,7 +171,7 @@ def main(cfg):
     print0(f"data: {len(train_pairs)} train / {len(eval_pairs)} eval pairs; dropped {t1 + t2} pairs identical "
            f"after truncation; {cut} train pairs have a response cut at max_len")
     if not train_pairs or not eval_pairs:
-        raise ValueError(f"{cfg.data}: no usable preference pairs in {cfg.data_split!r} or {cfg.eval_split!r}")
+        raise DataError(f"{cfg.data}: no usable preference pairs in {cfg.data_split!r} or {cfg.eval_split!r}")
     if norm_rows is None:  # default reference set: the held-out chosen responses
         norm_seqs = [c for c, _ in eval_pairs]
     else:
@@ -179,11 +181,14 @@ def main(cfg):
     # ------------------------------------------------------------------------- model
     init = ckpt_path if cfg.init_from == "resume" else cfg.init_from
     scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    raw, ckpt = load_model(init, heads={"reward": 1}, scratch=scratch)
+    # resume: out_dir/ckpt.pt must be this script's (another's has no train_head and other optimizer groups)
+    raw, ckpt = load_model(init, heads={"reward": 1}, kind="reward" if cfg.init_from == "resume" else None,
+                           scratch=scratch)
     if cfg.max_len > raw.config.block_size:
-        raise ValueError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({raw.config.block_size})")
+        raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({raw.config.block_size})")
     if raw.config.dropout != 0:
-        raise ValueError(f"{init}: dropout {raw.config.dropout}; the reward model trains with dropout off")
+        raise ConfigError(f"{init}: dropout {raw.config.dropout}; the reward model trains with dropout off")
+    raw.grad_checkpointing = cfg.grad_checkpointing
     raw.to(s.device)
     head = raw.heads["reward"]
     print0(f"model: {raw.num_params() / 1e6:.2f}M parameters from {init}")
@@ -321,4 +326,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    try:
+        main(parse_config(Config))
+    except (ConfigError, DataError) as e:  # a bad key, value, path or data row: one line naming it, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -12,6 +12,7 @@ V heads: --beta=B samples from log_softmax(logits) + B * (min target Q - V), the
     python sample.py --init_from=out/ilql/ckpt.pt --beta=4 --start="Human: hi" --dtype=bfloat16
 """
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ class Config:
 
 def read_prompts(start):
     if start.startswith("FILE:"):
+        if not os.path.isfile(start[5:]):
+            raise ConfigError(f"start={start!r}: no such file {start[5:]!r}")
         with open(start[5:], encoding="utf-8") as f:
             return [line.rstrip("\r\n") for line in f if line.strip()]
     return [start]

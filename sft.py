@@ -24,6 +24,7 @@ model as a Hugging Face folder), log.jsonl.
 """
 
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -33,8 +34,8 @@ import torch
 from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup,
                     load_model, log_line, lr_at, make_optimizer, parse_config, print0, print_config, rank0_first,
                     rng_state, save_checkpoint, set_rng_state, setup)
-from data import (EOS, SFTExample, collate_sft, decode, load_preferences, load_sft, pad_left, tokenize_example,
-                  tokenize_prompt)
+from data import (EOS, DataError, SFTExample, collate_sft, decode, load_preferences, load_sft, pad_left,
+                  tokenize_example, tokenize_prompt)
 from model import GPTConfig, generate, token_logprobs
 
 
@@ -79,6 +80,7 @@ class Config:
     dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
     seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
     compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute each block in backward: ~30% slower, activations of 1 block not all
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -154,9 +156,11 @@ def main(cfg):
     init = ckpt_path if cfg.init_from == "resume" else cfg.init_from
     scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                         dropout=cfg.dropout)
-    raw, ckpt = load_model(init, heads={}, scratch=scratch)
+    # resume: out_dir/ckpt.pt must be this script's (another's has other heads, hence other optimizer groups)
+    raw, ckpt = load_model(init, heads={}, kind="sft" if cfg.init_from == "resume" else None, scratch=scratch)
     if cfg.max_len > raw.config.block_size:
         raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({raw.config.block_size})")
+    raw.grad_checkpointing = cfg.grad_checkpointing
     raw.to(s.device)
     print0(f"model: {raw.num_params() / 1e6:.2f}M parameters from {init}")
     model = torch.compile(raw) if cfg.compile else raw
@@ -261,4 +265,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    try:
+        main(parse_config(Config))
+    except (ConfigError, DataError) as e:  # a bad key, value, path or data row: one line naming it, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,9 +1,16 @@
 """Small helpers shared by the test modules."""
+import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from common import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_jsonl(path, rows):
@@ -13,8 +20,31 @@ def write_jsonl(path, rows):
 
 
 def assert_same_weights(path_a, path_b, step, atol=1e-6):
-    """Two checkpoints (e.g. an uninterrupted run and a stopped-and-resumed one) end at `step` with the same weights."""
+    """Two checkpoints (e.g. an uninterrupted run and a stopped-and-resumed one) end at `step` with the same weights.
+    atol=0: bit for bit."""
     a, b = load_checkpoint(str(path_a)), load_checkpoint(str(path_b))
     assert a["step"] == b["step"] == step
+    assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=atol, rtol=0), k
+
+
+def file_digest(path):
+    """sha256 of a file's bytes: "this checkpoint was not rewritten" in one comparison."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def train_log(out_dir):
+    """The per-step training rows of out_dir/log.jsonl (not the evaluation rows)."""
+    rows = [json.loads(x) for x in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def torchrun(script, args, tmp_path, nproc=2):
+    """`script` under torchrun with `nproc` CPU processes (gloo), one thread each, from the repository root; fails the
+    test with the end of its output unless every rank exits 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r

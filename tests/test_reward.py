@@ -1,6 +1,7 @@
 """Tests for reward.py: the Bradley-Terry loss by hand; the score is read at the last real token whatever the padding;
 a short run learns an easy preference; the stored normalisation gives mean 0 (std 1); resume is exact; every
-preference format and init (SFT checkpoint, HF folder) works; bad data is named."""
+preference format and init (SFT checkpoint, HF folder) works; bad data is named; a 2-process torchrun run equals 1
+process on the same global batch; gradient checkpointing changes nothing but memory."""
 
 import dataclasses
 import math
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import model as model_module
 import reward
 from common import load_checkpoint, parse_config, save_checkpoint
 from data import EOS, DataError, load_preferences, pad_left, pad_right, tokenize_example
-from tests.helpers import assert_same_weights, write_jsonl
 from model import GPT, GPTConfig
+from tests.helpers import assert_same_weights, torchrun, train_log, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures" / "data"
@@ -187,3 +189,51 @@ def test_nonfinite_loss_stops_before_writing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"step 0: loss is inf"):
         reward.main(cfg)
     assert not (Path(cfg.out_dir) / "ckpt.pt").exists()
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """2 ranks x 2 pairs == 1 process x 2 micro-batches of 2 pairs: the same global batch gives the same loss,
+    accuracy and gradient norm at every step, the same weights to 1e-5 (float32: the runs add the same numbers in
+    another order) and the same normalised scores to 1e-4."""
+    data = marker_prefs(tmp_path / "marker.jsonl", n=20)
+    common = [str(ROOT / "config" / "reward_tiny.py"), "--data=" + data, "--data_split=train[:80%]",
+              "--eval_split=train[80%:]", "--max_iters=3", "--batch_size=2", "--eval_interval=1000",
+              "--normalize_std=True"]
+    torchrun("reward.py", [*common, f"--out_dir={tmp_path / 'ddp'}", "--grad_accum=1"], tmp_path)
+    reward.main(parse_config(reward.Config, [*common, f"--out_dir={tmp_path / 'one'}", "--grad_accum=2"]))
+    # Adam is blind to a gradient's scale: the logged gradient norm shows a wrong factor the weights would hide
+    for x, y in zip(train_log(tmp_path / "ddp"), train_log(tmp_path / "one"), strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and x["acc"] == y["acc"], (x, y)
+        assert abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-4, (x, y)
+    a, b = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "reward") for d in ("ddp", "one"))
+    assert a["step"] == b["step"] == 3 and abs(a["reward_norm"]["std"] - b["reward_norm"]["std"]) < 1e-5
+    # The loss sees only r_chosen - r_rejected, so what shifts every score alike (the head's bias, ln_f's bias, the
+    # attention key biases) has a gradient of exactly 0, i.e. float noise, which Adam turns into +-lr steps that
+    # differ between the runs. Those parameters are left out here; the scores below show they change nothing.
+    C = a["model_config"]["n_embd"]
+    for k in a["model"]:
+        if k in ("heads.reward.bias", "ln_f.bias"):
+            continue
+        x, y = a["model"][k], b["model"][k]
+        if k.endswith("attn.c_attn.bias"):  # (q, k, v) biases: drop the key's
+            x, y = torch.cat([x[:C], x[2 * C:]]), torch.cat([y[:C], y[2 * C:]])
+        assert torch.allclose(x, y, atol=1e-5, rtol=0), k
+    held_out = load_preferences(data, "train[80%:]")
+    prompts, responses = [p.prompt for p in held_out] * 2, [p.chosen for p in held_out] + [p.rejected for p in held_out]
+    scores = [reward.score(reward.load_reward_model(str(tmp_path / d / "ckpt.pt")), prompts, responses)
+              for d in ("ddp", "one")]
+    assert max(abs(x - y) for x, y in zip(*scores)) < 1e-4
+
+
+def test_grad_checkpointing_trains_the_same_weights(tmp_path, monkeypatch):
+    """grad_checkpointing=True reaches the model (model.checkpoint runs, once per block and micro-batch) and gives
+    the weights of a plain run to 1e-6."""
+    calls = []
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kw = dict(data_split="train", eval_split="train", max_iters=2)
+    reward.main(tiny_cfg(tmp_path / "plain", str(FIX / "prefs.jsonl"), **kw))
+    assert calls == []
+    reward.main(tiny_cfg(tmp_path / "ckpt", str(FIX / "prefs.jsonl"), grad_checkpointing=True, **kw))
+    assert len(calls) == 2 * 2 * 2  # steps x micro-batches (grad_accum 2) x blocks (n_layer 2); eval is no_grad
+    assert_same_weights(tmp_path / "plain" / "out" / "ckpt.pt", tmp_path / "ckpt" / "out" / "ckpt.pt", 2, atol=1e-6)

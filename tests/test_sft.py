@@ -1,25 +1,22 @@
 """Tests for sft.py: the masked, globally normalised loss against a naive reference; gradient accumulation equals
 one big batch; a short run learns; resume is exact; a non-finite loss stops cleanly; bad data is named; a 2-process
-torchrun run equals 1 process on the same global batch."""
+torchrun run equals 1 process on the same global batch; gradient checkpointing changes nothing but memory."""
 
 import dataclasses
-import hashlib
 import json
-import os
 import random
-import subprocess
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
+import model as model_module
 import sft
 from common import Setup, batch_indices, load_checkpoint, load_model, parse_config
 from data import EOS, DataError, collate_sft, tokenize_example
-from tests.helpers import assert_same_weights, write_jsonl
 from model import GPT, GPTConfig
+from tests.helpers import assert_same_weights, file_digest, torchrun, train_log, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "apple river stone cloud green tiger piano seven orange window silver music forest candle yellow".split()
@@ -170,7 +167,7 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, copy_task(tmp_path / "copy.jsonl", n=20), max_iters=2, grad_accum=1)
     sft.main(cfg)
     path = Path(cfg.out_dir) / "ckpt.pt"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_digest(path)
     real_loss, calls = sft.sft_loss, []
 
     def nan_on_second_step(*args):  # a NaN in the training loss of the 2nd step after resuming (step 3)
@@ -185,7 +182,7 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"step 3: loss is nan"):
         sft.main(dataclasses.replace(cfg, init_from="resume", max_iters=6))
     # step 2 updated the weights in memory only; the failure at step 3 wrote nothing: ckpt.pt is the step-2 file
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert file_digest(path) == digest
     ckpt = load_checkpoint(str(path), "sft")
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -197,26 +194,32 @@ def test_bad_row_names_file_row_and_field(tmp_path):
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """2 ranks x 2 sequences == 1 process x 2 micro-batches of 2: the same global batch gives the same weights (to
+    1e-5), loss and gradient norm."""
     data = copy_task(tmp_path / "copy.jsonl", n=20)
-    common = ["--data=" + data, "--data_split=train[:80%]", "--eval_split=train[80%:]", "--max_iters=3",
-              "--batch_size=2", "--eval_interval=1000", "--n_samples=0", "--learning_rate=1e-2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
-           "config/sft_tiny.py", f"--out_dir={tmp_path / 'ddp'}", "--grad_accum=1", *common]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    common = ["config/sft_tiny.py", "--data=" + data, "--data_split=train[:80%]", "--eval_split=train[80%:]",
+              "--max_iters=3", "--batch_size=2", "--eval_interval=1000", "--n_samples=0", "--learning_rate=1e-2"]
+    r = torchrun("sft.py", [*common, f"--out_dir={tmp_path / 'ddp'}", "--grad_accum=1"], tmp_path)
     assert "step 2 | loss" in r.stdout
-    # one process with 2 micro-batches sees the same global batch of 4 sequences
-    single = parse_config(sft.Config, ["config/sft_tiny.py", f"--out_dir={tmp_path / 'one'}", "--grad_accum=2",
-                                       *common])
-    sft.main(single)
-    a = load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"), "sft")["model"]
-    b = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"), "sft")["model"]
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+    sft.main(parse_config(sft.Config, [*common, f"--out_dir={tmp_path / 'one'}", "--grad_accum=2"]))
+    assert_same_weights(tmp_path / "ddp" / "ckpt.pt", tmp_path / "one" / "ckpt.pt", step=3, atol=1e-5)
     # Adam is blind to a gradient's scale, so compare the logged loss and gradient norm too (a missing world_size
     # factor halves the norm and leaves the weights alone)
-    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").read_text().splitlines() if '"loss"' in x]
-            for d in ("ddp", "one")]
-    for x, y in zip(*logs):
+    for x, y in zip(train_log(tmp_path / "ddp"), train_log(tmp_path / "one"), strict=True):
         assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-4, (x, y)
+
+
+def test_grad_checkpointing_trains_the_same_weights(tmp_path, monkeypatch):
+    """grad_checkpointing=True recomputes every block in backward (model.checkpoint really runs, once per block and
+    micro-batch) and ends with the weights of a plain run to 1e-6, dropout included: the recompute replays the
+    forward's dropout masks."""
+    calls = []
+    real = model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    data = copy_task(tmp_path / "copy.jsonl", n=20)
+    kw = dict(max_iters=3, learning_rate=1e-2, dropout=0.1)
+    sft.main(tiny_cfg(tmp_path / "plain", data, **kw))
+    assert calls == []
+    sft.main(tiny_cfg(tmp_path / "ckpt", data, grad_checkpointing=True, **kw))
+    assert len(calls) == 3 * 2 * 2  # steps x micro-batches (grad_accum 2) x blocks (n_layer 2); eval is no_grad
+    assert_same_weights(tmp_path / "plain" / "out" / "ckpt.pt", tmp_path / "ckpt" / "out" / "ckpt.pt", 3, atol=1e-6)
