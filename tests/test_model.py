@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import EOS, GPT, GPTConfig, filter_logits, generate, sample_token, token_logprobs
+from model import EOS, GPT, GPTConfig, cpu_packed_linears, filter_logits, generate, sample_token, token_logprobs
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -344,6 +344,24 @@ def test_generate_equals_naive_sampler(gpt, top_k, top_p):
     train_lp = token_logprobs(logits[:, P - 1:-1], out[:, P:], T)
     real = rmask.bool()
     assert_close(lp[real], train_lp[real], 1e-5, "rollout vs training logprobs")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_packed_linears_compute_the_same_and_restore(gpt, dtype):
+    """generate's oneDNN-packed weights: the same hidden states and logits as plain nn.Linear (fp32 to rounding,
+    bf16 to bf16 rounding), and every Linear back to its own forward afterwards, also after an error."""
+    tokens, mask = left_pad([rand_tokens(6, seed=30).tolist(), rand_tokens(3, seed=31).tolist()])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with torch.no_grad(), autocast:
+        plain = gpt.lm_head(gpt(tokens, mask)).float()
+        with cpu_packed_linears(gpt, 2):
+            assert "forward" in vars(gpt.lm_head)  # really swapped in
+            packed = gpt.lm_head(gpt(tokens, mask)).float()
+    tol = 1e-4 if dtype == "float32" else 0.15 * plain.abs().max().item() / 8  # bf16: ~3 significant digits
+    assert (packed - plain).abs().max() < tol
+    with pytest.raises(RuntimeError, match="boom"), cpu_packed_linears(gpt, 2):
+        raise RuntimeError("boom")
+    assert not any("forward" in vars(m) for m in gpt.modules())
 
 
 def test_sharded_generate_equals_one_batch(gpt):
