@@ -96,6 +96,9 @@ class Config:
     minibatch_size: int = 4  # sequences per optimizer step per rank
     grad_accum: int = 1  # micro-batches per minibatch (memory); also the chunking of no-grad forwards
     grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, ~30% slower
+    frozen_bf16: bool = False  # keep reference + reward model in bf16 (half their memory; needs dtype=bfloat16).
+    # Off by default: then autocast computes the reference exactly like the policy (first KL exactly 0); on, their
+    # LayerNorms/biases round to bf16 and the first KL is ~1e-3. The README's memory table says when it pays.
     learning_rate: float = 1e-5  # AdamW (eps 1e-5 as in the N+ details), policy and critic alike
     warmup_iters: int = 0  # linear warmup iterations
     min_lr_ratio: float = 1.0  # cosine decay to this fraction of learning_rate at max_iters; 1 = constant
@@ -433,6 +436,11 @@ def main(cfg):
         value_model.heads = nn.ModuleDict({"value": value_model.heads["reward"]})
         value_model.config.heads = {"value": 1}
         value_model.requires_grad_(True)
+    if cfg.frozen_bf16:  # after the critic was copied from the reward model: the critic trains in fp32
+        if cfg.dtype != "bfloat16":
+            raise ConfigError("frozen_bf16 needs dtype='bfloat16' (fp32 activations would meet bf16 weights)")
+        for m in [ref] + ([rm] if rm is not None else []):
+            m.to(torch.bfloat16)
     ac = ActorCritic(policy, value_model).to(s.device).eval()  # eval mode = dropout off (see docstring)
     for m in (policy, value_model or policy):
         m.grad_checkpointing = cfg.grad_checkpointing

@@ -415,3 +415,17 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, prompts_file):
         for k in a[part]:
             assert torch.allclose(a[part][k], b[part][k], atol=1e-5, rtol=0), (part, k)
     assert os.path.exists(tmp_path / "ddp" / "hf" / "config.json")
+
+
+def test_frozen_bf16_reference_and_reward_model(tmp_path, prompts_file):
+    """frozen_bf16: reference and reward model held in bf16 (half their memory) while the critic, copied from the
+    reward model before the cast, trains in fp32; the first KL is then small but no longer exactly 0."""
+    rm = rigged_reward_model(tmp_path / "rm.pt")
+    with pytest.raises(ValueError, match="frozen_bf16 needs dtype='bfloat16'"):
+        main(run_cfg(tmp_path, prompts_file, reward_model=rm, frozen_bf16=True, max_iters=1))
+    cfg = run_cfg(tmp_path, prompts_file, reward_model=rm, frozen_bf16=True, dtype="bfloat16", max_iters=2)
+    main(cfg)
+    log = read_log(cfg.out_dir)
+    assert 0 < abs(log[0]["kl"]) < 0.5 and all(math.isfinite(row["vf_loss"]) for row in log)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "ppo")
+    assert all(v.dtype == torch.float32 for v in ckpt["critic"].values() if v.is_floating_point())
