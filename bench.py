@@ -155,6 +155,63 @@ def profile_ours(cfg, gpt):
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def matmul_peak(cfg, dtype, n=2048):
+    """FLOP/s of one large square matmul on this machine (best of `repeats`): the peak MFU is measured against."""
+    a = torch.randn(n, n, device=cfg.device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    t, = best_times([lambda: a @ a], max(cfg.repeats, 3))
+    return 2 * n ** 3 / t
+
+
+def bench_train(cfg, gpt):
+    """One SFT training step (forward + backward + fused AdamW) of sft.py's model and loss vs
+    transformers.GPT2LMHeadModel with labels, on the same weights and batch: batch_size sequences of 2 x prompt_len
+    x 8 tokens whose second half is the completion (the loss), bf16 = autocast for both. MFU counts the task's FLOPs
+    (6 x block params x tokens + the LM head at the target positions + causal attention), the same for both sides,
+    against the matmul peak measured here at start."""
+    import sft
+    from common import make_optimizer
+    hf = hf_copy(gpt).train()
+    ours = GPT(gpt.config).to(cfg.device)
+    ours.load_state_dict(gpt.state_dict())
+    ours.train()
+    B, T = cfg.batch_size, 16 * cfg.prompt_len
+    g = torch.Generator().manual_seed(cfg.seed)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(cfg.device)
+    loss_mask = torch.zeros_like(tokens)
+    loss_mask[:, T // 2:] = 1
+    labels = tokens.masked_fill(loss_mask == 0, -100)
+    n_targets = int(loss_mask[:, 1:].sum())
+    c = gpt.config
+    block_params = sum(p.numel() for n, p in gpt.named_parameters() if n.startswith("h."))
+    flops = 6 * block_params * B * T + 6 * c.vocab_size * c.n_embd * n_targets + 6 * c.n_layer * T * c.n_embd * B
+    opts = [make_optimizer(m, 1e-4) for m in (ours, hf)]
+
+    def step_ours():
+        loss = sft.sft_loss(ours.lm_head, ours(tokens), tokens, loss_mask, n_targets)
+        loss.backward()
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+
+    def step_hf():
+        hf(tokens, labels=labels).loss.backward()
+        opts[1].step()
+        opts[1].zero_grad(set_to_none=True)
+
+    print(f"\n## one SFT training step: batch {B} x {T} tokens, loss on the last {T // 2} (best of {cfg.repeats}); "
+          "MFU vs the measured matmul peak")
+    print(f"{'dtype':<10} {'peak TF/s':>9} {'ours s':>8} {'HF s':>8} {'ours tok/s':>11} {'HF tok/s':>9} "
+          f"{'ours MFU':>9} {'HF MFU':>7} {'speedup':>8}")
+    results = {}
+    for dtype in cfg.dtypes.split(","):
+        peak = matmul_peak(cfg, dtype)
+        with autocast(cfg, dtype):
+            t_ours, t_hf = best_times([step_ours, step_hf], cfg.repeats)
+        print(f"{dtype:<10} {peak / 1e12:>9.2f} {t_ours:>8.3f} {t_hf:>8.3f} {B * T / t_ours:>11.0f} {B * T / t_hf:>9.0f} "
+              f"{flops / t_ours / peak:>8.1%} {flops / t_hf / peak:>7.1%} {t_hf / t_ours:>7.2f}x")
+        results[dtype] = dict(ours_s=t_ours, hf_s=t_hf, ours_mfu=flops / t_ours / peak, speedup=t_hf / t_ours)
+    return results
+
+
 def count_reward(prompts, responses):
     """bench_ppo's reward_fn: any cheap scorer does, the timing is PPO's."""
     return [float(len(r)) for r in responses]
@@ -190,7 +247,7 @@ def bench_ppo(cfg, gpt):
     return out
 
 
-SECTIONS = [bench_sampling, bench_scaling, bench_ppo]
+SECTIONS = [bench_sampling, bench_scaling, bench_train, bench_ppo]
 
 
 def main(cfg):
