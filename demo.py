@@ -12,11 +12,12 @@ the report can say what RLHF optimizes for real (gold score) and what it only ma
                (+ held-out pairs labeled by the noiseless gold -> data/prefs/test.jsonl: RM accuracy vs gold)
     4 reward   a reward model trained on the labeled pairs
     5 PPO      the SFT policy optimized against the reward model, KL-penalized to the SFT model
-    6 ILQL     offline RL on the same labeled pairs
+    6 ILQL     offline RL on the same labeled pairs (its Q targets: each response's return, n_step spanning it)
     7 eval     gold score, RM score, KL to SFT and gold win rate vs SFT per method, best-of-n; report.md + PNGs
 
     python demo.py                       # make demo: the full run
     python demo.py --quick=True          # tiny sizes and budgets: a smoke test of the wiring (~1 min on CPU)
+    python demo.py --only=ilql           # rerun ILQL and the evaluation on a finished run's SFT model, labels, RM
 
 To put a real human in the loop instead of gold_score, label.py writes the same prompt/chosen/rejected JSONL.
 """
@@ -32,7 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import data
-from common import Timer, load_model, parse_config, print0, print_config, setup
+from common import ConfigError, Timer, load_model, parse_config, print0, print_config, setup
 from model import EOS, generate, token_logprobs
 
 # ----------------------------------------------------------------------------- the task: a review corpus
@@ -327,6 +328,7 @@ class Config:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast; ~1.5x faster here, the numerics that matter stay fp32)
     quick: bool = False  # tiny sizes and budgets (tests, smoke runs): overrides the sizes below
+    only: str = ""  # "ppo" | "ilql" | "eval": rerun that stage (+ eval) on the other stages' outputs in out_dir
     n_train: int = 20000  # SFT corpus rows
     n_eval: int = 500  # held-out corpus rows (SFT eval loss, PPO eval prompts)
     n_pref_prompts: int = 2000  # prompts sampled twice by the SFT model and labeled: RM and ILQL training pairs
@@ -342,8 +344,8 @@ class Config:
     sft_iters: int = 400  # ~1.5 min on 2 CPU cores
     rm_iters: int = 400  # ~0.7 min
     ppo_iters: int = 60  # ~3 min
-    ilql_iters: int = 120  # ~2.5 min: the vocab-sized Q heads make an ILQL step ~5x an SFT step
-    ilql_betas: tuple = (1.0, 4.0)  # ILQL decoding: log_softmax(logits) + beta * (Q - V), each one evaluated
+    ilql_iters: int = 120  # ~1.5 min: the vocab-sized Q heads make an ILQL step ~3x an SFT step
+    ilql_betas: tuple = (4.0, 8.0)  # ILQL decoding: log_softmax(logits) + beta * (Q - V), each one evaluated
     best_of_n: int = 8  # n of the best-of-n baseline
 
 
@@ -355,6 +357,9 @@ QUICK = dict(n_train=200, n_eval=20, n_pref_prompts=16, n_heldout_prompts=16, n_
 def main(cfg):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline by design: fail fast, never reach for a hub
     cfg = replace(cfg, **QUICK) if cfg.quick else cfg
+    if cfg.only not in ("", "ppo", "ilql", "eval"):
+        raise ConfigError(f"only must be '', 'ppo', 'ilql' or 'eval', not {cfg.only!r}")
+    run = lambda name: cfg.only in ("", name)  # --only: the earlier stages' files in out_dir are reused as they are
     s = setup(cfg.device, cfg.dtype, cfg.seed)
     print_config(cfg)
     path = lambda *parts: os.path.join(cfg.out_dir, *parts)
@@ -367,73 +372,85 @@ def main(cfg):
     lengths = dict(max_prompt_len=32, max_len=cfg.block_size)
     every = lambda iters: max(1, iters // 5)  # eval_interval: five evaluations per run
 
-    stage(1, "corpus")
-    train, evals = make_corpus(cfg.n_train, cfg.seed), make_corpus(cfg.n_eval, cfg.seed + 1)
-    write_jsonl(path("data", "corpus", "train.jsonl"), train)
-    write_jsonl(path("data", "corpus", "test.jsonl"), evals)
-    print0(f"{len(train)} train / {len(evals)} test rows -> {path('data', 'corpus')}; mean gold score "
-           f"{sum(gold_score(r['prompt'], r['completion']) for r in train) / len(train):.3f}")
+    sft_ckpt, rm_ckpt = path("sft", "ckpt.pt"), path("reward", "ckpt.pt")
+    if not cfg.only:
+        stage(1, "corpus")
+        train, evals = make_corpus(cfg.n_train, cfg.seed), make_corpus(cfg.n_eval, cfg.seed + 1)
+        write_jsonl(path("data", "corpus", "train.jsonl"), train)
+        write_jsonl(path("data", "corpus", "test.jsonl"), evals)
+        print0(f"{len(train)} train / {len(evals)} test rows -> {path('data', 'corpus')}; mean gold score "
+               f"{sum(gold_score(r['prompt'], r['completion']) for r in train) / len(train):.3f}")
 
-    stage(2, "SFT: a GPT-2 from scratch learns to write reviews")
-    import sft  # here, not at the top: the demo's own helpers import without the training scripts
-    sft.main(sft.Config(init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                        block_size=cfg.block_size, data=path("data", "corpus"), out_dir=path("sft"),
-                        max_iters=cfg.sft_iters, learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10),
-                        eval_interval=every(cfg.sft_iters), sample_tokens=cfg.max_new_tokens, **lengths, **common))
-    sft_ckpt = path("sft", "ckpt.pt")
-
-    stage(3, "sample pairs from the SFT model, label them with the gold labeler")
+        stage(2, "SFT: a GPT-2 from scratch learns to write reviews")
+        import sft  # here, not at the top: the demo's own helpers import without the training scripts
+        sft.main(sft.Config(init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                            block_size=cfg.block_size, data=path("data", "corpus"), out_dir=path("sft"),
+                            max_iters=cfg.sft_iters, learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10),
+                            eval_interval=every(cfg.sft_iters), sample_tokens=cfg.max_new_tokens, **lengths,
+                            **common))
     policy, _ = load_model(sft_ckpt, kind="sft")
     policy.to(s.device)
-    prompts = [r["prompt"] for r in make_corpus(cfg.n_pref_prompts, cfg.seed + 2)]
-    heldout = [r["prompt"] for r in make_corpus(cfg.n_heldout_prompts, cfg.seed + 3)]
-    with s.autocast():
-        a, b = sample_pairs(policy, prompts, seed=cfg.seed + 2, progress=True, **sampling)
-        heldout_a, heldout_b = sample_pairs(policy, heldout, seed=cfg.seed + 3, **sampling)
-    prefs = label_pairs(prompts, a, b, cfg.seed, cfg.bt_temperature, path=path("data", "prefs", "train.jsonl"))
-    # held-out pairs labeled by the noiseless gold: reward.py's eval accuracy is then the accuracy vs the gold
-    prefs_heldout = label_pairs(heldout, heldout_a, heldout_b, cfg.seed, 0, path=path("data", "prefs", "test.jsonl"))
-    agree = sum(gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]) for r in prefs)
-    print0(f"{len(prefs)} labeled pairs of {len(prompts)} prompts ({agree / max(1, len(prefs)):.1%} agree with the "
-           f"noiseless gold), {len(prefs_heldout)} held-out pairs")
-
-    stage(4, "reward model on the labeled pairs")
     import reward
-    reward.main(reward.Config(init_from=sft_ckpt, data=path("data", "prefs"), out_dir=path("reward"),
-                              max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),
-                              eval_interval=every(cfg.rm_iters), **lengths, **common))
-    rm_ckpt = path("reward", "ckpt.pt")
 
-    stage(5, "PPO against the reward model")
-    import ppo
-    # PPO runs in chunks, each resuming the last (exact: constant LR, and the checkpoint holds all other state);
-    # between chunks the gold labeler scores the policy's samples, to compare with what the reward model believes.
-    rm = reward.load_reward_model(rm_ckpt, s.device)
-    probe = [r["prompt"] for r in make_corpus(64, cfg.seed + 6)]
-    gold_vs_rm = {"step": [], "gold": [], "rm": []}
-    chunk = every(cfg.ppo_iters)
-    for step in range(0, cfg.ppo_iters + chunk, chunk):
-        step = min(step, cfg.ppo_iters)
-        if step > 0:
-            ppo.main(ppo.Config(init_from=sft_ckpt if step == chunk else "resume", reward_model=rm_ckpt,
-                                data=path("data", "corpus"), out_dir=path("ppo"), max_iters=step,
-                                minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5, min_lr_ratio=1.0,
-                                max_new_tokens=cfg.max_new_tokens, eval_interval=chunk, max_prompt_len=32, **common))
-        model = load_model(path("ppo", "ckpt.pt"), kind="ppo")[0].to(s.device) if step > 0 else policy
+    if not cfg.only:
+        stage(3, "sample pairs from the SFT model, label them with the gold labeler")
+        prompts = [r["prompt"] for r in make_corpus(cfg.n_pref_prompts, cfg.seed + 2)]
+        heldout = [r["prompt"] for r in make_corpus(cfg.n_heldout_prompts, cfg.seed + 3)]
         with s.autocast():
-            texts, _ = sample(model, probe, seed=cfg.seed + 6, **sampling)
-            rm_s = rm_scores(rm, probe, texts)
-        gold_vs_rm["step"].append(step)
-        gold_vs_rm["gold"].append(sum(gold_score(p, t) for p, t in zip(probe, texts)) / len(probe))
-        gold_vs_rm["rm"].append(sum(rm_s) / len(rm_s))
-        print0(f"PPO step {step}: gold {gold_vs_rm['gold'][-1]:.3f} | RM {gold_vs_rm['rm'][-1]:.3f}")
+            a, b = sample_pairs(policy, prompts, seed=cfg.seed + 2, progress=True, **sampling)
+            heldout_a, heldout_b = sample_pairs(policy, heldout, seed=cfg.seed + 3, **sampling)
+        prefs = label_pairs(prompts, a, b, cfg.seed, cfg.bt_temperature, path=path("data", "prefs", "train.jsonl"))
+        # held-out pairs labeled by the noiseless gold: reward.py's eval accuracy is then the accuracy vs the gold
+        prefs_heldout = label_pairs(heldout, heldout_a, heldout_b, cfg.seed, 0,
+                                    path=path("data", "prefs", "test.jsonl"))
+        agree = sum(gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]) for r in prefs)
+        print0(f"{len(prefs)} labeled pairs of {len(prompts)} prompts ({agree / max(1, len(prefs)):.1%} agree with "
+               f"the noiseless gold), {len(prefs_heldout)} held-out pairs")
 
-    stage(6, "ILQL on the same labeled pairs")
+        stage(4, "reward model on the labeled pairs")
+        reward.main(reward.Config(init_from=sft_ckpt, data=path("data", "prefs"), out_dir=path("reward"),
+                                  max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),
+                                  eval_interval=every(cfg.rm_iters), **lengths, **common))
+    rm = reward.load_reward_model(rm_ckpt, s.device)
+
+    if run("ppo"):
+        stage(5, "PPO against the reward model")
+        import ppo
+        # PPO runs in chunks, each resuming the last (exact: constant LR, and the checkpoint holds all other state);
+        # between chunks the gold labeler scores the policy's samples, to compare with what the RM believes.
+        probe = [r["prompt"] for r in make_corpus(64, cfg.seed + 6)]
+        gold_vs_rm = {"step": [], "gold": [], "rm": []}
+        chunk = every(cfg.ppo_iters)
+        for step in range(0, cfg.ppo_iters + chunk, chunk):
+            step = min(step, cfg.ppo_iters)
+            if step > 0:
+                ppo.main(ppo.Config(init_from=sft_ckpt if step == chunk else "resume", reward_model=rm_ckpt,
+                                    data=path("data", "corpus"), out_dir=path("ppo"), max_iters=step,
+                                    minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5, min_lr_ratio=1.0,
+                                    max_new_tokens=cfg.max_new_tokens, eval_interval=chunk, max_prompt_len=32,
+                                    **common))
+            model = load_model(path("ppo", "ckpt.pt"), kind="ppo")[0].to(s.device) if step > 0 else policy
+            with s.autocast():
+                texts, _ = sample(model, probe, seed=cfg.seed + 6, **sampling)
+                rm_s = rm_scores(rm, probe, texts)
+            gold_vs_rm["step"].append(step)
+            gold_vs_rm["gold"].append(sum(gold_score(p, t) for p, t in zip(probe, texts)) / len(probe))
+            gold_vs_rm["rm"].append(sum(rm_s) / len(rm_s))
+            print0(f"PPO step {step}: gold {gold_vs_rm['gold'][-1]:.3f} | RM {gold_vs_rm['rm'][-1]:.3f}")
+        write_jsonl(path("ppo", "gold_vs_rm.jsonl"), [gold_vs_rm])  # for the report of a later --only run
+
     import ilql
-    ilql.main(ilql.Config(init_from=sft_ckpt, data=path("data", "prefs"), data_format="preferences",
-                          eval_split="test", out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3, alpha=0.01,
-                          warmup_iters=min(10, cfg.ilql_iters // 10), eval_interval=every(cfg.ilql_iters),
-                          max_new_tokens=cfg.max_new_tokens, eval_betas=(0.0, *cfg.ilql_betas), **lengths, **common))
+    if run("ilql"):
+        stage(6, "ILQL on the same labeled pairs")
+        # n_step = block_size: every Q target is its row's discounted return. With one-step targets the reward,
+        # given at the EOS, does not reach the words that earned it within this budget (win rate ~0.5; ilql.py).
+        # alpha 0.05: the target heads trail the online ones by ~1 / alpha = 20 steps of a 120-step run. One ILQL
+        # evaluation, at the end: stage 7 is the real one.
+        ilql.main(ilql.Config(init_from=sft_ckpt, data=path("data", "prefs"), data_format="preferences",
+                              eval_split="test", out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3,
+                              alpha=0.05, n_step=cfg.block_size, warmup_iters=min(10, cfg.ilql_iters // 10),
+                              eval_interval=cfg.ilql_iters, max_new_tokens=cfg.max_new_tokens,
+                              eval_betas=(0.0, *cfg.ilql_betas), **lengths, **common))
 
     stage(7, "evaluate: gold score, RM score, KL to SFT, gold win rate vs SFT")
     prompts = [r["prompt"] for r in make_corpus(cfg.n_eval_prompts, cfg.seed + 4)]
@@ -452,10 +469,13 @@ def main(cfg):
         for beta in cfg.ilql_betas:
             methods[f"ILQL (beta {beta:g})"] = evaluate(ilql_model, policy, rm, prompts, cfg.seed + 4,
                                                        logits_fn=ilql.ilql_logits_fn(ilql_model, beta), **sampling)
+        prefs_heldout = read_log(path("data", "prefs", "test.jsonl"))
         rm_acc = rm_accuracy(rm, prefs_heldout) if prefs_heldout else None
     for m in methods.values():
         m["win_rate"] = gold_win_rate(m["gold_scores"], methods["SFT"]["gold_scores"])
     results = {"methods": methods, "rm_accuracy": rm_acc}
+    gold_vs_rm = path("ppo", "gold_vs_rm.jsonl")
+    gold_vs_rm = read_log(gold_vs_rm)[0] if os.path.exists(gold_vs_rm) else None  # (runs older than the file)
     write_report(cfg.out_dir, results, {"ppo": read_log(path("ppo", "log.jsonl")), "gold_vs_rm": gold_vs_rm})
     for name, m in methods.items():
         print0(f"{name:>22} | gold {m['gold']:.3f} | RM {m['rm']:.3f} | KL {m['kl']:.2f} | "

@@ -324,7 +324,8 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     u = torch.rand(logits.shape[0] * n, 1, generator=generator, device=logits.device)[i::n] * cdf[:, -1:]
     # u < total, so the first entry above u has probability > 0 (a filtered token never comes out)
     u = torch.minimum(u, cdf[:, -1:].nextafter(torch.zeros_like(u)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    # NaN logits make a NaN cdf and searchsorted answer V (out of range): clamp, so generate can name the problem
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
 def _packed_linear(weight, bias, dtype, x):
@@ -388,5 +389,7 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, t
             if bool(done.all()) or len(out) == max_new_tokens:
                 break
             h = raw(tok[:, None], cache=cache)[:, -1]
-    return (torch.cat([tokens, torch.stack(out, 1)], 1), torch.stack(logprobs, 1),
-            torch.stack(resp_mask, 1).long())
+    logprobs = torch.stack(logprobs, 1)
+    if not bool(torch.isfinite(logprobs).all()):  # one check per call; NaN weights would otherwise sample garbage
+        raise ValueError("generate: the model's logits are not finite (NaN/inf in the weights or activations)")
+    return torch.cat([tokens, torch.stack(out, 1)], 1), logprobs, torch.stack(resp_mask, 1).long()

@@ -1,8 +1,11 @@
 """Tests for demo.py's own parts: the corpus generator, the gold labeler, Bradley-Terry noise, pair labeling,
-sampling, KL to the reference (against a per-sample naive computation), best-of-n, win rate and the report."""
+sampling, KL to the reference (against a per-sample naive computation), best-of-n, win rate and the report; then
+the whole pipeline end to end, and an --only=ilql rerun on its outputs."""
 
+import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 
 import data
 import demo
+from common import ConfigError
 from model import GPT, GPTConfig
 
 
@@ -200,3 +204,19 @@ def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
     assert results["rm_accuracy"] > 0.6  # the reward model learned the gold's preferences from noisy labels
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "PPO" in report and "ILQL" in report
+
+    # --only=ilql: a new ILQL run on the same out_dir; SFT, labels, RM and PPO are reused, not retrained, and the
+    # evaluation (same seeds) scores them exactly as before
+    out = tmp_path / "demo"
+    kept = {p: p.stat().st_mtime_ns for p in [out / "sft" / "ckpt.pt", out / "reward" / "ckpt.pt",
+                                              out / "ppo" / "ckpt.pt", out / "data" / "prefs" / "train.jsonl"]}
+    again = demo.main(replace(cfg, only="ilql", ilql_iters=2))
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    log = [json.loads(line) for line in (out / "ilql" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2]  # a fresh log: steps 0 and 1, then the evaluation after 2
+    for name in ("SFT", "PPO"):
+        assert again["methods"][name]["gold_scores"] == methods[name]["gold_scores"], name
+    assert again["rm_accuracy"] == results["rm_accuracy"]
+    assert "gold_vs_rm.png" in (out / "report.md").read_text()  # PPO's probe curve, kept from the first run
+    with pytest.raises(ConfigError):
+        demo.main(replace(cfg, only="sft"))

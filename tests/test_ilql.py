@@ -65,13 +65,23 @@ def test_outputs_read_at_the_state_positions():
     with torch.no_grad():
         h = model(b["tokens"], b["mask"])
         out = ilql.ilql_outputs(model, h, b)
+        # flat over the 5 real actions: row 0's three (12, 13, EOS), then row 1's two (23, EOS)
+        assert out["actions"].tolist() == [12, 13, EOS, 23, EOS]
+        assert out["returns"].tolist() == [0.0, 0.0, 1.0, 0.0, -1.0] and out["next_dones"].tolist() == [0, 0, 1, 0, 1]
+        assert out["discounts"].tolist() == pytest.approx([0.99] * 5)  # one-step TD by default
         # row 0, action 1 (token 13 at position 3) is chosen by hidden 2; its next state is hidden 3
-        assert torch.allclose(out["qs"][0][0, 1], model.heads["q1"](h[0, 2]), atol=1e-6)
-        assert torch.allclose(out["logits"][0, 1], model.lm_head(h[0, 2]), atol=1e-6)
-        assert torch.allclose(out["vs"][0, 2], model.heads["v"](h[0, 3])[0], atol=1e-6)
-        assert torch.allclose(out["vs"][0, 3], model.heads["v"](h[0, 4])[0], atol=1e-6)  # the terminal state
+        assert torch.allclose(out["qs"][0][1], model.heads["q1"](h[0, 2]), atol=1e-6)
+        assert torch.allclose(out["logits"][1], model.lm_head(h[0, 2]), atol=1e-6)
+        assert torch.allclose(out["v"][1], model.heads["v"](h[0, 2])[0], atol=1e-6)
+        assert torch.allclose(out["v_next"][1], model.heads["v"](h[0, 3])[0], atol=1e-6)
+        assert torch.allclose(out["v_next"][2], model.heads["v"](h[0, 4])[0], atol=1e-6)  # the terminal state
         t1, t2 = model.heads["q1_target"](h[1, 4]), model.heads["q2_target"](h[1, 4])  # row 1, action 1 = EOS
-        assert torch.allclose(out["target_q"][1, 1], torch.minimum(t1, t2)[EOS], atol=1e-6)
+        assert torch.allclose(out["target_q"][4], torch.minimum(t1, t2)[EOS], atol=1e-6)
+        # n_step = 2: row 0's action 0 bootstraps from state 2 (hidden 3); action 1 reaches the end (a return only)
+        out = ilql.ilql_outputs(model, h, ilql.collate_offline([([10, 11], [12, 13, EOS], 1.0)], 0.5, n_step=2))
+        assert torch.allclose(out["v_next"][0], model.heads["v"](h[0, 3])[0], atol=1e-6)
+        assert out["returns"].tolist() == [0.0, 0.5, 1.0] and out["next_dones"].tolist() == [0, 1, 1]
+        assert out["discounts"].tolist() == [0.25, 0.25, 0.5]
 
 
 # ---------------------------------------------------------------------------- losses
@@ -110,17 +120,42 @@ def test_losses_match_naive_loop(beta_awac):
     _, _, dones, mask = ilql.ilql_indices(torch.tensor([2, 3, 1]), torch.tensor([4, 2, 1]))
     rewards = torch.randn(B, A, generator=g) * mask
     gamma, tau, cql_scale, awac_scale = 0.9, 0.7, 0.3, 0.5
-    loss, st = ilql.ilql_loss(logits, qs, target_q, vs, actions, rewards, dones, mask, gamma, tau, cql_scale,
-                              awac_scale, beta_awac)
+    real = mask.bool()  # the loss takes real actions flat, as ilql_outputs returns them; one-step TD targets
+    flat = dict(logits=logits[real], qs=tuple(q[real] for q in qs), target_q=target_q[real], v=vs[:, :-1][real],
+                v_next=vs[:, 1:][real], actions=actions[real], returns=rewards[real],
+                discounts=torch.full((int(mask.sum()),), gamma), next_dones=dones[:, 1:][real])
+    loss, st = ilql.ilql_loss(**flat, tau=tau, cql_scale=cql_scale, awac_scale=awac_scale, beta_awac=beta_awac)
     ref = naive_losses(logits.tolist(), [q.tolist() for q in qs], target_q.tolist(), vs.tolist(), actions.tolist(),
                        rewards.tolist(), dones.tolist(), mask.tolist(), gamma, tau, beta_awac)
     got = [st[k].item() for k in ("loss_q", "loss_v", "loss_cql", "loss_awac")]
     assert got == pytest.approx(ref, rel=1e-5)
     assert loss.item() == pytest.approx(ref[0] + ref[1] + cql_scale * ref[2] + awac_scale * ref[3], rel=1e-5)
     # n: an explicit denominator (the trainer's global action count) scales every term
-    loss2, _ = ilql.ilql_loss(logits, qs, target_q, vs, actions, rewards, dones, mask, gamma, tau, cql_scale,
-                              awac_scale, beta_awac, n=2 * mask.sum())
+    loss2, _ = ilql.ilql_loss(**flat, tau=tau, cql_scale=cql_scale, awac_scale=awac_scale, beta_awac=beta_awac,
+                              n=2 * mask.sum())
     assert loss2.item() == pytest.approx(loss.item() / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("n_step", [1, 2, 3, 100])
+def test_nstep_targets_match_naive_sum(n_step):
+    # Q(s_t, a_t) -> sum_{k < m} gamma^k r_{t+k} + gamma^m * V(s_{t+m}), m = min(n, R - t); V(s_R) (terminal) is 0
+    g = torch.Generator().manual_seed(1)
+    response_lens, A, gamma = torch.tensor([4, 2, 1, 3]), 4, 0.8
+    _, _, dones, mask = ilql.ilql_indices(torch.tensor([2, 1, 3, 1]), response_lens)
+    rewards = torch.randn(4, A, generator=g) * mask  # rewards anywhere in the episode, not only at its end
+    vs = torch.randn(4, A + 1, generator=g)
+    returns, discounts, boot_ixs = ilql.nstep_targets(rewards, response_lens, gamma, n_step)
+    got = returns + discounts * (1 - dones.gather(1, boot_ixs)) * vs.gather(1, boot_ixs)
+    for b, R in enumerate(response_lens.tolist()):
+        for t in range(R):
+            m = min(n_step, R - t)
+            want = sum(gamma ** k * rewards[b, t + k].item() for k in range(m))
+            want += gamma ** m * vs[b, t + m].item() if t + m < R else 0.0
+            assert got[b, t].item() == pytest.approx(want, abs=1e-6), (b, t)
+    if n_step == 1:  # ILQL's own target
+        assert torch.equal(boot_ixs, torch.arange(1, A + 1).expand(4, -1)) and torch.equal(returns, rewards)
+    if n_step >= A:  # Monte-Carlo: the discounted return of the row, never a V
+        assert bool(dones.gather(1, boot_ixs)[mask.bool()].all())
 
 
 def test_every_trainable_parameter_gets_a_gradient_and_targets_none():
@@ -128,8 +163,7 @@ def test_every_trainable_parameter_gets_a_gradient_and_targets_none():
     model = tiny_model().train()
     b = ilql.collate_offline([([10, 11], [12, 13, EOS], 1.0), ([20], [23, EOS], -1.0)])
     out = ilql.ilql_outputs(model, model(b["tokens"], b["mask"]), b)
-    loss, _ = ilql.ilql_loss(**out, actions=b["actions"], rewards=b["rewards"], dones=b["dones"],
-                             action_mask=b["action_mask"], gamma=0.99, tau=0.7, cql_scale=0.1, awac_scale=1.0)
+    loss, _ = ilql.ilql_loss(**out, tau=0.7, cql_scale=0.1, awac_scale=1.0)
     loss.backward()
     for name, p in model.named_parameters():
         if "_target" in name:

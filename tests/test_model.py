@@ -7,6 +7,7 @@ Weights are randomised well beyond GPT-2's init (LayerNorm gains and every bias 
 are 0 and the gains 1, so a missing bias or a LayerNorm mix-up would still pass.
 """
 
+import copy
 import json
 import os
 
@@ -308,6 +309,18 @@ def naive_generate(model, tokens, mask, max_new_tokens, temperature, top_k, top_
             if done.all():
                 break
     return tokens, torch.stack(logprobs, 1), torch.stack(resp_mask, 1)
+
+
+def test_generate_with_nan_weights_names_the_problem(gpt):
+    """NaN logits give a NaN CDF, where searchsorted answers an out-of-range token id; generate says what is wrong
+    instead of failing in an index error (or sampling garbage)."""
+    bad = copy.deepcopy(gpt)
+    with torch.no_grad():
+        bad.lm_head.weight[0, 0] = float("nan")
+    tokens, mask = left_pad([rand_tokens(4, seed=3).tolist()])
+    for temperature in (1.0, 0.0):
+        with pytest.raises(ValueError, match="logits are not finite"):
+            generate(bad, tokens, mask, 3, temperature, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("top_k,top_p", [(None, None), (40, 0.9)])
