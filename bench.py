@@ -225,14 +225,18 @@ def count_reward(prompts, responses):
 
 def run_ppo(ppo_cfg, threads):
     """ppo.main(ppo_cfg) -> (its last metrics, this process's peak RSS in GiB)."""
-    import resource
-
     import ppo
     if threads:
         torch.set_num_threads(threads)
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = ppo.main(ppo.Config(**ppo_cfg))
-    return metrics, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    # VmHWM, not getrusage's ru_maxrss: a spawned child inherits its parent's ru_maxrss across fork + exec
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except OSError:  # not Linux
+        kib = float("nan")
+    return metrics, kib / 2**20
 
 
 def bench_ppo(cfg, gpt):

@@ -283,7 +283,8 @@ def write_report(out_dir, results, curves):
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     lines = ["# RLHF demo: positive movie reviews", "",
              "Gold score: the hidden labeler (demo.gold_score). RM score: the learned reward model. "
-             "KL: to the SFT model, nats per response. Win rate: gold score vs SFT's sample on the same prompt.", "",
+             "KL: to the SFT model, nats per response, estimated on the method's samples (best-of-n: the analytic "
+             "bound log n - (n - 1) / n). Win rate: gold score vs SFT's sample on the same prompt.", "",
              "| method | gold score | RM score | KL | gold win rate vs SFT |", "|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         lines.append(f"| {name} | {fmt(m.get('gold'))} | {fmt(m.get('rm'))} | {fmt(m.get('kl'))} | "
