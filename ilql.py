@@ -100,7 +100,7 @@ class Config:
     warmup_iters: int = 10  # linear warmup steps
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    grad_checkpointing: bool = False  # recompute blocks in backward: less memory, ~30% slower
+    grad_checkpointing: bool = False  # recompute blocks in backward: less memory, +1 forward
     # evaluation
     eval_interval: int = 50  # evaluate and write the checkpoint every this many steps (and at the end)
     eval_prompts: int = 16  # held-out prompts sampled at each evaluation

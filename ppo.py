@@ -95,7 +95,7 @@ class Config:
     ppo_epochs: int = 4  # passes over each batch
     minibatch_size: int = 4  # sequences per optimizer step per rank
     grad_accum: int = 1  # micro-batches per minibatch (memory); also the chunking of no-grad forwards
-    grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, ~30% slower
+    grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, +1 forward
     frozen_bf16: bool = False  # keep reference + reward model in bf16 (half their memory; needs dtype=bfloat16).
     # Off by default: then autocast computes the reference exactly like the policy (first KL exactly 0); on, their
     # LayerNorms/biases round to bf16 and the first KL is ~1e-3. The README's memory table says when it pays.

@@ -80,7 +80,7 @@ class Config:
     dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
     seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
     compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False  # recompute each block in backward: ~30% slower, activations of 1 block not all
+    grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
 
 
 # ----------------------------------------------------------------------------- pure functions
