@@ -264,7 +264,7 @@ def bench_ppo(cfg, gpt):
             tok_s = 8 * 32 / sum(t)  # response tokens of the iteration (every row runs the full 32: no EOS stop)
             print(f"{dtype:<10}" + "".join(f"{x:>{w}.2f}" for x, w in zip(t + [sum(t)], (10, 8, 9, 8, 8)))
                   + f"{tok_s:>8.1f}  {rss:.2f} GiB")
-            out[dtype] = t
+            out[dtype] = dict(zip(("generate", "score", "forward", "update"), t), peak_rss_gib=rss)
     return out
 
 
@@ -274,6 +274,10 @@ SECTIONS = [bench_sampling, bench_scaling, bench_train, bench_ppo]
 def main(cfg):
     if cfg.quick:
         cfg = replace(cfg, **QUICK)
+    names = {f.__name__.removeprefix("bench_"): f for f in SECTIONS}
+    unknown = set(cfg.sections.split(",")) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown sections {sorted(unknown)}; choose from {', '.join(names)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cpu":
@@ -285,10 +289,6 @@ def main(cfg):
     print(f"# bench: {gpt.num_params() / 1e6:.1f}M parameters (n_layer {cfg.n_layer}, n_head {cfg.n_head}, "
           f"n_embd {cfg.n_embd}), {cfg.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"load average {load:.2f} at start")
-    names = {f.__name__.removeprefix("bench_"): f for f in SECTIONS}
-    unknown = set(cfg.sections.split(",")) - set(names)
-    if unknown:
-        raise ConfigError(f"unknown sections {sorted(unknown)}; choose from {', '.join(names)}")
     results = {f"bench_{n}": names[n](cfg, gpt) for n in cfg.sections.split(",")}
     if cfg.profile:
         profile_ours(cfg, gpt)

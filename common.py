@@ -152,7 +152,7 @@ def keep_freed_memory():
     Why: glibc serves every block above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps it on free,
     so each (batch, tokens, 50257) logits tensor and its gradient (50 MB for 8 x 32 tokens) is page-faulted in, 4 KB
     at a time and zeroed by the kernel, every time one is made. Measured on this 2-core CPU: log-softmax forward +
-    backward 5x faster, a tiny-model PPO iteration 1.9x faster in fp32 and 2.2x in bf16, for 17% more peak RSS
+    backward 5x faster, a tiny-model PPO iteration 1.8x faster in fp32 and 2.2x in bf16, for 17% more peak RSS
     (fragmentation: 0.88 -> 1.03 GB). mallopt(M_MMAP_MAX, 0): large blocks come from the heap too (glibc still falls
     back to mmap if the heap cannot grow); mallopt(M_TRIM_THRESHOLD, 2 GiB): free memory at the heap's top is kept.
     A no-op where there is no glibc."""
