@@ -230,13 +230,18 @@ def run_ppo(ppo_cfg, threads):
         torch.set_num_threads(threads)
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = ppo.main(ppo.Config(**ppo_cfg))
-    # VmHWM, not getrusage's ru_maxrss: a spawned child inherits its parent's ru_maxrss across fork + exec
+    return metrics, peak_rss_gib()
+
+
+def peak_rss_gib():
+    """This process's peak resident memory (host memory only, also with --device=cuda), GiB. VmHWM, not getrusage's
+    ru_maxrss: a spawned child inherits its parent's ru_maxrss across fork + exec. NaN where /proc has no VmHWM."""
     try:
         with open("/proc/self/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            kib = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), float("nan"))
     except OSError:  # not Linux
         kib = float("nan")
-    return metrics, kib / 2**20
+    return kib / 2**20
 
 
 def bench_ppo(cfg, gpt):
@@ -275,7 +280,8 @@ def main(cfg):
     if cfg.quick:
         cfg = replace(cfg, **QUICK)
     names = {f.__name__.removeprefix("bench_"): f for f in SECTIONS}
-    unknown = set(cfg.sections.split(",")) - set(names)
+    wanted = list(dict.fromkeys(x.strip() for x in cfg.sections.split(",")))  # in order, each once
+    unknown = set(wanted) - set(names)
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}; choose from {', '.join(names)}")
     if cfg.threads:
@@ -289,7 +295,7 @@ def main(cfg):
     print(f"# bench: {gpt.num_params() / 1e6:.1f}M parameters (n_layer {cfg.n_layer}, n_head {cfg.n_head}, "
           f"n_embd {cfg.n_embd}), {cfg.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"load average {load:.2f} at start")
-    results = {f"bench_{n}": names[n](cfg, gpt) for n in cfg.sections.split(",")}
+    results = {f"bench_{n}": names[n](cfg, gpt) for n in wanted}
     if cfg.profile:
         profile_ours(cfg, gpt)
     return results

@@ -199,7 +199,7 @@ def cleanup(s):
     if s.ddp:
         # All ranks leave together: a rank that tears gloo down while a peer is still busy (rank 0 writing the last
         # checkpoint) was seen to abort now and then ("terminate called without an active exception", 1 run in 7)
-        dist.barrier()
+        dist.barrier(device_ids=[s.local_rank] if s.device.startswith("cuda") else None)
         dist.destroy_process_group()
 
 

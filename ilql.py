@@ -161,6 +161,8 @@ def nstep_targets(rewards, response_lens, gamma, n_step):
     n_step = 1 is ILQL's target r_t + gamma * V(s_{t+1}); n_step >= R makes every target the Monte-Carlo return
     (the episode ends first, so V(s_R) never counts). rewards (B, A), zero past each row's R actions; response_lens
     (B,). Returns returns (B, A), discounts (B, A) and boot_ixs (B, A), the state index t + m (padding slots: t + 1)."""
+    if n_step < 1:
+        raise ValueError(f"n_step must be >= 1, got {n_step}")
     B, A = rewards.shape
     t = torch.arange(A)[None, :]  # (1, A)
     m = torch.minimum(torch.full_like(t, n_step), response_lens[:, None] - t).clamp(min=1)  # (B, A)
@@ -180,9 +182,10 @@ def collate_offline(items, gamma=0.99, n_step=1):
     rewards = torch.zeros(actions.shape)  # (B, A): the reward sits on the last action
     rewards[torch.arange(len(items)), response_lens - 1] = torch.tensor([float(r) for _, _, r in items])
     returns, discounts, boot_ixs = nstep_targets(rewards, response_lens, gamma, n_step)
+    real_ixs = action_mask.flatten().nonzero().squeeze(1)  # (N,) the real actions in a flattened (B, A) layout
     return dict(tokens=tokens, mask=mask, actions_ixs=actions_ixs, states_ixs=states_ixs, dones=dones,
                 action_mask=action_mask, actions=actions, rewards=rewards, returns=returns, discounts=discounts,
-                boot_ixs=boot_ixs)
+                boot_ixs=boot_ixs, real_ixs=real_ixs)
 
 
 def head_at(head, h, actions):
@@ -197,13 +200,15 @@ def ilql_outputs(raw, h, batch):
     C = h.shape[-1]
     hs = h.gather(1, batch["states_ixs"][..., None].expand(-1, -1, C))  # (B, A+1, C)
     vs = raw.heads["v"](hs).squeeze(-1)  # (B, A+1)
-    real = batch["action_mask"].bool()  # (B, A)
-    ha, a = hs[:, :-1][real], batch["actions"][real]  # (N, C) the states that choose the actions, (N,)
+    # (B, A, ...) -> (N, ...) at the real actions, through an index collate made on the CPU (a boolean mask would
+    # cost a device sync per use on GPU)
+    real = lambda x: x.flatten(0, 1).index_select(0, batch["real_ixs"])
+    ha, a = real(hs[:, :-1]), real(batch["actions"])  # (N, C) the states that choose the actions, (N,)
     target_q = torch.minimum(head_at(raw.heads["q1_target"], ha, a), head_at(raw.heads["q2_target"], ha, a))
     boot = batch["boot_ixs"]  # (B, A) the state each action's target bootstraps from (t + 1 for one-step TD)
     return dict(logits=raw.lm_head(ha), qs=(raw.heads["q1"](ha), raw.heads["q2"](ha)), target_q=target_q,
-                v=vs[:, :-1][real], v_next=vs.gather(1, boot)[real], actions=a, returns=batch["returns"][real],
-                discounts=batch["discounts"][real], next_dones=batch["dones"].gather(1, boot)[real])
+                v=real(vs[:, :-1]), v_next=real(vs.gather(1, boot)), actions=a, returns=real(batch["returns"]),
+                discounts=real(batch["discounts"]), next_dones=real(batch["dones"].gather(1, boot)))
 
 
 STATS = ("loss_q", "loss_v", "loss_cql", "loss_awac", "q", "v", "advantage")  # what ilql_loss reports
@@ -348,6 +353,8 @@ def main(cfg):
         raise ConfigError(f"max_len ({cfg.max_len}) must exceed max_prompt_len ({cfg.max_prompt_len})")
     if cfg.data_format not in ("offline", "preferences"):
         raise ConfigError(f"data_format must be 'offline' or 'preferences', not {cfg.data_format!r}")
+    if cfg.n_step < 1:
+        raise ConfigError(f"n_step must be >= 1 (1 = ILQL's one-step target), not {cfg.n_step}")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     # --- model: one trunk, LM head + V + Q1/Q2 + their targets

@@ -54,7 +54,7 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0  # slots filled so far
-        self.kv = {}  # layer index -> (k, v), each (B, nh, max_len, hs); allocated at first use, in the compute dtype
+        self.kv = {}  # layer index -> (k, v), each (B, nh, max_len, hs); allocated at first use (fp32 on CPU)
 
 
 class CausalSelfAttention(nn.Module):
@@ -397,5 +397,6 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, t
             h = raw(tok[:, None], cache=cache)[:, -1]
     logprobs = torch.stack(logprobs, 1)
     if not bool(torch.isfinite(logprobs).all()):  # one check per call; NaN weights would otherwise sample garbage
-        raise ValueError("generate: the model's logits are not finite (NaN/inf in the weights or activations)")
+        raise ValueError("generate: the model's logits are not finite (NaN/inf in the weights or activations, or a "
+                         "temperature so small that logits / temperature overflows)")
     return torch.cat([tokens, torch.stack(out, 1)], 1), logprobs, torch.stack(resp_mask, 1).long()

@@ -78,10 +78,14 @@ def test_outputs_read_at_the_state_positions():
         t1, t2 = model.heads["q1_target"](h[1, 4]), model.heads["q2_target"](h[1, 4])  # row 1, action 1 = EOS
         assert torch.allclose(out["target_q"][4], torch.minimum(t1, t2)[EOS], atol=1e-6)
         # n_step = 2: row 0's action 0 bootstraps from state 2 (hidden 3); action 1 reaches the end (a return only)
-        out = ilql.ilql_outputs(model, h, ilql.collate_offline([([10, 11], [12, 13, EOS], 1.0)], 0.5, n_step=2))
-        assert torch.allclose(out["v_next"][0], model.heads["v"](h[0, 3])[0], atol=1e-6)
+        b2 = ilql.collate_offline([([10, 11], [12, 13, EOS], 1.0)], 0.5, n_step=2)
+        h2 = model(b2["tokens"], b2["mask"])
+        out = ilql.ilql_outputs(model, h2, b2)
+        assert torch.allclose(out["v_next"][0], model.heads["v"](h2[0, 3])[0], atol=1e-6)
         assert out["returns"].tolist() == [0.0, 0.5, 1.0] and out["next_dones"].tolist() == [0, 1, 1]
         assert out["discounts"].tolist() == [0.25, 0.25, 0.5]
+    with pytest.raises(ValueError, match="n_step must be >= 1"):  # 0 would silently drop every reward
+        ilql.nstep_targets(torch.ones(1, 2), torch.tensor([2]), 0.9, 0)
 
 
 # ---------------------------------------------------------------------------- losses

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import EOS, GPT, GPTConfig, cpu_packed_linears, filter_logits, generate, sample_token, token_logprobs
+from model import (EOS, GPT, GPTConfig, KVCache, cpu_packed_linears, filter_logits, generate, sample_token,
+                   token_logprobs)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -309,6 +310,31 @@ def naive_generate(model, tokens, mask, max_new_tokens, temperature, top_k, top_
             if done.all():
                 break
     return tokens, torch.stack(logprobs, 1), torch.stack(resp_mask, 1)
+
+
+def test_cached_decoding_under_bf16_autocast_attends_in_fp32(gpt, monkeypatch):
+    """On CPU the KV cache is fp32 and cached attention runs outside autocast (under it, SDPA would cast the whole
+    cache to bf16 at every step and use a much slower kernel); the matmuls stay bf16, and the logits match a full
+    forward under the same autocast to bf16 precision."""
+    import model as model_module
+    seen = []  # at each attention call: is autocast on?
+    sdpa = model_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu")) or sdpa(*a, **kw))
+    tokens, mask = left_pad([rand_tokens(9, seed=21).tolist(), rand_tokens(6, seed=22).tolist()])
+    B, T = tokens.shape
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = gpt.lm_head(gpt(tokens, mask)).float()
+        n_full = len(seen)
+        cache = KVCache(B, T, tokens.device)
+        hs = [gpt(tokens[:, :4], mask[:, :4], cache=cache)] + [gpt(tokens[:, i:i + 1], mask[:, i:i + 1], cache=cache)
+                                                               for i in range(4, T)]
+        cached = gpt.lm_head(torch.cat(hs, 1)).float()
+    assert seen[:n_full] == [True] * n_full  # the uncached forward: SDPA under autocast, as in training
+    assert seen[n_full:] == [False] * (len(seen) - n_full)  # every cached call (prefill, steps): fp32, no autocast
+    assert all(k.dtype == v.dtype == torch.float32 for k, v in cache.kv.values())
+    real = mask.bool()
+    assert (cached[real] - full[real]).abs().max() < 0.1  # bf16 matmuls: ~3 significant digits
 
 
 def test_generate_with_nan_weights_names_the_problem(gpt):

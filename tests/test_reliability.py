@@ -361,6 +361,7 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
     "ppo-prompt-past-block-size": ("ppo", ["--max_prompt_len=100"], r"max_prompt_len \+ max_new_tokens = 104 "
                                    r"exceeds a model's block_size 64", {}),
     "ilql-max-len-past-block-size": ("ilql", ["--max_len=100"], r"max_len \(100\) .* must fit block_size 64", {}),
+    "ilql-n-step-zero": ("ilql", ["--n_step=0"], r"n_step must be >= 1", {}),
     # models that are not GPT-2
     **{f"{s}-llama-folder": (s, ["--init_from={llama}"], r"config\.json: model_type is 'llama', expected 'gpt2'",
                              {}) for s in SCRIPTS},
