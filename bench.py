@@ -223,6 +223,12 @@ def count_reward(prompts, responses):
     return [float(len(r)) for r in responses]
 
 
+def run_in_child(fn, *args):
+    """fn(*args) in a fresh spawned process (its own allocator settings and peak RSS), for bench_ppo and bench_trl."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def run_ppo(ppo_cfg, threads):
     """ppo.main(ppo_cfg) -> (its last metrics, this process's peak RSS in GiB)."""
     import ppo
@@ -263,8 +269,7 @@ def bench_ppo(cfg, gpt):
                 max_iters=3, batch_size=8, minibatch_size=8, ppo_epochs=4, max_prompt_len=16, max_new_tokens=32,
                 penalize_missing_eos=False, eval_interval=1000, seed=cfg.seed)
             # a fresh process per run, so its peak RSS is PPO's own (not this process's, which holds the HF models)
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                m, rss = pool.submit(run_ppo, ppo_cfg, cfg.threads).result()
+            m, rss = run_in_child(run_ppo, ppo_cfg, cfg.threads)
             t = [m[f"t_{k}"] for k in ("generate", "score", "forward", "update")]
             tok_s = 8 * 32 / sum(t)  # response tokens of the iteration (every row runs the full 32: no EOS stop)
             print(f"{dtype:<10}" + "".join(f"{x:>{w}.2f}" for x, w in zip(t + [sum(t)], (10, 8, 9, 8, 8)))

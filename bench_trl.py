@@ -41,11 +41,9 @@ os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # everyt
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import argparse
-import concurrent.futures
 import contextlib
 import copy
 import io
-import multiprocessing
 import statistics
 import tempfile
 import time
@@ -56,7 +54,7 @@ import torch
 import transformers
 
 import ppo
-from bench import hf_copy
+from bench import hf_copy, run_in_child
 from common import keep_freed_memory, save_checkpoint
 from data import EOS, tokenize_prompt
 from model import GPT, GPTConfig
@@ -97,7 +95,7 @@ def build(shape, seed, tmp):
 
 def run_ours(paths, dtype, iters, seed, tmp, threads=0):
     """Seconds per iteration of ppo.main: intervals between consecutive log lines (the first = the warm-up end).
-    Runs in a child process (see run_ours_apart)."""
+    Runs in a child process (see main)."""
     if threads:
         torch.set_num_threads(threads)
     ends, phases = [], []
@@ -119,13 +117,6 @@ def run_ours(paths, dtype, iters, seed, tmp, threads=0):
     finally:
         ppo.log_line = log_line
     return (ends[-1] - ends[0]) / iters, phases[-1]
-
-
-def run_ours_apart(*args):
-    """run_ours in a fresh child process: ppo.py's setup tunes glibc's malloc for the whole process
-    (common.keep_freed_memory), and TRL, run in this process, must get the allocator it gets anywhere else."""
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_ours, *args).result()
 
 
 def run_trl(models, tok, dataset, dtype, iters, seed, tmp, autocast=False):
@@ -199,7 +190,9 @@ def main():
             variants = [False] if dtype == "float32" else [False, True]  # TRL: bf16=True, and + autocast(train())
             t = {k: [] for k in ["ours"] + variants}
             for r in range(a.repeats):
-                t_ours, split = run_ours_apart(paths, dtype, a.iters, a.seed, tmp, a.threads)
+                # in a child: ppo.py's setup tunes glibc's malloc for its whole process (common.keep_freed_memory),
+                # and TRL, run in this process, must get the allocator it gets anywhere else
+                t_ours, split = run_in_child(run_ours, paths, dtype, a.iters, a.seed, tmp, a.threads)
                 t["ours"].append(t_ours)
                 for v in variants:
                     t[v].append(run_trl(models, tok, dataset, dtype, a.iters, a.seed, tmp, autocast=v))

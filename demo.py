@@ -475,8 +475,8 @@ def main(cfg):
     for m in methods.values():
         m["win_rate"] = gold_win_rate(m["gold_scores"], methods["SFT"]["gold_scores"])
     results = {"methods": methods, "rm_accuracy": rm_acc}
-    gold_vs_rm = path("ppo", "gold_vs_rm.jsonl")
-    gold_vs_rm = read_log(gold_vs_rm)[0] if os.path.exists(gold_vs_rm) else None  # (runs older than the file)
+    curve_file = path("ppo", "gold_vs_rm.jsonl")
+    gold_vs_rm = read_log(curve_file)[0] if os.path.exists(curve_file) else None  # (runs older than the file)
     write_report(cfg.out_dir, results, {"ppo": read_log(path("ppo", "log.jsonl")), "gold_vs_rm": gold_vs_rm})
     for name, m in methods.items():
         print0(f"{name:>22} | gold {m['gold']:.3f} | RM {m['rm']:.3f} | KL {m['kl']:.2f} | "

@@ -1,9 +1,7 @@
 """bench.py, the script behind the README's speed tables: a smoke test on its tiny shape (the numbers themselves are
 machine-dependent and not checked here), its input check, and the peak-RSS reading of its PPO table."""
 
-import concurrent.futures
 import math
-import multiprocessing
 import sys
 
 import pytest
@@ -38,7 +36,6 @@ def test_peak_rss_is_the_child_process_own():
     big = bytearray(2**30)
     big[::4096] = b"x" * len(big[::4096])  # touch every page: resident, not just reserved
     assert bench.peak_rss_gib() > 1.0
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        child = pool.submit(bench.peak_rss_gib).result()
+    child = bench.run_in_child(bench.peak_rss_gib)
     assert 0 < child < 0.5, child
     del big
