@@ -83,15 +83,36 @@ class CausalSelfAttention(nn.Module):
             k_buf[:, :, L:L + T] = k
             v_buf[:, :, L:L + T] = v
             q, k, v = q.to(k_buf.dtype), k_buf[:, :, :L + T], v_buf[:, :, :L + T]  # (B, nh, L+T, hs)
-        # CPU decoding attends in fp32 against the fp32 cache, outside autocast: under it SDPA would cast the whole
-        # cache to bf16 at every step and run a bf16 kernel, together ~17x slower for a one-token query
-        fp32_attention = cache is not None and q.device.type == "cpu"
-        with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 512:
+            y = matmul_attention(q, k, v, attn_mask, dropout)
+        else:
+            # CPU decoding attends in fp32 against the fp32 cache, outside autocast: under it SDPA would cast the
+            # whole cache to bf16 at every step and run a bf16 kernel, together ~17x slower for a one-token query
+            fp32_attention = cache is not None and q.device.type == "cpu"
+            with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                                   dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))
+
+
+def matmul_attention(q, k, v, attn_mask=None, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs), masked) v as two matmuls around an fp32 softmax, for bf16 on CPU up to 512 tokens,
+    where PyTorch's CPU flash-attention kernel is slow: forward + backward of one GPT-2 124M layer's attention in
+    bf16 take 71 vs 29 ms at 16 x 256 tokens (bench.py's SFT step), 60 vs 15 ms at 64 x 64, 122 vs 60 ms at 8 x 512,
+    140 vs 113 ms at 4 x 1024. The limit is memory: this keeps the T x T weights for backward (6 bytes each, per
+    head), at 512 tokens already more than the rest of a layer's activations. attn_mask: bool, True = may attend;
+    None = causal. Under autocast the scores are bf16, as in HF's eager attention; the softmax is fp32."""
+    T, S = q.shape[-2], k.shape[-2]
+    if attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    # the mask as an additive bias (its backward is free, masked_fill's is another T x T pass), the scale on q (T x hs
+    # numbers, not T x T; exact for GPT-2's head size 64)
+    bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+    att = ((q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1) + bias).softmax(-1, dtype=torch.float32)
+    att = F.dropout(att, dropout_p) if dropout_p > 0 else att
+    return att.to(v.dtype) @ v
 
 
 class MLP(nn.Module):

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from model import (EOS, GPT, GPTConfig, KVCache, cpu_packed_linears, filter_logits, generate, sample_token,
@@ -315,12 +316,14 @@ def naive_generate(model, tokens, mask, max_new_tokens, temperature, top_k, top_
 def test_cached_decoding_under_bf16_autocast_attends_in_fp32(gpt, monkeypatch):
     """On CPU the KV cache is fp32 and cached attention runs outside autocast (under it, SDPA would cast the whole
     cache to bf16 at every step and use a much slower kernel); the matmuls stay bf16, and the logits match a full
-    forward under the same autocast to bf16 precision."""
+    forward under the same autocast to bf16 precision. The uncached bf16 forward uses matmul_attention instead."""
     import model as model_module
-    seen = []  # at each attention call: is autocast on?
-    sdpa = model_module.F.scaled_dot_product_attention
+    seen = []  # at each attention call: which one, is autocast on?
+    sdpa, matmul_attention = model_module.F.scaled_dot_product_attention, model_module.matmul_attention
     monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",
-                        lambda *a, **kw: seen.append(torch.is_autocast_enabled("cpu")) or sdpa(*a, **kw))
+                        lambda *a, **kw: seen.append(("sdpa", torch.is_autocast_enabled("cpu"))) or sdpa(*a, **kw))
+    monkeypatch.setattr(model_module, "matmul_attention",
+                        lambda *a: seen.append(("matmul", torch.is_autocast_enabled("cpu"))) or matmul_attention(*a))
     tokens, mask = left_pad([rand_tokens(9, seed=21).tolist(), rand_tokens(6, seed=22).tolist()])
     B, T = tokens.shape
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -330,11 +333,57 @@ def test_cached_decoding_under_bf16_autocast_attends_in_fp32(gpt, monkeypatch):
         hs = [gpt(tokens[:, :4], mask[:, :4], cache=cache)] + [gpt(tokens[:, i:i + 1], mask[:, i:i + 1], cache=cache)
                                                                for i in range(4, T)]
         cached = gpt.lm_head(torch.cat(hs, 1)).float()
-    assert seen[:n_full] == [True] * n_full  # the uncached forward: SDPA under autocast, as in training
-    assert seen[n_full:] == [False] * (len(seen) - n_full)  # every cached call (prefill, steps): fp32, no autocast
+    n_layer = gpt.config.n_layer
+    assert seen[:n_full] == [("matmul", True)] * n_layer  # the uncached forward: under autocast, as in training
+    assert seen[n_full:] == [("sdpa", False)] * n_layer * (T - 3)  # every cached call (prefill, steps): fp32
     assert all(k.dtype == v.dtype == torch.float32 for k, v in cache.kv.values())
     real = mask.bool()
     assert (cached[real] - full[real]).abs().max() < 0.1  # bf16 matmuls: ~3 significant digits
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_matmul_attention_equals_sdpa(masked):
+    """The bf16-on-CPU attention computes what SDPA computes: in fp32 the same values and gradients to rounding; in
+    bf16 as close to an fp64 reference as SDPA's own bf16 result (both are bf16 matmuls around an fp32 softmax)."""
+    from model import matmul_attention
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D = 3, 2, 7, 8
+    q, k, v, dy = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(4))
+    mask = None
+    if masked:  # causal + left padding of 0, 2 and 5 tokens, each query seeing itself (as GPT.forward builds it)
+        pad = torch.arange(T)[None, :] >= torch.tensor([0, 2, 5])[:, None]
+        mask = ((torch.ones(T, T, dtype=torch.bool).tril() & pad[:, None, :]) | torch.eye(T, dtype=torch.bool))[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, None)]:
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        y = matmul_attention(*leaves, mask)
+        y.backward(dy.to(dtype))
+        ys = [t.detach().clone().requires_grad_() for t in leaves]
+        y_sdpa = F.scaled_dot_product_attention(*ys, attn_mask=mask, is_causal=mask is None)
+        y_sdpa.backward(dy.to(dtype))
+        assert y.dtype == dtype
+        if tol:
+            torch.testing.assert_close(y, y_sdpa, atol=tol, rtol=tol)
+            for a, b in zip(leaves, ys):
+                torch.testing.assert_close(a.grad, b.grad, atol=tol, rtol=tol)
+        else:
+            err, err_sdpa = ((t.double() - ref).abs().max().item() for t in (y, y_sdpa))
+            assert err < 2 * err_sdpa + 1e-3, (err, err_sdpa)
+            assert err < 0.05
+
+
+def test_bf16_cpu_forward_uses_matmul_attention_up_to_512_tokens(monkeypatch):
+    """Which attention runs where: bf16 on CPU up to 512 tokens -> matmul_attention; fp32, or longer -> SDPA."""
+    import model as model_module
+    calls = []
+    matmul_attention = model_module.matmul_attention
+    monkeypatch.setattr(model_module, "matmul_attention", lambda *a: calls.append(a[0].shape[-2]) or matmul_attention(*a))
+    m = GPT(GPTConfig(block_size=600, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    for T, dtype, expect in [(512, torch.bfloat16, [512]), (513, torch.bfloat16, []), (512, torch.float32, [])]:
+        calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            m(torch.zeros(1, T, dtype=torch.long))
+        assert calls == expect, (T, dtype)
 
 
 def test_generate_with_nan_weights_names_the_problem(gpt):
