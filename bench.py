@@ -56,20 +56,33 @@ QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=4, promp
              scaling="4,8,16", repeats=1)
 
 
-def best_times(fns, repeats):
+def best_times(fns, repeats, faults=None):
     """Seconds of the fastest of `repeats` calls of each fn, after one untimed warm-up call each. The calls
-    alternate (a, b, a, b, ...) so that a load change on a shared machine hits all of them alike."""
+    alternate (a, b, a, b, ...) so that a load change on a shared machine hits all of them alike.
+    faults: a list that gets, per fn, the minor page faults of its fastest call (pages of fresh memory the kernel
+    had to hand out; on this VM 400k of them, 1.6 GB, cost 1-2 s)."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
+            f0 = minor_faults()
             t0 = time.perf_counter()
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-    return [min(ts) for ts in times]
+            ts.append((time.perf_counter() - t0, minor_faults() - f0))
+    if faults is not None:
+        faults.extend(min(ts)[1] for ts in times)
+    return [min(ts)[0] for ts in times]
+
+
+def minor_faults():
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except ImportError:  # not Unix
+        return 0
 
 
 def autocast(cfg, dtype):
@@ -210,10 +223,15 @@ def bench_train(cfg, gpt):
     results = {}
     for dtype in cfg.dtypes.split(","):
         peak = matmul_peak(cfg, dtype)
+        faults = []
         with autocast(cfg, dtype):
-            t_ours, t_hf = best_times([step_ours, step_hf], cfg.repeats)
+            t_ours, t_hf = best_times([step_ours, step_hf], cfg.repeats, faults)
         print(f"{dtype:<10} {peak / 1e12:>9.2f} {t_ours:>8.3f} {t_hf:>8.3f} {B * T / t_ours:>11.0f} {B * T / t_hf:>9.0f} "
               f"{flops / t_ours / peak:>8.1%} {flops / t_hf / peak:>7.1%} {t_hf / t_ours:>7.2f}x")
+        for name, n in zip(("ours", "HF"), faults):
+            if n > 10_000:  # a step that got fresh memory from the kernel is not the steady state: say so
+                print(f"  ({name}'s best {dtype} step page-faulted {n:,} times: fresh memory from the kernel, not the "
+                      f"steady state; more --repeats may find a faster step)")
         results[dtype] = dict(ours_s=t_ours, hf_s=t_hf, ours_mfu=flops / t_ours / peak, speedup=t_hf / t_ours)
     return results
 
