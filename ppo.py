@@ -99,6 +99,8 @@ class Config:
     frozen_bf16: bool = False  # keep reference + reward model in bf16 (half their memory; needs dtype=bfloat16).
     # Off by default: then autocast computes the reference exactly like the policy (first KL exactly 0); on, their
     # LayerNorms/biases round to bf16 and the first KL is ~1e-3. The README's memory table says when it pays.
+    compile: bool = False  # torch.compile the policy+critic forward, for the rollout and the update alike (on CPU
+    # the first ratio is still exactly 1, tested); the reference stays eager, so the first KL is ~1e-6, not exactly 0
     learning_rate: float = 1e-5  # AdamW (eps 1e-5 as in the N+ details), policy and critic alike
     warmup_iters: int = 0  # linear warmup iterations
     min_lr_ratio: float = 1.0  # cosine decay to this fraction of learning_rate at max_iters; 1 = constant
@@ -474,9 +476,11 @@ def main(cfg):
         set_rng_state(ckpt["rng"])
         start = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {start}")
-    model = ac
+    fwd = torch.compile(ac) if cfg.compile else ac  # the rollout's forward (no DDP: no gradients to sync)
+    model = fwd
     if s.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(ac, device_ids=[s.local_rank] if "cuda" in s.device else None)
+        model = torch.nn.parallel.DistributedDataParallel(fwd,
+                                                          device_ids=[s.local_rank] if "cuda" in s.device else None)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if s.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -526,7 +530,7 @@ def main(cfg):
         tokens, mask, P, response_mask, scores = r["tokens"], r["mask"], r["P"], r["response_mask"], r["scores"]
         with timer("forward"):
             # 3. logprobs and values of the rollout (old logprobs: see docstring), reference logprobs
-            f = forward_rollout(ac, ref, tokens, mask, P, cfg.temperature, micro, s.autocast)
+            f = forward_rollout(fwd, ref, tokens, mask, P, cfg.temperature, micro, s.autocast)
             # 4. KL-penalised per-token rewards
             rewards, kl = compute_rewards(scores, f["logprobs"], f["ref_logprobs"], response_mask, kl_ctl.beta)
             # 5. advantages (whitened over the real tokens of all ranks) and returns

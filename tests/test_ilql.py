@@ -343,3 +343,18 @@ def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
     b = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"), "ilql")["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_compile_trains_like_eager(tmp_path, monkeypatch):
+    """--compile=True (torch.compile of the trunk, inductor on CPU) trains to the same weights as eager, to rounding."""
+    ilql.main(run_cfg(tmp_path, "eager", max_iters=2))
+    compiled = []  # the flag reaches torch.compile (an unused flag would also "train like eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    ilql.main(run_cfg(tmp_path, "compiled", max_iters=2, compile=True))
+    assert len(compiled) == 1
+    a = load_checkpoint(str(tmp_path / "eager" / "ckpt.pt"), "ilql")
+    b = load_checkpoint(str(tmp_path / "compiled" / "ckpt.pt"), "ilql")
+    assert a["step"] == b["step"] == 2 and a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-4, rtol=0, msg=k)

@@ -377,7 +377,8 @@ def test_bf16_cpu_forward_uses_matmul_attention_up_to_512_tokens(monkeypatch):
     import model as model_module
     calls = []
     matmul_attention = model_module.matmul_attention
-    monkeypatch.setattr(model_module, "matmul_attention", lambda *a: calls.append(a[0].shape[-2]) or matmul_attention(*a))
+    monkeypatch.setattr(model_module, "matmul_attention",
+                        lambda *a: calls.append(a[0].shape[-2]) or matmul_attention(*a))
     m = GPT(GPTConfig(block_size=600, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     for T, dtype, expect in [(512, torch.bfloat16, [512]), (513, torch.bfloat16, []), (512, torch.float32, [])]:
         calls.clear()

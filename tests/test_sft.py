@@ -223,3 +223,17 @@ def test_grad_checkpointing_trains_the_same_weights(tmp_path, monkeypatch):
     sft.main(tiny_cfg(tmp_path / "ckpt", data, grad_checkpointing=True, **kw))
     assert len(calls) == 3 * 2 * 2  # steps x micro-batches (grad_accum 2) x blocks (n_layer 2); eval is no_grad
     assert_same_weights(tmp_path / "plain" / "out" / "ckpt.pt", tmp_path / "ckpt" / "out" / "ckpt.pt", 3, atol=1e-6)
+
+
+def test_compile_trains_like_eager(tmp_path, monkeypatch):
+    """--compile=True (torch.compile of the model, inductor on CPU) trains to the same weights as eager, to rounding."""
+    data = copy_task(tmp_path / "copy.jsonl", n=20)
+    kw = dict(max_iters=3, lr_decay_iters=3, warmup_iters=1, learning_rate=1e-2)
+    sft.main(tiny_cfg(tmp_path / "eager", data, **kw))
+    compiled = []  # the flag reaches torch.compile (an unused flag would also "train like eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    sft.main(tiny_cfg(tmp_path / "compiled", data, compile=True, **kw))
+    assert len(compiled) == 1
+    assert_same_weights(tmp_path / "eager" / "out" / "ckpt.pt", tmp_path / "compiled" / "out" / "ckpt.pt", step=3,
+                        atol=1e-4)
