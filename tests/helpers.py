@@ -48,3 +48,11 @@ def torchrun(script, args, tmp_path, nproc=2):
                         script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def spy_on_compile(monkeypatch):
+    """A list of every module torch.compile is given from now on (it still compiles them): a --compile test must see
+    the flag reach torch.compile, as an ignored flag would also "train like eager"."""
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    return compiled

@@ -15,7 +15,7 @@ import torch
 import data
 import ilql
 from common import load_checkpoint, load_model, make_optimizer, parse_config, save_checkpoint
-from tests.helpers import write_jsonl
+from tests.helpers import spy_on_compile, write_jsonl
 from model import EOS, GPT, GPTConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,9 +348,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
 def test_compile_trains_like_eager(tmp_path, monkeypatch):
     """--compile=True (torch.compile of the trunk, inductor on CPU) trains to the same weights as eager, to rounding."""
     ilql.main(run_cfg(tmp_path, "eager", max_iters=2))
-    compiled = []  # the flag reaches torch.compile (an unused flag would also "train like eager")
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    compiled = spy_on_compile(monkeypatch)
     ilql.main(run_cfg(tmp_path, "compiled", max_iters=2, compile=True))
     assert len(compiled) == 1
     a = load_checkpoint(str(tmp_path / "eager" / "ckpt.pt"), "ilql")

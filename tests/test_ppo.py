@@ -21,6 +21,7 @@ from ppo import (ActorCritic, AdaptiveKLController, Config, compute_rewards, for
                  main, ppo_losses, ppo_update, reward_fn_scorer, reward_model_scorer, rollout,
                  truncate_after_eos, whiten)
 from reward import load_reward_model
+from tests.helpers import spy_on_compile
 
 THE = 262  # " the"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -441,9 +442,7 @@ def test_compile_trains_like_eager(tmp_path, prompts_file, monkeypatch):
     kw = dict(reward_fn="tests.test_ppo:count_the", batch_size=4, minibatch_size=2, max_new_tokens=6, max_iters=2)
     eager = run_cfg(tmp_path, prompts_file, out_dir=str(tmp_path / "eager"), **kw)
     main(eager)
-    compiled = []
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    compiled = spy_on_compile(monkeypatch)
     comp = run_cfg(tmp_path, prompts_file, out_dir=str(tmp_path / "compiled"), compile=True, **kw)
     main(comp)
     assert len(compiled) == 1 and isinstance(compiled[0], ActorCritic)

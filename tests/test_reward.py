@@ -16,7 +16,7 @@ import reward
 from common import load_checkpoint, parse_config, save_checkpoint
 from data import EOS, DataError, load_preferences, pad_left, pad_right, tokenize_example
 from model import GPT, GPTConfig
-from tests.helpers import assert_same_weights, torchrun, train_log, write_jsonl
+from tests.helpers import assert_same_weights, spy_on_compile, torchrun, train_log, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures" / "data"
@@ -244,9 +244,7 @@ def test_compile_trains_like_eager(tmp_path, monkeypatch):
     data = marker_prefs(tmp_path / "marker.jsonl", n=40)
     kw = dict(max_iters=3, lr_decay_iters=3, warmup_iters=1, eval_interval=3)
     reward.main(tiny_cfg(tmp_path / "eager", data, **kw))
-    compiled = []  # the flag reaches torch.compile (an unused flag would also "train like eager")
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    compiled = spy_on_compile(monkeypatch)
     reward.main(tiny_cfg(tmp_path / "compiled", data, compile=True, **kw))
     assert len(compiled) == 1
     a, b = (load_checkpoint(str(tmp_path / run / "out" / "ckpt.pt")) for run in ("eager", "compiled"))

@@ -16,7 +16,7 @@ import sft
 from common import Setup, batch_indices, load_checkpoint, load_model, parse_config
 from data import EOS, DataError, collate_sft, tokenize_example
 from model import GPT, GPTConfig
-from tests.helpers import assert_same_weights, file_digest, torchrun, train_log, write_jsonl
+from tests.helpers import assert_same_weights, file_digest, spy_on_compile, torchrun, train_log, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "apple river stone cloud green tiger piano seven orange window silver music forest candle yellow".split()
@@ -230,9 +230,7 @@ def test_compile_trains_like_eager(tmp_path, monkeypatch):
     data = copy_task(tmp_path / "copy.jsonl", n=20)
     kw = dict(max_iters=3, lr_decay_iters=3, warmup_iters=1, learning_rate=1e-2)
     sft.main(tiny_cfg(tmp_path / "eager", data, **kw))
-    compiled = []  # the flag reaches torch.compile (an unused flag would also "train like eager")
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or real_compile(m, **kw))
+    compiled = spy_on_compile(monkeypatch)
     sft.main(tiny_cfg(tmp_path / "compiled", data, compile=True, **kw))
     assert len(compiled) == 1
     assert_same_weights(tmp_path / "eager" / "out" / "ckpt.pt", tmp_path / "compiled" / "out" / "ckpt.pt", step=3,
