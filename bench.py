@@ -20,14 +20,13 @@ import contextlib
 import io
 import multiprocessing
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 
-from common import ConfigError, keep_freed_memory, parse_config
+from common import ConfigError, keep_freed_memory, run_main
 from model import CONV1D, EOS, GPT, GPTConfig, generate
 
 
@@ -325,8 +324,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, Config)

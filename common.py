@@ -91,6 +91,17 @@ def _check_key(cls, key, where):
         raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
 
 
+def run_main(main, config_cls):
+    """A script's command line: main(parse_config(config_cls)). A bad key, value, path or data row (ConfigError,
+    data.DataError) prints one `error: ...` line naming it and exits with status 2, no traceback."""
+    from data import DataError
+    try:
+        main(parse_config(config_cls))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_config(cls, argv=None):
     """Build `cls` from [config_file.py ...] [--key=value ...]. Raises ConfigError with the offending key."""
     argv = sys.argv[1:] if argv is None else argv

@@ -50,7 +50,6 @@ grads and AdamW moments, plus 0.3 GB of targets. Activations: the LM and the two
 
 import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -60,8 +59,8 @@ import torch.nn.functional as F
 
 import data
 from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_jsonl, batch_indices, check_finite,
-                    check_scores, cleanup, load_model, load_reward_fn, log_line, lr_at, make_optimizer, parse_config,
-                    print0, print_config, rank0_first, rng_state, save_checkpoint, set_rng_state, setup)
+                    check_scores, cleanup, load_model, load_reward_fn, log_line, lr_at, make_optimizer, print0,
+                    print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup)
 from model import GPTConfig, generate
 
 
@@ -494,8 +493,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config))
-    except (ConfigError, data.DataError) as e:  # a bad key, value, path or data row: one line naming it, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, Config)

@@ -45,7 +45,6 @@ Choices where public implementations differ:
 import collections
 import copy
 import os
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -54,10 +53,9 @@ import torch
 import torch.nn as nn
 
 from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_jsonl, batch_indices, check_finite,
-                    check_scores, cleanup, load_checkpoint, load_model, load_reward_fn, log_line, lr_at,
-                    make_optimizer, parse_config, print0, print_config, rank0_first, rng_state, save_checkpoint,
-                    set_rng_state, setup)
-from data import EOS, DataError, decode, load_prompts, pad_left, tokenize_prompt
+                    check_scores, cleanup, load_checkpoint, load_model, load_reward_fn, log_line, lr_at, make_optimizer,
+                    print0, print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup)
+from data import EOS, decode, load_prompts, pad_left, tokenize_prompt
 from model import GPTConfig, generate, token_logprobs
 from reward import load_reward_model, score_tokens
 
@@ -574,8 +572,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config))
-    except (ConfigError, DataError) as e:  # a bad key, value, path or data row: one line naming it, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, Config)

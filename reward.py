@@ -28,7 +28,6 @@ Public API for other scripts: score_tokens, load_reward_model, score, bt_loss.
 
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -36,9 +35,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup,
-                    load_model, log_line, lr_at, make_optimizer, parse_config, print0, print_config, rank0_first,
-                    rng_state, save_checkpoint, set_rng_state, setup)
+from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup, load_model,
+                    log_line, lr_at, make_optimizer, print0, print_config, rank0_first, rng_state, run_main,
+                    save_checkpoint, set_rng_state, setup)
 from data import EOS, DataError, load_preferences, load_sft, pad_right, tokenize_example
 from model import GPTConfig
 
@@ -326,8 +325,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config))
-    except (ConfigError, DataError) as e:  # a bad key, value, path or data row: one line naming it, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, Config)

@@ -13,12 +13,11 @@ V heads: --beta=B samples from log_softmax(logits) + B * (min target Q - V), the
 """
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from common import ConfigError, load_model, parse_config, print_config, setup
+from common import ConfigError, load_model, print_config, run_main, setup
 from data import EOS, decode, tokenize_prompt
 from model import generate
 
@@ -92,8 +91,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config))
-    except ConfigError as e:  # a mistyped key or value: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, Config)

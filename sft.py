@@ -24,17 +24,16 @@ model as a Hugging Face folder), log.jsonl.
 """
 
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup,
-                    load_model, log_line, lr_at, make_optimizer, parse_config, print0, print_config, rank0_first,
-                    rng_state, save_checkpoint, set_rng_state, setup)
-from data import (EOS, DataError, SFTExample, collate_sft, decode, load_preferences, load_sft, pad_left,
+from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup, load_model,
+                    log_line, lr_at, make_optimizer, print0, print_config, rank0_first, rng_state, run_main,
+                    save_checkpoint, set_rng_state, setup)
+from data import (EOS, SFTExample, collate_sft, decode, load_preferences, load_sft, pad_left,
                   tokenize_example, tokenize_prompt)
 from model import GPTConfig, generate, token_logprobs
 
@@ -265,8 +264,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config))
-    except (ConfigError, DataError) as e:  # a bad key, value, path or data row: one line naming it, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, Config)
