@@ -248,19 +248,31 @@ def test_sample_token_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n, T = 20000, 0.7
     g = torch.Generator().manual_seed(0)
-    draws = sample_token(logits.expand(n, -1), T, generator=g)
+    draws, _ = sample_token(logits.expand(n, -1), T, generator=g)
     freq = torch.bincount(draws, minlength=6).double() / n
     p = torch.softmax(logits.double() / T, -1)
     std = (p * (1 - p) / n).sqrt()
     assert ((freq - p).abs() <= 4 * std + 1e-4).all(), (freq, p)
     # top_k=2: only the top two, in proportion
-    draws = sample_token(logits.expand(n, -1), T, top_k=2, generator=g)
+    draws, _ = sample_token(logits.expand(n, -1), T, top_k=2, generator=g)
     assert set(draws.unique().tolist()) == {0, 1}
     p2 = torch.softmax(logits[:2].double() / T, -1)[0]
     assert abs((draws == 0).double().mean() - p2) <= 4 * (p2 * (1 - p2) / n).sqrt()
     # temperature 0 is argmax, row by row, and consumes no randomness
     rows = torch.randn(64, 100, generator=g)
-    assert torch.equal(sample_token(rows, 0.0), rows.argmax(-1))
+    assert torch.equal(sample_token(rows, 0.0)[0], rows.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, None, None), (1.0, 5, None),
+                                                     (1.3, None, 0.5), (0.0, None, None)])
+def test_sample_token_logprobs_are_log_softmax_before_filtering(temperature, top_k, top_p):
+    # the unfiltered case takes the normaliser from the sampling CDF's total, the others from logsumexp: both must
+    # be fp64 log_softmax(logits / temperature) at the drawn token (temperature 0: of the plain logits)
+    logits = torch.randn(32, 50257, generator=torch.Generator().manual_seed(3)) * 4
+    tok, lp = sample_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(4))
+    ref = torch.log_softmax(logits.double() / (temperature or 1.0), -1).gather(-1, tok[:, None]).squeeze(-1)
+    assert lp.dtype == torch.float32 and lp.shape == (32,)
+    assert (lp.double() - ref).abs().max() < 2e-5, (lp.double() - ref).abs().max()
 
 
 def test_top_p_keeps_exactly_the_nucleus():
@@ -272,7 +284,7 @@ def test_top_p_keeps_exactly_the_nucleus():
         kept = set(torch.isfinite(filter_logits(logits, top_p=top_p)).nonzero().flatten().tolist())
         assert kept == nucleus, (top_p, kept)
         g = torch.Generator().manual_seed(1)
-        drawn = set(sample_token(logits.expand(4000, -1), 1.0, top_p=top_p, generator=g).unique().tolist())
+        drawn = set(sample_token(logits.expand(4000, -1), 1.0, top_p=top_p, generator=g)[0].unique().tolist())
         assert drawn == nucleus, (top_p, drawn)
     # top_k and top_p together: top_k first, then the nucleus of what is left, renormalised (2/3, 1/3)
     for top_p, nucleus in {0.6: {1}, 0.7: {1, 3}}.items():
@@ -299,7 +311,7 @@ def naive_generate(model, tokens, mask, max_new_tokens, temperature, top_k, top_
     with torch.no_grad():
         for _ in range(max_new_tokens):
             logits = model.lm_head(model(tokens, mask))[:, -1].float()  # (B, V)
-            tok = sample_token(logits, temperature, top_k, top_p, generator)
+            tok, _ = sample_token(logits, temperature, top_k, top_p, generator)
             lp = torch.log_softmax(logits / (temperature or 1.0), -1)[torch.arange(B), tok]
             tok = torch.where(done, torch.full_like(tok, eos_id), tok)
             new.append(tok)
