@@ -384,6 +384,16 @@ def rank0_first(s):
         dist.barrier()
 
 
+def start_log(out_dir, resume):
+    """out_dir/log.jsonl, for append_jsonl (rank 0 only). A fresh run starts a fresh log, or an earlier run's rows
+    would mix into its curves; a resumed run appends to it."""
+    path = os.path.join(out_dir, "log.jsonl")
+    os.makedirs(out_dir, exist_ok=True)
+    if not resume and os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 def append_jsonl(path, record):
     """Append one JSON line (metrics logs: rank 0 only)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

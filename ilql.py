@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import data
 from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_jsonl, batch_indices, check_finite,
                     check_scores, cleanup, load_model, load_reward_fn, log_line, lr_at, make_optimizer, print0,
-                    print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup)
+                    print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup, start_log)
 from model import GPTConfig, generate
 
 
@@ -424,9 +424,7 @@ def main(cfg):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[s.local_rank] if s.device.startswith("cuda") else None)
 
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if s.master and not resume and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log (as ppo.py)
+    log_path = start_log(cfg.out_dir, resume) if s.master else None
 
     # --- loop
     global_batch = cfg.batch_size * cfg.grad_accum * s.world_size

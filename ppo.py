@@ -54,7 +54,8 @@ import torch.nn as nn
 
 from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_jsonl, batch_indices, check_finite,
                     check_scores, cleanup, load_checkpoint, load_model, load_reward_fn, log_line, lr_at, make_optimizer,
-                    print0, print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup)
+                    print0, print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup,
+                    start_log)
 from data import EOS, decode, load_prompts, pad_left, tokenize_prompt
 from model import GPTConfig, generate, token_logprobs
 from reward import load_reward_model, score_tokens
@@ -479,11 +480,7 @@ def main(cfg):
     if s.ddp:
         model = torch.nn.parallel.DistributedDataParallel(fwd,
                                                           device_ids=[s.local_rank] if "cuda" in s.device else None)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if s.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if not ckpt and os.path.exists(log_path):
-            os.remove(log_path)  # a fresh run starts a fresh log
+    log_path = start_log(cfg.out_dir, resume=bool(ckpt)) if s.master else None
 
     def log_json(record):
         if s.master:

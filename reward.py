@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup, load_model,
                     log_line, lr_at, make_optimizer, print0, print_config, rank0_first, rng_state, run_main,
-                    save_checkpoint, set_rng_state, setup)
+                    save_checkpoint, set_rng_state, setup, start_log)
 from data import EOS, DataError, load_preferences, load_sft, pad_right, tokenize_example
 from model import GPTConfig
 
@@ -263,9 +263,11 @@ def main(cfg):
                         config=asdict(cfg), best_eval_acc=best_eval_acc,
                         reward_norm={"mean": ev["ref_mean"], "std": ev["ref_std"], "scaled_by": std}, **extra)
 
+    log_path = start_log(cfg.out_dir, resume=cfg.init_from == "resume") if s.master else None
+
     def log(metrics):
         if s.master:
-            append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), metrics)
+            append_jsonl(log_path, metrics)
 
     # ------------------------------------------------------------------------- training loop
     timer, metrics, ev = Timer(cfg.max_iters, start_step), {}, {}

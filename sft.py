@@ -32,7 +32,7 @@ import torch
 
 from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup, load_model,
                     log_line, lr_at, make_optimizer, print0, print_config, rank0_first, rng_state, run_main,
-                    save_checkpoint, set_rng_state, setup)
+                    save_checkpoint, set_rng_state, setup, start_log)
 from data import (EOS, SFTExample, collate_sft, decode, load_preferences, load_sft, pad_left,
                   tokenize_example, tokenize_prompt)
 from model import GPTConfig, generate, token_logprobs
@@ -214,9 +214,11 @@ def main(cfg):
         save_checkpoint(path, kind="sft", model_config=asdict(raw.config), model=raw.state_dict(), step=step,
                         config=asdict(cfg), best_eval_loss=best_eval_loss, **extra)
 
+    log_path = start_log(cfg.out_dir, resume=cfg.init_from == "resume") if s.master else None
+
     def log(metrics):
         if s.master:
-            append_jsonl(os.path.join(cfg.out_dir, "log.jsonl"), metrics)
+            append_jsonl(log_path, metrics)
 
     # ------------------------------------------------------------------------- training loop
     eval_loss_start = eval_loss = None

@@ -314,6 +314,26 @@ def test_same_seed_same_run(tmp_path, monkeypatch, capsys, art, script):
         assert any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(rollouts[0], rollouts[2]))
 
 
+@pytest.mark.parametrize("script", TRAINERS)
+def test_fresh_run_starts_a_fresh_log_and_resume_appends(tmp_path, art, script):
+    """A second fresh run into the same out_dir replaces log.jsonl (the first run's rows would otherwise mix into the
+    second's curves); a resumed run keeps the rows before its checkpoint and appends its own steps."""
+    base = write_base(script, tmp_path, art)
+    log = tmp_path / "out" / "log.jsonl"
+
+    def rows():
+        return [timeless(json.loads(line)) for line in log.read_text().splitlines()]
+    run(script, [base])
+    first = rows()
+    assert first and any(r.get("step") == 0 for r in first)
+    run(script, [base])
+    assert rows() == first  # replaced, not appended to (same seed: the same rows)
+    run(script, [base, "--init_from=resume", "--max_iters=2"])
+    resumed = rows()
+    assert resumed[:len(first)] == first and len(resumed) > len(first)
+    assert all(r["step"] >= 1 for r in resumed[len(first):]), resumed[len(first):]
+
+
 # ============================================================================ bad input
 FAULT_FIELD = {"sft": "completion", "reward": "rejected", "ppo": "prompt", "ilql": "response"}
 DATA_FAULTS = {  # fault -> ((good row, field) -> broken row, the message after "file: ")
