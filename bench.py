@@ -227,9 +227,9 @@ def bench_train(cfg, gpt):
             t_ours, t_hf = best_times([step_ours, step_hf], cfg.repeats, faults)
         print(f"{dtype:<10} {peak / 1e12:>9.2f} {t_ours:>8.3f} {t_hf:>8.3f} {B * T / t_ours:>11.0f} {B * T / t_hf:>9.0f} "
               f"{flops / t_ours / peak:>8.1%} {flops / t_hf / peak:>7.1%} {t_hf / t_ours:>7.2f}x")
-        for name, n in zip(("ours", "HF"), faults):
+        for name, n in zip(("our", "HF's"), faults):
             if n > 10_000:  # a step that got fresh memory from the kernel is not the steady state: say so
-                print(f"  ({name}'s best {dtype} step page-faulted {n:,} times: fresh memory from the kernel, not the "
+                print(f"  ({name} best {dtype} step page-faulted {n:,} times: fresh memory from the kernel, not the "
                       f"steady state; more --repeats may find a faster step)")
         results[dtype] = dict(ours_s=t_ours, hf_s=t_hf, ours_mfu=flops / t_ours / peak, speedup=t_hf / t_ours)
     return results
@@ -272,26 +272,29 @@ def bench_ppo(cfg, gpt):
     its phases: batch 8, 16-token prompts, 32 response tokens, 4 PPO epochs of 1 minibatch. The last of 3 iterations."""
     import tempfile
     print("\n## one PPO iteration of ppo.py: batch 8, prompt 16, 32 new tokens, 4 epochs x 1 minibatch (seconds)")
-    print(f"{'dtype':<10}{'generate':>10}{'score':>8}{'forward':>9}{'update':>8}{'total':>8}{'tok/s':>8}  peak RSS")
+    print(f"{'dtype':<22}{'generate':>10}{'score':>8}{'forward':>9}{'update':>8}{'total':>8}{'tok/s':>8}  peak RSS")
     out = {}
+    # bf16 also once with ppo.py's fp32_heads off: what the fp32 logits and values cost
+    runs = [(d, True) for d in cfg.dtypes.split(",")] + [("bfloat16", False)] * ("bfloat16" in cfg.dtypes.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         prompts = os.path.join(tmp, "prompts.jsonl")
         with open(prompts, "w") as f:
             f.writelines('{"prompt": "%s"}\n' % " ".join(["word"] * 16) for _ in range(64))
-        for dtype in cfg.dtypes.split(","):
+        for dtype, fp32_heads in runs:
+            name = dtype if fp32_heads or dtype != "bfloat16" else "bfloat16, bf16 heads"
             ppo_cfg = dict(
                 init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                 block_size=cfg.block_size, reward_model="", reward_fn="bench:count_reward", data=prompts,
-                eval_split="train", eval_size=0, out_dir=os.path.join(tmp, dtype), device=cfg.device, dtype=dtype,
+                eval_split="train", eval_size=0, out_dir=os.path.join(tmp, name), device=cfg.device, dtype=dtype,
                 max_iters=3, batch_size=8, minibatch_size=8, ppo_epochs=4, max_prompt_len=16, max_new_tokens=32,
-                penalize_missing_eos=False, eval_interval=1000, seed=cfg.seed)
+                penalize_missing_eos=False, eval_interval=1000, seed=cfg.seed, fp32_heads=fp32_heads)
             # a fresh process per run, so its peak RSS is PPO's own (not this process's, which holds the HF models)
             m, rss = run_in_child(run_ppo, ppo_cfg, cfg.threads)
             t = [m[f"t_{k}"] for k in ("generate", "score", "forward", "update")]
             tok_s = 8 * 32 / sum(t)  # response tokens of the iteration (every row runs the full 32: no EOS stop)
-            print(f"{dtype:<10}" + "".join(f"{x:>{w}.2f}" for x, w in zip(t + [sum(t)], (10, 8, 9, 8, 8)))
+            print(f"{name:<22}" + "".join(f"{x:>{w}.2f}" for x, w in zip(t + [sum(t)], (10, 8, 9, 8, 8)))
                   + f"{tok_s:>8.1f}  {rss:.2f} GiB")
-            out[dtype] = dict(zip(("generate", "score", "forward", "update"), t), peak_rss_gib=rss)
+            out[name] = dict(zip(("generate", "score", "forward", "update"), t), peak_rss_gib=rss)
     return out
 
 

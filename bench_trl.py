@@ -93,9 +93,10 @@ def build(shape, seed, tmp):
     return paths, dict(model=hf_copy(policy), ref_model=hf_copy(policy), reward_model=seq, value_model=seq)
 
 
-def run_ours(paths, dtype, iters, seed, tmp, threads=0):
+def run_ours(paths, dtype, iters, seed, tmp, threads=0, fp32_heads=True):
     """Seconds per iteration of ppo.main: intervals between consecutive log lines (the first = the warm-up end).
-    Runs in a child process (see main)."""
+    Runs in a child process (see main). fp32_heads: ppo.py's default, fp32 logits and values under bf16 autocast;
+    off, its logits are bf16 like TRL's."""
     if threads:
         torch.set_num_threads(threads)
     ends, phases = [], []
@@ -113,7 +114,7 @@ def run_ours(paths, dtype, iters, seed, tmp, threads=0):
                 eval_split="train", eval_size=0, eval_interval=10**6, out_dir=os.path.join(tmp, "ours"),
                 device="cpu", dtype=dtype, seed=seed, max_iters=iters + 1, batch_size=B, minibatch_size=B,
                 ppo_epochs=EPOCHS, max_prompt_len=PROMPT_LEN, max_new_tokens=N, temperature=1.0,
-                penalize_missing_eos=False, learning_rate=LR))
+                penalize_missing_eos=False, learning_rate=LR, fp32_heads=fp32_heads))
     finally:
         ppo.log_line = log_line
     return (ends[-1] - ends[0]) / iters, phases[-1]
@@ -188,26 +189,32 @@ def main():
         paths, models = build(a.shape, a.seed, tmp)
         for dtype in a.dtypes.split(","):
             variants = [False] if dtype == "float32" else [False, True]  # TRL: bf16=True, and + autocast(train())
-            t = {k: [] for k in ["ours"] + variants}
+            ours_variants = [True] if dtype == "float32" else [True, False]  # ours: fp32_heads on (default) / off
+            t = {("ours", h): [] for h in ours_variants} | {("TRL", v): [] for v in variants}
             for r in range(a.repeats):
                 # in a child: ppo.py's setup tunes glibc's malloc for its whole process (common.keep_freed_memory),
                 # and TRL, run in this process, must get the allocator it gets anywhere else
-                t_ours, split = run_in_child(run_ours, paths, dtype, a.iters, a.seed, tmp, a.threads)
-                t["ours"].append(t_ours)
+                for h in ours_variants:
+                    t_ours, split = run_in_child(run_ours, paths, dtype, a.iters, a.seed, tmp, a.threads, h)
+                    t["ours", h].append(t_ours)
                 for v in variants:
-                    t[v].append(run_trl(models, tok, dataset, dtype, a.iters, a.seed, tmp, autocast=v))
-                print(f"  {dtype} run {r}: ours {t_ours:.3f} s (last: gen/score/fwd/update {split}), "
-                      + ", ".join(f"TRL{' + autocast' if v else ''} {t[v][-1]:.3f} s" for v in variants), flush=True)
-            for v in variants:
-                name = "TRL" + (" bf16=True" if dtype != "float32" else "") + (" + autocast" if v else "")
-                rows.append((dtype, name, t["ours"], t[v]))
-    print(f"\n{'dtype':<10}{'TRL variant':<25}{'ours best':>10}{'TRL best':>9}{'TRL/ours':>9}"
+                    t["TRL", v].append(run_trl(models, tok, dataset, dtype, a.iters, a.seed, tmp, autocast=v))
+                print(f"  {dtype} run {r}: " + ", ".join(
+                    f"ours{'' if h else ' bf16 heads'} {t['ours', h][-1]:.3f} s" for h in ours_variants)
+                      + f" (last: gen/score/fwd/update {split}), "
+                      + ", ".join(f"TRL{' + autocast' if v else ''} {t['TRL', v][-1]:.3f} s" for v in variants),
+                      flush=True)
+            for h in ours_variants:
+                for v in variants:
+                    name = "TRL" + (" bf16=True" if dtype != "float32" else "") + (" + autocast" if v else "")
+                    rows.append((dtype + ("" if h else ", bf16 heads"), name, t["ours", h], t["TRL", v]))
+    print(f"\n{'ours':<20}{'TRL variant':<25}{'ours best':>10}{'TRL best':>9}{'TRL/ours':>9}"
           f"{'ours med':>9}{'TRL med':>8}{'TRL/ours':>9}")
     print("(seconds per iteration; the ratios: of the two bests, and the median of each TRL run / the ours run "
           "just before it)")
     for dtype, name, ours, ref in rows:
         paired = statistics.median(r / o for o, r in zip(ours, ref))  # ours and TRL ran back to back
-        print(f"{dtype:<10}{name:<25}{min(ours):>10.3f}{min(ref):>9.3f}{min(ref) / min(ours):>8.2f}x"
+        print(f"{dtype:<20}{name:<25}{min(ours):>10.3f}{min(ref):>9.3f}{min(ref) / min(ours):>8.2f}x"
               f"{statistics.median(ours):>9.3f}{statistics.median(ref):>8.3f}{paired:>8.2f}x")
 
 

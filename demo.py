@@ -33,8 +33,8 @@ from dataclasses import dataclass, replace
 import torch
 
 import data
-from common import ConfigError, Timer, load_model, parse_config, print0, print_config, setup
-from model import EOS, generate, token_logprobs
+from common import ConfigError, Timer, load_model, print0, print_config, run_main, setup
+from model import EOS, fp32_heads, generate, token_logprobs
 
 # ----------------------------------------------------------------------------- the task: a review corpus
 POSITIVE = "good great wonderful excellent brilliant beautiful moving funny clever charming fantastic nice".split()
@@ -389,8 +389,8 @@ def main(cfg):
                             max_iters=cfg.sft_iters, learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10),
                             eval_interval=every(cfg.sft_iters), sample_tokens=cfg.max_new_tokens, **lengths,
                             **common))
-    policy, _ = load_model(sft_ckpt, kind="sft")
-    policy.to(s.device)
+    # every model the demo samples from or measures KL with has fp32 logits, as ppo.py's policy (model.Head)
+    policy = fp32_heads(load_model(sft_ckpt, kind="sft")[0]).to(s.device)
     import reward
 
     if not cfg.only:
@@ -430,7 +430,7 @@ def main(cfg):
                                     minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5, min_lr_ratio=1.0,
                                     max_new_tokens=cfg.max_new_tokens, eval_interval=chunk, max_prompt_len=32,
                                     **common))
-            model = load_model(path("ppo", "ckpt.pt"), kind="ppo")[0].to(s.device) if step > 0 else policy
+            model = fp32_heads(load_model(path("ppo", "ckpt.pt"), kind="ppo")[0]).to(s.device) if step else policy
             with s.autocast():
                 texts, _ = sample(model, probe, seed=cfg.seed + 6, **sampling)
                 rm_s = rm_scores(rm, probe, texts)
@@ -457,7 +457,7 @@ def main(cfg):
     prompts = [r["prompt"] for r in make_corpus(cfg.n_eval_prompts, cfg.seed + 4)]
     ppo_policy, _ = load_model(path("ppo", "ckpt.pt"), kind="ppo")
     ilql_model, _ = load_model(path("ilql", "ckpt.pt"), heads=ilql.ilql_heads(policy.config.vocab_size), kind="ilql")
-    ppo_policy.to(s.device), ilql_model.to(s.device)
+    fp32_heads(ppo_policy).to(s.device), fp32_heads(ilql_model).to(s.device)
     n, methods = cfg.best_of_n, {}
     with s.autocast():  # every method samples with the same seed: paired samples, so differences are the methods'
         methods["SFT"] = evaluate(policy, policy, rm, prompts, cfg.seed + 4, **sampling)
@@ -486,4 +486,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_main(main, Config)

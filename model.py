@@ -126,6 +126,31 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
 
 
+class Head(nn.Linear):
+    """The linear layers that make the model's outputs: lm_head and the `heads`. With `fp32 = True` (set by ppo.py
+    and ilql.py) they compute in fp32 even under bf16 autocast. Why: a bf16 matmul rounds its output, and GPT-2's
+    logits are large (about -50 to -150), where bf16's spacing is 0.25-0.5. Each token's log-prob is then off by up
+    to half of that, and not smoothly: a tiny update moves a logit across a rounding step or not at all, so PPO's
+    ratios and the KL penalty jump in steps of e^0.25-0.5, and a sampler on such logits samples a different policy
+    than the one trained. The LM head is 31% of GPT-2 124M's weights, so this costs speed: on this CPU an fp32
+    logits matmul takes 1.7x (16 rows) to 2.7x (256 rows) a bf16 one."""
+    fp32 = False
+
+    def forward(self, x):
+        if self.fp32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        return super().forward(x)
+
+
+def fp32_heads(model, on=True):
+    """Set `Head.fp32` on every output layer of `model` (lm_head and heads); returns the model."""
+    for m in model.modules():
+        if isinstance(m, Head):
+            m.fp32 = on
+    return model
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -149,9 +174,9 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Head(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
-        self.heads = nn.ModuleDict({name: nn.Linear(config.n_embd, size) for name, size in config.heads.items()})
+        self.heads = nn.ModuleDict({name: Head(config.n_embd, size) for name, size in config.heads.items()})
         # recompute each block in backward: less activation memory for one more forward of the blocks (measured:
         # +8% on a 124M bf16 SFT step on CPU)
         self.grad_checkpointing = False
@@ -366,26 +391,30 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - lse
 
 
-def _packed_linear(weight, bias, dtype, x):
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, "none", [], "")
-
-
 @contextmanager
 def cpu_packed_linears(model, batch_size):
     """While active, every nn.Linear of `model` multiplies with its weight laid out once, up front, for oneDNN's
     GEMM, instead of the plain layout that F.linear hands to the BLAS at every call. For decoding on CPU (x is
     batch x 768) this halves the time of a GPT-2 124M step in fp32 and bf16 (bench.py); packing costs roughly one
-    pass over the weights, once per generate call. Under autocast the packed weights are in the autocast dtype.
-    The weights must not change while it is active. A no-op off CPU or without oneDNN."""
+    pass over the weights, once per generate call, made at a layer's first use (a layer decoding never calls, like
+    ILQL's online Q heads, costs nothing). Under autocast the packed weights are in the autocast dtype, except for a
+    Head with fp32 set. The weights must not change while it is active. A no-op off CPU or without oneDNN."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears or linears[0].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         yield
         return
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else linears[0].weight.dtype
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else linears[0].weight.dtype
+    packed = {}  # module -> (weight, bias)
+
+    def forward(m, dtype, x):
+        if m not in packed:
+            packed[m] = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), batch_size),
+                         None if m.bias is None else m.bias.detach().to(dtype))
+        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *packed[m], "none", [], "")
+
     for m in linears:  # an instance attribute `forward` shadows nn.Linear.forward until deleted
-        weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), batch_size)
-        bias = None if m.bias is None else m.bias.detach().to(dtype)
-        m.forward = functools.partial(_packed_linear, weight, bias, dtype)
+        m.forward = functools.partial(forward, m, torch.float32 if autocast and getattr(m, "fp32", False) else dtype)
     try:
         yield
     finally:

@@ -17,6 +17,11 @@ Choices where public implementations differ:
   a full forward by ~1e-6 in fp32 and ~2e-3 under bf16 (other kernels and shapes), so the first ratio would not be
   exactly 1. The forward is shared with the values (same trunk when critic="shared"), and the sampler/forward gap is
   logged as `lp_gap`: a live check of positions and padding (it should stay ~1e-6 in fp32).
+- Under bf16 autocast the logits and values are computed in fp32 (fp32_heads, model.Head), in the sampler too. A
+  bf16 matmul rounds its output, and GPT-2's logits (about -50 to -150) would carry up to 0.25 nats of rounding per
+  token that moves in steps: ratios and the KL penalty would jump by e^0.25-0.5 where a logit crosses a step, and
+  the sampler would sample a slightly different policy than the one trained. TRL keeps bf16 logits. Cost on CPU
+  (bench.py, 124M): a bf16 iteration 3.06 -> 3.84 s.
 - critic="separate" (default with a reward model): its own GPT, initialised from the reward model with the reward
   head copied into its value head, so values start on the score's scale. OpenAI's lm-human-preferences and the
   "N+ implementation details" reproduction do this and found it better than a head on the policy. It costs one more
@@ -57,7 +62,7 @@ from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_
                     print0, print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup,
                     start_log)
 from data import EOS, decode, load_prompts, pad_left, tokenize_prompt
-from model import GPTConfig, generate, token_logprobs
+from model import GPTConfig, fp32_heads, generate, token_logprobs
 from reward import load_reward_model, score_tokens
 
 
@@ -98,6 +103,8 @@ class Config:
     frozen_bf16: bool = False  # keep reference + reward model in bf16 (half their memory; needs dtype=bfloat16).
     # Off by default: then autocast computes the reference exactly like the policy (first KL exactly 0); on, their
     # LayerNorms/biases round to bf16 and the first KL is ~1e-3. The README's memory table says when it pays.
+    fp32_heads: bool = True  # under bf16 autocast, run lm_head and the value head in fp32 (model.Head): bf16
+    # rounds GPT-2's large logits by up to 0.25 nats, and ratios, KL and the sampler would see that in steps
     compile: bool = False  # torch.compile the policy+critic forward, for the rollout and the update alike (on CPU
     # the first ratio is still exactly 1, tested); the reference stays eager, so the first KL is ~1e-6, not exactly 0
     learning_rate: float = 1e-5  # AdamW (eps 1e-5 as in the N+ details), policy and critic alike
@@ -442,6 +449,9 @@ def main(cfg):
             raise ConfigError("frozen_bf16 needs dtype='bfloat16' (fp32 activations would meet bf16 weights)")
         for m in [ref] + ([rm] if rm is not None else []):
             m.to(torch.bfloat16)
+    for m in (policy, ref, value_model):
+        if m is not None:
+            fp32_heads(m, cfg.fp32_heads)
     ac = ActorCritic(policy, value_model).to(s.device).eval()  # eval mode = dropout off (see docstring)
     for m in (policy, value_model or policy):
         m.grad_checkpointing = cfg.grad_checkpointing
@@ -475,12 +485,13 @@ def main(cfg):
         set_rng_state(ckpt["rng"])
         start = ckpt["step"]
         print0(f"resumed from {ckpt_path} at step {start}")
+    resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
     fwd = torch.compile(ac) if cfg.compile else ac  # the rollout's forward (no DDP: no gradients to sync)
     model = fwd
     if s.ddp:
         model = torch.nn.parallel.DistributedDataParallel(fwd,
                                                           device_ids=[s.local_rank] if "cuda" in s.device else None)
-    log_path = start_log(cfg.out_dir, resume=bool(ckpt)) if s.master else None
+    log_path = start_log(cfg.out_dir, resume) if s.master else None
 
     def log_json(record):
         if s.master:
@@ -491,7 +502,7 @@ def main(cfg):
     penalty = cfg.missing_eos_penalty if cfg.penalize_missing_eos else None
     for step in range(start, cfg.max_iters + 1):
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if do_eval and (step > start or not ckpt):  # a resumed run's first step was evaluated before it stopped
+            if do_eval and (step > start or not resume):  # a resumed run's first step was evaluated before it stopped
                 ev = evaluate(policy, ref, score_fn, eval_prompts, cfg.max_prompt_len, cfg.max_new_tokens,
                               cfg.temperature, cfg.batch_size, step_seed(cfg.seed, -1, s.rank), s.autocast,
                               penalty, cfg.eval_samples, s)

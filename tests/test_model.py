@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from model import (EOS, GPT, GPTConfig, KVCache, cpu_packed_linears, filter_logits, generate, sample_token,
+from model import (EOS, GPT, GPTConfig, Head, KVCache, cpu_packed_linears, filter_logits, fp32_heads, generate,
+                   sample_token,
                    token_logprobs)
 
 transformers = pytest.importorskip("transformers")
@@ -463,6 +464,51 @@ def test_cpu_packed_linears_compute_the_same_and_restore(gpt, dtype):
     with pytest.raises(RuntimeError, match="boom"), cpu_packed_linears(gpt, 2):
         raise RuntimeError("boom")
     assert not any("forward" in vars(m) for m in gpt.modules())
+
+
+def gpt2_sized_logits_head():
+    """A Head whose logits sit around -100 +- 3, as GPT-2's do (a shared offset from one hidden unit), and its input."""
+    g = torch.Generator().manual_seed(0)
+    head = Head(64, 1000, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1000, 64, generator=g) * 0.05)
+        head.weight[:, 0] = -10.0
+    h = torch.randn(32, 64, generator=g)
+    h[:, 0] = 10.0
+    return head, h
+
+
+def test_fp32_head_keeps_large_logits_exact_under_bf16_autocast():
+    """Under bf16 autocast a plain head rounds logits near -100 to bf16's 0.5 spacing: log-probs off by up to 0.25
+    nats. With fp32 set, the head computes in fp32: the same numbers as without autocast."""
+    head, h = gpt2_sized_logits_head()
+    targets = torch.arange(32) * 31
+    exact = torch.log_softmax(h.double() @ head.weight.double().t(), -1)[torch.arange(32), targets]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = token_logprobs(head(h), targets)
+        head.fp32 = True
+        logits = head(h)
+        precise = token_logprobs(logits, targets)
+    assert logits.dtype == torch.float32 and torch.equal(logits, F.linear(h, head.weight))
+    assert (rounded.double() - exact).abs().max() > 0.05  # what fp32 heads are for: this test can fail
+    assert (precise.double() - exact).abs().max() < 1e-4
+
+
+def test_fp32_heads_stay_fp32_in_the_packed_sampler(gpt):
+    """fp32_heads(model) under bf16 autocast: lm_head packed for generate computes in fp32 too (the sampler samples
+    the policy that is trained), while the blocks stay bf16."""
+    model = copy.deepcopy(gpt)
+    fp32_heads(model)
+    assert model.lm_head.fp32 and all(not getattr(m, "fp32", False) for m in model.h.modules())
+    tokens, mask = left_pad([rand_tokens(6, seed=30).tolist(), rand_tokens(3, seed=31).tolist()])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model(tokens, mask)
+        plain = model.lm_head(h)
+        with cpu_packed_linears(model, 2):
+            packed, qkv = model.lm_head(h), model.h[0].attn.c_attn(h)
+    assert plain.dtype == packed.dtype == torch.float32 and qkv.dtype == torch.bfloat16
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert not fp32_heads(model, on=False).lm_head.fp32  # and off again
 
 
 def test_sharded_generate_equals_one_batch(gpt):

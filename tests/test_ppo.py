@@ -15,7 +15,7 @@ import torch
 
 from common import Setup, load_checkpoint, save_checkpoint
 from data import EOS
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, fp32_heads
 from common import check_scores, load_reward_fn
 from ppo import (ActorCritic, AdaptiveKLController, Config, compute_rewards, forward_rollout, gae,
                  main, ppo_losses, ppo_update, reward_fn_scorer, reward_model_scorer, rollout,
@@ -188,13 +188,14 @@ def test_adaptive_kl_controller():
 
 
 # ----------------------------------------------------------------------------- rollout / training invariants
-@pytest.mark.parametrize("dtype,compiled", [("float32", False), ("bfloat16", False), ("float32", True)])
-def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled):
+@pytest.mark.parametrize("dtype,compiled,fp32", [("float32", False, True), ("bfloat16", False, True),
+                                                 ("bfloat16", False, False), ("float32", True, True)])
+def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled, fp32):
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
     s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=autocast)
-    policy = biased_gpt(THE, 4.0, heads={"value": 1})
+    policy = fp32_heads(biased_gpt(THE, 4.0, heads={"value": 1}), fp32)  # as main does with fp32_heads
     ac = ActorCritic(policy).eval()  # as in main: eval mode = dropout off
-    ref = biased_gpt(THE, 4.0)
+    ref = fp32_heads(biased_gpt(THE, 4.0), fp32)
     ref.load_state_dict(policy.state_dict(), strict=False)  # the same weights: KL must be exactly 0
     ref.requires_grad_(False)  # frozen, as in main (on CPU this once changed matmul's kernel choice)
     cfg = Config(temperature=0.7, ppo_epochs=2, minibatch_size=4, grad_accum=2, learning_rate=1e-3)
@@ -206,7 +207,9 @@ def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled
     f = forward_rollout(fwd, ref, r["tokens"], r["mask"], r["P"], cfg.temperature, 2, autocast)
     rm = r["response_mask"].bool()
     # The sampler's logprobs (KV cache, temperature 0.7, left padding) equal a full forward's, up to kernel noise.
-    tol = 1e-5 if dtype == "float32" else 0.1
+    # bf16: other kernels and shapes in the trunk; the fp32 heads take away the logits' own rounding (measured
+    # 6e-4 with them, 2.8e-3 without, on these small logits; test_model shows the GPT-2-sized case)
+    tol = 1e-5 if dtype == "float32" else 2e-3 if fp32 else 0.1
     assert (r["gen_logprobs"] - f["logprobs"])[rm].abs().max() < tol
     if compiled:  # the reference runs eager: policy == reference to rounding only
         torch.testing.assert_close(f["logprobs"][rm], f["ref_logprobs"][rm], atol=1e-5, rtol=0)
