@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from common import ConfigError, load_model, parse_config, print_config, setup
+from common import ConfigError, load_model, print_config, run_main, setup
 from model import EOS, generate
 from reward import load_reward_model, score
 from sample import read_prompts
@@ -200,4 +200,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_main(main, Config)

@@ -15,7 +15,7 @@ import torch
 
 import data
 import label
-from common import save_checkpoint
+from common import parse_config, save_checkpoint
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def args(files, out, *extra):
 
 def run_main(argv, answers, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO(answers))
-    counts = label.main(label.parse_config(label.Config, argv))
+    counts = label.main(parse_config(label.Config, argv))
     return counts, capsys.readouterr().out
 
 

@@ -452,6 +452,16 @@ def test_bad_input_on_the_command_line_is_one_error_line(tmp_path, art, case):
     assert checkpoint_files(out) == before
 
 
+@pytest.mark.parametrize("script,arg,message", [("demo", "--nope=1", r"unknown config key 'nope'"),
+                                                 ("label", "--temperature=abc", r"'abc' is not a valid float")])
+def test_bad_value_for_demo_and_label_is_one_error_line(script, arg, message):
+    """The two entry points that are not trainers end the same way: status 2, one `error:` line, no traceback."""
+    r = subprocess.run([sys.executable, f"{script}.py", arg], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search("^error: .*" + message, r.stderr.strip().splitlines()[-1]), r.stderr
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_prompt_longer_than_the_context_is_cut_not_fatal(tmp_path, art, script):
     """A ~2,400-token prompt with a 64-token context: every entry point keeps the prompt's end and runs (this also
