@@ -207,6 +207,7 @@ def main(cfg):
         start_step, best_eval_acc = ckpt["step"], ckpt.get("best_eval_acc", -1.0)
         set_rng_state(ckpt["rng"])
         print0(f"resuming from {ckpt_path} at step {start_step}")
+    ckpt = None  # free the CPU copy of the weights and optimizer state
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
 
     # ------------------------------------------------------------------------- eval, normalisation, checkpoints

@@ -175,6 +175,7 @@ def main(cfg):
         start_step, best_eval_loss = ckpt["step"], ckpt.get("best_eval_loss", float("inf"))
         set_rng_state(ckpt["rng"])
         print0(f"resuming from {ckpt_path} at step {start_step}")
+    ckpt = None  # free the CPU copy of the weights and optimizer state
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
 
     # ------------------------------------------------------------------------- eval, samples, checkpoints
