@@ -208,13 +208,13 @@ def main():
                 for v in variants:
                     name = "TRL" + (" bf16=True" if dtype != "float32" else "") + (" + autocast" if v else "")
                     rows.append((dtype + ("" if h else ", bf16 heads"), name, t["ours", h], t["TRL", v]))
-    print(f"\n{'ours':<20}{'TRL variant':<25}{'ours best':>10}{'TRL best':>9}{'TRL/ours':>9}"
+    print(f"\n{'ours':<22}{'TRL variant':<25}{'ours best':>10}{'TRL best':>9}{'TRL/ours':>9}"
           f"{'ours med':>9}{'TRL med':>8}{'TRL/ours':>9}")
     print("(seconds per iteration; the ratios: of the two bests, and the median of each TRL run / the ours run "
           "just before it)")
     for dtype, name, ours, ref in rows:
         paired = statistics.median(r / o for o, r in zip(ours, ref))  # ours and TRL ran back to back
-        print(f"{dtype:<20}{name:<25}{min(ours):>10.3f}{min(ref):>9.3f}{min(ref) / min(ours):>8.2f}x"
+        print(f"{dtype:<22}{name:<25}{min(ours):>10.3f}{min(ref):>9.3f}{min(ref) / min(ours):>8.2f}x"
               f"{statistics.median(ours):>9.3f}{statistics.median(ref):>8.3f}{paired:>8.2f}x")
 
 

@@ -127,13 +127,13 @@ class MLP(nn.Module):
 
 
 class Head(nn.Linear):
-    """The linear layers that make the model's outputs: lm_head and the `heads`. With `fp32 = True` (set by ppo.py
-    and ilql.py) they compute in fp32 even under bf16 autocast. Why: a bf16 matmul rounds its output, and GPT-2's
-    logits are large (about -50 to -150), where bf16's spacing is 0.25-0.5. Each token's log-prob is then off by up
-    to half of that, and not smoothly: a tiny update moves a logit across a rounding step or not at all, so PPO's
-    ratios and the KL penalty jump in steps of e^0.25-0.5, and a sampler on such logits samples a different policy
-    than the one trained. The LM head is 31% of GPT-2 124M's weights, so this costs speed: on this CPU an fp32
-    logits matmul takes 1.7x (16 rows) to 2.7x (256 rows) a bf16 one."""
+    """The linear layers that make the model's outputs: lm_head and the `heads`. With `fp32 = True` (set by ppo.py;
+    demo.py evaluates with it) they compute in fp32 even under bf16 autocast. Why: a bf16 matmul rounds its output, and
+    GPT-2's logits are large (about -50 to -150), where bf16's spacing is 0.25-0.5. Each token's log-prob is then off by
+    up to half of that, and not smoothly: a tiny update moves a logit across a rounding step or not at all, so PPO's
+    ratios and the KL penalty jump in steps of e^0.25-0.5, and a sampler on such logits samples a different policy than
+    the one trained. The LM head is 31% of GPT-2 124M's weights, so this costs speed: on this CPU an fp32 logits matmul
+    takes 1.7x (16 rows) to 2.7x (256 rows) a bf16 one."""
     fp32 = False
 
     def forward(self, x):
@@ -407,11 +407,11 @@ def cpu_packed_linears(model, batch_size):
     dtype = torch.get_autocast_dtype("cpu") if autocast else linears[0].weight.dtype
     packed = {}  # module -> (weight, bias)
 
-    def forward(m, dtype, x):
+    def forward(m, as_dtype, x):
         if m not in packed:
-            packed[m] = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), batch_size),
-                         None if m.bias is None else m.bias.detach().to(dtype))
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), *packed[m], "none", [], "")
+            packed[m] = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(as_dtype), batch_size),
+                         None if m.bias is None else m.bias.detach().to(as_dtype))
+        return torch.ops.mkldnn._linear_pointwise(x.to(as_dtype), *packed[m], "none", [], "")
 
     for m in linears:  # an instance attribute `forward` shadows nn.Linear.forward until deleted
         m.forward = functools.partial(forward, m, torch.float32 if autocast and getattr(m, "fp32", False) else dtype)

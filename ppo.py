@@ -14,14 +14,15 @@ beta follows the adaptive KL controller of Ziegler et al. 2019 (or stays fixed w
 
 Choices where public implementations differ:
 - Old logprobs come from one no-grad forward (3), not from the sampler. The KV-cache sampler's logprobs differ from
-  a full forward by ~1e-6 in fp32 and ~2e-3 under bf16 (other kernels and shapes), so the first ratio would not be
-  exactly 1. The forward is shared with the values (same trunk when critic="shared"), and the sampler/forward gap is
-  logged as `lp_gap`: a live check of positions and padding (it should stay ~1e-6 in fp32).
+  a full forward by ~1e-6 in fp32 and 0.004-0.06 under bf16 (the largest per batch, in the demo: other kernels and
+  shapes, bf16 attention scores in the forward), so the first ratio would not be exactly 1. The forward is shared
+  with the values (same trunk when critic="shared"), and the sampler/forward gap is logged as `lp_gap`: a live
+  check of positions and padding (it should stay ~1e-6 in fp32).
 - Under bf16 autocast the logits and values are computed in fp32 (fp32_heads, model.Head), in the sampler too. A
   bf16 matmul rounds its output, and GPT-2's logits (about -50 to -150) would carry up to 0.25 nats of rounding per
   token that moves in steps: ratios and the KL penalty would jump by e^0.25-0.5 where a logit crosses a step, and
   the sampler would sample a slightly different policy than the one trained. TRL keeps bf16 logits. Cost on CPU
-  (bench.py, 124M): a bf16 iteration 3.06 -> 3.84 s.
+  (bench.py, 124M): +25-39% per bf16 iteration.
 - critic="separate" (default with a reward model): its own GPT, initialised from the reward model with the reward
   head copied into its value head, so values start on the score's scale. OpenAI's lm-human-preferences and the
   "N+ implementation details" reproduction do this and found it better than a head on the policy. It costs one more
@@ -408,6 +409,8 @@ def main(cfg):
         raise ConfigError(f"critic must be 'separate' or 'shared', not {cfg.critic!r}")
     if critic == "separate" and not (cfg.reward_model or cfg.critic_init_from):
         raise ConfigError("critic='separate' needs a reward_model or critic_init_from to initialise the critic")
+    if critic == "shared" and cfg.critic_init_from:
+        raise ConfigError("critic_init_from is the separate critic's start; critic='shared' has none (drop one)")
     if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.grad_accum:
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
                           f"({cfg.minibatch_size}), itself a multiple of grad_accum ({cfg.grad_accum})")

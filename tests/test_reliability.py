@@ -404,6 +404,8 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
                                              r"ckpt\.pt: is a 'sft' checkpoint, expected 'reward'",
                                              {"ckpt.pt": "sft_ckpt"}),
     "ppo-resume-without-checkpoint": ("ppo", ["--init_from=resume"], r"checkpoint '.*ckpt\.pt' not found", {}),
+    "ppo-shared-critic-with-critic-init": ("ppo", ["--critic=shared", "--critic_init_from={sft_ckpt}"],
+                                           r"critic_init_from is the separate critic's start", {}),
     "sample-ilql-beta-on-an-sft-checkpoint": ("sample", ["--beta=1"], r"is not an ilql checkpoint", {}),
     # reward functions that cannot be found
     **{f"{s}-reward-fn-{what}": (s, [f"--reward_fn={spec}"], message, {})
