@@ -96,6 +96,7 @@ class Config:
     max_iters: int = 100  # optimizer steps
     learning_rate: float = 1e-4  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decay to min_lr_ratio * learning_rate (1.0 = constant)
+    lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
     warmup_iters: int = 10  # linear warmup steps
     weight_decay: float = 0.0  # AdamW weight decay on matrices
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
@@ -432,7 +433,7 @@ def main(cfg):
     metrics = {}
     for step in range(start_step, cfg.max_iters):
         t0 = time.time()
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
+        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = batch_indices(step, global_batch, len(train_items), cfg.seed)

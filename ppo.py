@@ -111,6 +111,7 @@ class Config:
     learning_rate: float = 1e-5  # AdamW (eps 1e-5 as in the N+ details), policy and critic alike
     warmup_iters: int = 0  # linear warmup iterations
     min_lr_ratio: float = 1.0  # cosine decay to this fraction of learning_rate at max_iters; 1 = constant
+    lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
     weight_decay: float = 0.0  # AdamW, on matrices only
     grad_clip: float = 1.0  # max global grad norm
     cliprange: float = 0.2  # ratio clip
@@ -525,7 +526,7 @@ def main(cfg):
         if step == cfg.max_iters:
             break
         t0, timer = time.perf_counter(), PhaseTimer(s.device)
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio)
+        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # the global batch's prompts and one generator seed on every rank; each rank samples its rows rank::world_size

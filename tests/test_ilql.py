@@ -289,9 +289,11 @@ def run_cfg(tmp_path, name, **kw):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    full = ilql.main(run_cfg(tmp_path, "full"))
-    ilql.main(run_cfg(tmp_path, "part", max_iters=2))
-    part = ilql.main(run_cfg(tmp_path, "part", init_from="resume"))
+    # a cosine schedule over lr_decay_iters: stopping at step 3 and resuming keeps it (max_iters alone would not)
+    kw = dict(min_lr_ratio=0.1, lr_decay_iters=4)
+    full = ilql.main(run_cfg(tmp_path, "full", **kw))
+    ilql.main(run_cfg(tmp_path, "part", max_iters=3, **kw))
+    part = ilql.main(run_cfg(tmp_path, "part", init_from="resume", **kw))
     a = load_checkpoint(str(tmp_path / "full" / "ckpt.pt"), "ilql")
     b = load_checkpoint(str(tmp_path / "part" / "ckpt.pt"), "ilql")
     assert a["step"] == b["step"] == 4
