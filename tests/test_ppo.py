@@ -378,8 +378,9 @@ def test_learning_with_reward_model(tmp_path, prompts_file):
 
 
 def test_resume_is_exact(tmp_path, prompts_file):
+    # a cosine schedule over lr_decay_iters, which the stops at 2 and 3 must keep
     kw = dict(reward_fn="tests.test_ppo:count_the", batch_size=4, minibatch_size=2, max_new_tokens=6,
-              target_kl=3.0, kl_horizon=100, min_lr_ratio=0.1, lr_decay_iters=4)  # a cosine schedule the stops must keep
+              target_kl=3.0, kl_horizon=100, min_lr_ratio=0.1, lr_decay_iters=4)
     full = run_cfg(tmp_path, prompts_file, max_iters=4, **kw)
     main(full)
     part = run_cfg(tmp_path, prompts_file, max_iters=2, out_dir=str(tmp_path / "part"), **kw)
