@@ -275,13 +275,14 @@ def bench_ppo(cfg, gpt):
     print(f"{'dtype':<22}{'generate':>10}{'score':>8}{'forward':>9}{'update':>8}{'total':>8}{'tok/s':>8}  peak RSS")
     out = {}
     # bf16 also once with ppo.py's fp32_heads off: what the fp32 logits and values cost
-    runs = [(d, True) for d in cfg.dtypes.split(",")] + [("bfloat16", False)] * ("bfloat16" in cfg.dtypes.split(","))
+    dtypes = cfg.dtypes.split(",")
+    runs = [(d, True) for d in dtypes] + ([("bfloat16", False)] if "bfloat16" in dtypes else [])
     with tempfile.TemporaryDirectory() as tmp:
         prompts = os.path.join(tmp, "prompts.jsonl")
         with open(prompts, "w") as f:
             f.writelines('{"prompt": "%s"}\n' % " ".join(["word"] * 16) for _ in range(64))
         for dtype, fp32_heads in runs:
-            name = dtype if fp32_heads or dtype != "bfloat16" else "bfloat16, bf16 heads"
+            name = dtype if fp32_heads else "bfloat16, bf16 heads"
             ppo_cfg = dict(
                 init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                 block_size=cfg.block_size, reward_model="", reward_fn="bench:count_reward", data=prompts,

@@ -347,7 +347,7 @@ def token_logprobs(logits, targets, temperature=1.0):
 
 
 def filter_logits(logits, top_k=None, top_p=None):
-    """Set logits outside the top-k / nucleus (top-p) set to -inf."""
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. Returns `logits` itself when neither is set."""
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -386,8 +386,8 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     u = torch.minimum(u, total.nextafter(torch.zeros_like(u)))
     # NaN logits make a NaN cdf and searchsorted answer V (out of range): clamp, so generate can name the problem
     tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
-    unfiltered = not top_k and (top_p is None or top_p >= 1.0)  # filter_logits changed nothing
-    lse = (top + total.log()).squeeze(-1) if unfiltered else torch.logsumexp(scaled, -1)
+    # nothing filtered (filter_logits returned its input): the CDF's total is the softmax's normaliser
+    lse = (top + total.log()).squeeze(-1) if filtered is scaled else torch.logsumexp(scaled, -1)
     return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - lse
 
 
