@@ -60,6 +60,16 @@ def decode(ids) -> str:
         ids = ids.tolist()
     return get_tokenizer().decode(ids)
 
+
+def decode_responses(responses, response_mask) -> list[str]:
+    """Sampled responses (B, N) -> B strings: each row's tokens where response_mask is 1, without the EOS that ends
+    it (model.generate's response mask includes that EOS)."""
+    texts = []
+    for row, m in zip(responses.tolist(), response_mask.tolist()):
+        row = row[:sum(m)]
+        texts.append(decode(row[:-1] if row and row[-1] == EOS else row))
+    return texts
+
 # -----------------------------------------------------------------------------
 # loading rows through `datasets`
 
@@ -71,7 +81,7 @@ class DataError(ValueError):
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(source: str, split: str = "train", subset: str | None = None) -> list[dict]:
+def load_rows(source: str, split: str = "train", subset: str = "") -> list[dict]:
     """Rows of a local file (its whole content is the "train" split), a local directory of such files, or a hub
     dataset. `split` accepts datasets' slicing syntax, e.g. "train[:90%]" / "train[90%:]"."""
     if not source:
@@ -91,7 +101,7 @@ def load_rows(source: str, split: str = "train", subset: str | None = None) -> l
     elif ext in BUILDERS or source.startswith((".", os.sep)):
         raise DataError(f"{source}: no such file or directory")
     else:
-        args, kwargs, json_files = (source, subset), {}, []
+        args, kwargs, json_files = (source, subset or None), {}, []
     try:
         return datasets.load_dataset(*args, split=split, **kwargs).to_list()
     except Exception as e:
@@ -266,7 +276,7 @@ def _no_format(source: str, keys: set, expected: str) -> DataError:
     return DataError(f"{source}: row 1: unknown format, expected fields {expected}, got {sorted(keys)}")
 
 
-def load_sft(source, split="train", subset=None, skip_bad=False) -> list[SFTExample]:
+def load_sft(source, split="train", subset="", skip_bad=False) -> list[SFTExample]:
     """Rows with prompt/completion, or with only `text` (prompt = "": the whole text is the target)."""
     rows, keys = _rows_and_keys(source, split, subset)
     if "completion" in keys:
@@ -278,7 +288,7 @@ def load_sft(source, split="train", subset=None, skip_bad=False) -> list[SFTExam
     return _parse_rows(rows, source, parse, skip_bad)
 
 
-def load_preferences(source, split="train", subset=None, skip_bad=False) -> list[PrefExample]:
+def load_preferences(source, split="train", subset="", skip_bad=False) -> list[PrefExample]:
     """prompt/chosen/rejected; HH-style chosen/rejected dialogues with an implicit prompt; or TL;DR comparisons
     (openai/summarize_from_feedback "comparisons": info, summaries, choice)."""
     rows, keys = _rows_and_keys(source, split, subset)
@@ -293,7 +303,7 @@ def load_preferences(source, split="train", subset=None, skip_bad=False) -> list
     return _parse_rows(rows, source, parse, skip_bad)
 
 
-def load_prompts(source, split="train", subset=None, skip_bad=False, field=None) -> list[str]:
+def load_prompts(source, split="train", subset="", skip_bad=False, field=None) -> list[str]:
     r"""Prompts from a `prompt` column (or `field`), from HH dialogues (the text up to and including the last
     "\n\nAssistant:" of `chosen`) or from TL;DR rows (`info`). Empty prompts are bad rows."""
     rows, keys = _rows_and_keys(source, split, subset)
@@ -308,7 +318,7 @@ def load_prompts(source, split="train", subset=None, skip_bad=False, field=None)
     return _parse_rows(rows, source, parse, skip_bad)
 
 
-def load_offline(source, split="train", subset=None, skip_bad=False) -> list[OfflineExample]:
+def load_offline(source, split="train", subset="", skip_bad=False) -> list[OfflineExample]:
     """Rows with prompt/response/reward (reward a finite int or float)."""
     rows, keys = _rows_and_keys(source, split, subset)
     if not {"response", "reward"} <= keys:

@@ -9,13 +9,15 @@ GPT-2 written out in plain PyTorch, with the few extras RLHF needs.
   the reverse, a folder `transformers.GPT2LMHeadModel.from_pretrained` loads with identical logits.
 - `generate`: batched sampling of left-padded prompts with a preallocated KV cache; returns the sampled tokens'
   logprobs (fp32, `log_softmax(logits / temperature)`) and a response mask that ends at each row's first EOS.
+
+Everything here is plain PyTorch. On CPU, speedups.py swaps in faster versions of `attention`, `KVCache`,
+`prepared_for_decoding` and `sample_token` (tests/test_speedups.py holds them to the results of the ones here).
 """
 
-import functools
 import json
 import math
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,65 +56,46 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0  # slots filled so far
-        self.kv = {}  # layer index -> (k, v), each (B, nh, max_len, hs); allocated at first use (fp32 on CPU)
+        self.kv = {}  # layer index -> (k, v), each (B, nh, max_len, hs), allocated at first use
+
+    def update(self, layer, k, v):
+        """Write k, v (B, nh, T, hs) into the slots after the cached ones; return all keys and values so far."""
+        if layer not in self.kv:
+            shape = (*k.shape[:2], self.key_mask.shape[1], k.shape[3])
+            self.kv[layer] = (k.new_empty(shape), v.new_empty(shape))
+        k_buf, v_buf = self.kv[layer]
+        L, T = self.length, k.shape[2]
+        k_buf[:, :, L:L + T] = k
+        v_buf[:, :, L:L + T] = v
+        return k_buf[:, :, :L + T], v_buf[:, :, :L + T]  # (B, nh, L+T, hs)
+
+
+def attention(q, k, v, attn_mask, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs)) v. q (B, nh, T, hs), k and v (B, nh, S, hs); attn_mask (B, 1, T, S) bool, True =
+    may attend, or None = causal."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                          dropout_p=dropout_p)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
+        self.n_head, self.layer = config.n_head, layer
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask, cache=None, layer=0):
+    def forward(self, x, attn_mask, cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
-            if layer not in cache.kv:
-                shape = (B, self.n_head, cache.key_mask.shape[1], C // self.n_head)
-                # fp32 on CPU even under bf16 autocast: there, SDPA's bf16 kernel for a one-token query is ~6x
-                # slower than its fp32 one (bench.py --profile); the cache is small next to the weights
-                dtype = torch.float32 if k.device.type == "cpu" else k.dtype
-                cache.kv[layer] = (k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype))
-            k_buf, v_buf = cache.kv[layer]
-            L = cache.length
-            k_buf[:, :, L:L + T] = k
-            v_buf[:, :, L:L + T] = v
-            q, k, v = q.to(k_buf.dtype), k_buf[:, :, :L + T], v_buf[:, :, :L + T]  # (B, nh, L+T, hs)
-        dropout = self.dropout if self.training else 0.0
-        if cache is None and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 512:
-            y = matmul_attention(q, k, v, attn_mask, dropout)
-        else:
-            # CPU decoding attends in fp32 against the fp32 cache, outside autocast: under it SDPA would cast the
-            # whole cache to bf16 at every step and run a bf16 kernel, together ~17x slower for a one-token query
-            fp32_attention = cache is not None and q.device.type == "cpu"
-            with torch.autocast("cpu", enabled=False) if fp32_attention else nullcontext():
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                                   dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C).to(x.dtype)
+            k, v = cache.update(self.layer, k, v)  # (B, nh, L+T, hs): the cached tokens, then these
+        y = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
-
-
-def matmul_attention(q, k, v, attn_mask=None, dropout_p=0.0):
-    """softmax(q k^T / sqrt(hs), masked) v as two matmuls around an fp32 softmax, for bf16 on CPU up to 512 tokens,
-    where PyTorch's CPU flash-attention kernel is slow: forward + backward of one GPT-2 124M layer's attention in
-    bf16 take 71 vs 29 ms at 16 x 256 tokens (bench.py's SFT step), 60 vs 15 ms at 64 x 64, 122 vs 60 ms at 8 x 512,
-    140 vs 113 ms at 4 x 1024. The limit is memory: this keeps the T x T weights for backward (6 bytes each, per
-    head), at 512 tokens already more than the rest of a layer's activations. attn_mask: bool, True = may attend;
-    None = causal. Under autocast the scores are bf16, as in HF's eager attention; the softmax is fp32."""
-    T, S = q.shape[-2], k.shape[-2]
-    if attn_mask is None:
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    # the mask as an additive bias (its backward is free, masked_fill's is another T x T pass), the scale on q (T x hs
-    # numbers, not T x T; exact for GPT-2's head size 64)
-    bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
-    att = ((q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1) + bias).softmax(-1, dtype=torch.float32)
-    att = F.dropout(att, dropout_p) if dropout_p > 0 else att
-    return att.to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -127,13 +110,12 @@ class MLP(nn.Module):
 
 
 class Head(nn.Linear):
-    """The linear layers that make the model's outputs: lm_head and the `heads`. With `fp32 = True` (set by ppo.py;
-    demo.py evaluates with it) they compute in fp32 even under bf16 autocast. Why: a bf16 matmul rounds its output, and
-    GPT-2's logits are large (about -50 to -150), where bf16's spacing is 0.25-0.5. Each token's log-prob is then off by
-    up to half of that, and not smoothly: a tiny update moves a logit across a rounding step or not at all, so PPO's
-    ratios and the KL penalty jump in steps of e^0.25-0.5, and a sampler on such logits samples a different policy than
-    the one trained. The LM head is 31% of GPT-2 124M's weights, so this costs speed: on this CPU an fp32 logits matmul
-    takes 1.7x (16 rows) to 2.7x (256 rows) a bf16 one."""
+    """The linear layers that make the model's outputs: lm_head and the `heads`. With `fp32 = True` (fp32_heads) they
+    compute in fp32 even under bf16 autocast. Why: a bf16 matmul rounds its output, and GPT-2's logits are large
+    (about -50 to -150), where bf16's spacing is 0.25-0.5. Each token's log-prob is then off by up to half of that, and
+    not smoothly: a tiny update moves a logit across a rounding step or not at all, so PPO's ratios and KL penalty
+    jump, and a sampler on such logits samples another policy than the one trained. The price is speed: lm_head is
+    the largest matrix of a small GPT-2."""
     fp32 = False
 
     def forward(self, x):
@@ -152,15 +134,15 @@ def fp32_heads(model, on=True):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+    def forward(self, x, attn_mask, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -172,13 +154,12 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.lm_head = Head(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
         self.heads = nn.ModuleDict({name: Head(config.n_embd, size) for name, size in config.heads.items()})
-        # recompute each block in backward: less activation memory for one more forward of the blocks (measured:
-        # +8% on a 124M bf16 SFT step on CPU)
+        # recompute each block in backward: less activation memory for one more forward of the blocks
         self.grad_checkpointing = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -236,11 +217,11 @@ class GPT(nn.Module):
             attn_mask = (causal[None] & keys[:, None, :]) | (k_at[None, :] == q_at[:, None])[None]
             attn_mask = attn_mask[:, None]  # (B, 1, T, L+T)
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        for i, block in enumerate(self.h):
+        for block in self.h:
             if self.grad_checkpointing and torch.is_grad_enabled():  # not .training: PPO trains in eval mode
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
-                x = block(x, attn_mask, cache, i)
+                x = block(x, attn_mask, cache)
         if cache is not None:
             cache.length += T
             cache.n_real = n_real + mask.sum(-1)
@@ -363,66 +344,31 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     """One token per row, and its logprob: log_softmax(logits / temperature) at that token, before top-k/top-p
     filtering (temperature 0, greedy: of the plain logits), i.e. what a training forward with that temperature
     scores. Returns tokens (B,) and logprobs (B,) fp32.
-    Sampling inverts the CDF: one uniform u per row, the token is the first whose cumulative probability exceeds
-    u * total. On CPU this is ~2-3x faster than a race over the vocabulary (Gumbel-max / exponential race need one
-    random number per vocabulary entry, and CPU random numbers are slow); torch.multinomial, which draws through
-    `exponential_`, is slower still. The fp32 cumsum accumulates in fp64 on CPU, so its total is exact to fp32
-    rounding, far below the logits' own. Unfiltered, that total is the softmax's normaliser, so the logprob takes
-    no second pass over the vocabulary (logsumexp's: 0.4 ms of a 19 ms bf16 decoding step, GPT-2 124M, batch 16).
-    shard=(i, n): these rows are rows i::n of a batch n times larger; the uniforms of that whole batch are drawn and
-    rows i::n kept, so n ranks sharing one generator seed sample exactly what one process would sample for the batch."""
+    Sampling inverts the CDF with one uniform number per row. shard=(i, n): these rows are rows i::n of a batch n
+    times larger; the uniforms of that whole batch are drawn and rows i::n kept, so n ranks sharing one generator
+    seed sample exactly what one process samples for the whole batch."""
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
-        return tok, logits.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    scaled = logits / temperature if temperature != 1 else logits
-    filtered = filter_logits(scaled, top_k, top_p)
-    top = filtered.amax(-1, keepdim=True)
-    cdf = (filtered - top).exp_().cumsum_(-1)  # unnormalised; filtered tokens add 0
-    total = cdf[:, -1:]
-    i, n = shard or (0, 1)
-    u = torch.rand(logits.shape[0] * n, 1, generator=generator, device=logits.device)[i::n] * total
-    # u < total, so the first entry above u has probability > 0 (a filtered token never comes out)
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(u)))
-    # NaN logits make a NaN cdf and searchsorted answer V (out of range): clamp, so generate can name the problem
-    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
-    # nothing filtered (filter_logits returned its input): the CDF's total is the softmax's normaliser
-    lse = (top + total.log()).squeeze(-1) if filtered is scaled else torch.logsumexp(scaled, -1)
-    return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - lse
+    else:
+        logits = logits / temperature
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)  # 0 outside top-k / top-p
+        cdf = probs.cumsum(-1)
+        cdf = cdf / cdf[:, -1:]  # ends at exactly 1, and a token of probability 0 never comes first above u < 1
+        i, n = shard or (0, 1)
+        u = torch.rand(logits.shape[0] * n, 1, generator=generator, device=logits.device)[i::n]  # (B, 1) in [0, 1)
+        # the first token whose cumulative probability exceeds u (NaN logits: clamped, generate names the problem)
+        tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
 
 
 @contextmanager
-def cpu_packed_linears(model, batch_size):
-    """While active, every nn.Linear of `model` multiplies with its weight laid out once, up front, for oneDNN's
-    GEMM, instead of the plain layout that F.linear hands to the BLAS at every call. For decoding on CPU (x is
-    batch x 768) this halves the time of a GPT-2 124M step in fp32 and bf16 (bench.py); packing costs roughly one
-    pass over the weights, once per generate call, made at a layer's first use (a layer decoding never calls, like
-    ILQL's online Q heads, costs nothing). Under autocast the packed weights are in the autocast dtype, except for a
-    Head with fp32 set. The weights must not change while it is active. A no-op off CPU or without oneDNN."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears or linears[0].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        yield
-        return
-    autocast = torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu") if autocast else linears[0].weight.dtype
-    packed = {}  # module -> (weight, bias)
-
-    def forward(m, as_dtype, x):
-        if m not in packed:
-            packed[m] = (torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(as_dtype), batch_size),
-                         None if m.bias is None else m.bias.detach().to(as_dtype))
-        return torch.ops.mkldnn._linear_pointwise(x.to(as_dtype), *packed[m], "none", [], "")
-
-    for m in linears:  # an instance attribute `forward` shadows nn.Linear.forward until deleted
-        m.forward = functools.partial(forward, m, torch.float32 if autocast and getattr(m, "fp32", False) else dtype)
-    try:
-        yield
-    finally:
-        for m in linears:
-            del m.forward
+def prepared_for_decoding(model, batch_size):
+    """What generate holds while it decodes: nothing here. speedups.py puts the CPU's packed weights here."""
+    yield
 
 
-@torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step (RLHF_NOTES)
+@torch.no_grad()  # not inference_mode: under it, autocast casts every weight again at every step
 def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
              eos_id=EOS, logits_fn=None, shard=None):
     """Sample continuations of left-padded prompts `tokens`/`mask` (B, P).
@@ -441,8 +387,8 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, t
     cache = KVCache(B, P + max_new_tokens, tokens.device)
     done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     out, logprobs, resp_mask = [], [], []
-    with cpu_packed_linears(raw, B):
-        h = raw(tokens, mask, cache=cache)[:, -1]  # prefill
+    with prepared_for_decoding(raw, B):
+        h = raw(tokens, mask, cache=cache)[:, -1]  # prefill: the whole prompt in one forward
         for _ in range(max_new_tokens):
             tok, lp = sample_token(logits_fn(h), temperature, top_k, top_p, generator, shard)
             tok = tok.masked_fill(done, eos_id)

@@ -26,7 +26,9 @@ Public API for other scripts: score_tokens, load_reward_model, score, bt_loss.
     torchrun --standalone --nproc_per_node=8 reward.py config/reward_hh_gpt2.py
 """
 
+import importlib
 import math
+import numbers
 import os
 import time
 from contextlib import nullcontext
@@ -122,6 +124,61 @@ def score(model, prompts, responses, batch_size=16, max_prompt_len=None, max_len
         tokens, mask = pad_right(seqs[i:i + batch_size])
         scores += score_tokens(model, tokens.to(device), mask.to(device)).tolist()
     return scores
+
+
+def load_reward_fn(spec):
+    """"module:function" -> the function; a ConfigError naming reward_fn and the problem otherwise."""
+    module_name, sep, fn_name = spec.partition(":")
+    if not sep or not module_name or not fn_name:
+        raise ConfigError(f"reward_fn {spec!r}: expected 'module:function', e.g. 'my_rewards:score'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
+                          f"is it on PYTHONPATH?") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward_fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def check_scores(scores, n, name):
+    """What a reward_fn returned -> (n,) fp32 tensor, or a ValueError saying what is wrong with it."""
+    if hasattr(scores, "tolist"):  # torch / numpy arrays
+        scores = scores.tolist()
+    if not isinstance(scores, (list, tuple)):
+        raise ValueError(f"reward_fn {name!r} returned a {type(scores).__name__}; expected a list of {n} floats")
+    if len(scores) != n:
+        raise ValueError(f"reward_fn {name!r} returned {len(scores)} scores for {n} responses")
+    for i, x in enumerate(scores):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x!r} ({type(x).__name__}), not a number")
+        if not math.isfinite(x):
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, not a finite number")
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def make_scorer(reward_model="", reward_fn="", device="cpu", autocast=nullcontext, batch_size=None):
+    """The score of sampled responses, for RL: score_fn(prompts, texts, tokens, mask) -> (B,) fp32 scores, from
+    exactly one of a reward model checkpoint (read at each row's last real token of tokens/mask = prompt + response,
+    in batches of batch_size rows) or a Python reward_fn "module:function", f(prompts, responses) -> list of floats
+    (trlx style). Returns (score_fn, the reward model or None)."""
+    if bool(reward_model) == bool(reward_fn):
+        raise ConfigError("set exactly one of reward_model (a reward.py checkpoint) and reward_fn ('module:function')")
+    if reward_fn:
+        fn = load_reward_fn(reward_fn)
+
+        def score_fn(prompts, texts, tokens, mask):
+            return check_scores(fn(list(prompts), list(texts)), len(texts), reward_fn).to(tokens.device)
+        return score_fn, None
+    rm = load_reward_model(reward_model, device)
+
+    @torch.no_grad()
+    def score_fn(prompts, texts, tokens, mask):
+        size = batch_size or len(tokens)
+        with autocast():
+            return torch.cat([score_tokens(rm, t, m).float() for t, m in zip(tokens.split(size), mask.split(size))])
+    return score_fn, rm
 
 
 def bt_loss(r_chosen, r_rejected):

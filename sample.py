@@ -1,11 +1,13 @@
 """
-Sample from a trained model (nanoGPT's sample.py, for every stage's checkpoint): print each prompt and its
-completions. All samples of one prompt come from one batched `generate` call (the prompt repeated num_samples times),
-and a completion ends at the first <|endoftext|>.
+Sample from a trained model (nanoGPT's sample.py, for every stage's checkpoint), and the sampling every other script
+uses: `sample_responses` turns prompt strings into responses (tokens, masks, logprobs and texts), and
+`ilql_logits_fn` decodes with ILQL's heads.
 
 init_from: one of our checkpoints (out/sft/ckpt.pt, a PPO, reward or ILQL ckpt.pt: the policy/LM head is used), an
 exported HF folder (out/sft/hf), or a hub id (gpt2, gpt2-medium, ...). ILQL checkpoints can decode with their Q and
-V heads: --beta=B samples from log_softmax(logits) + B * (min target Q - V), then temperature and top-k/top-p.
+V heads: --beta=B samples from log_softmax(logits) + B * (min target Q - V), then temperature and top-k/top-p. All
+samples of one prompt come from one batched `generate` call; a completion ends at the first <|endoftext|>. Logits
+(and ILQL's Q and V) are computed in fp32 also under bf16 autocast (model.fp32_heads), as ppo.py and ilql.py train.
 
     python sample.py --init_from=gpt2 --start="The meaning of life is" --num_samples=3
     python sample.py --init_from=out/ppo/ckpt.pt --start=FILE:prompts.txt --temperature=0   # one prompt per line
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from common import ConfigError, load_model, print_config, run_main, setup
-from data import EOS, decode, tokenize_prompt
-from model import generate
+from data import decode_responses, pad_left, tokenize_prompt
+from model import fp32_heads, generate
 
 
 @dataclass
@@ -46,25 +48,50 @@ def read_prompts(start):
     return [start]
 
 
+@torch.no_grad()
+def sample_responses(model, prompts, max_prompt_len, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                     generator=None, logits_fn=None, shard=None):
+    """One response per prompt string. Each prompt keeps its last max_prompt_len tokens, left-padded to a batch.
+    Returns a dict: tokens (B, P+N) = prompt + response, mask (B, P+N), P, response_mask (B, N), logprobs (B, N)
+    (the sampler's), texts (B strings, without the EOS).
+    shard=(rank, world_size): `prompts` is a global batch and this rank samples rows rank::world_size. Every rank pads
+    the whole batch, so its rows are exactly those rows of one process's; with the sampler's shard (see
+    model.sample_token) the ranks together sample exactly what one process samples."""
+    device = next(model.parameters()).device
+    rank, world_size = shard or (0, 1)
+    tokens, mask = pad_left([tokenize_prompt(p, max_prompt_len) for p in prompts])
+    tokens, mask, P = tokens[rank::world_size].to(device), mask[rank::world_size].to(device), tokens.shape[1]
+    tokens, logprobs, response_mask = generate(model, tokens, mask, max_new_tokens, temperature, top_k, top_p,
+                                               generator, logits_fn=logits_fn, shard=shard)
+    return dict(tokens=tokens, mask=torch.cat([mask, response_mask], 1), P=P, response_mask=response_mask,
+                logprobs=logprobs, texts=decode_responses(tokens[:, P:], response_mask))
+
+
+def ilql_logits_fn(model, beta):
+    """ILQL's decoding logits for model.generate(..., logits_fn=...) (see ilql.py): hidden (B, C) ->
+    log_softmax(logits) + beta * (min target Q - V), fp32. generate then applies temperature and top-k. beta = 0: the
+    behaviour policy (the heads are then not even evaluated)."""
+    raw = getattr(model, "module", model)
+
+    def logits_fn(h):
+        logprobs = torch.log_softmax(raw.lm_head(h).float(), dim=-1)  # (B, V)
+        if beta == 0:
+            return logprobs
+        q = torch.minimum(raw.heads["q1_target"](h), raw.heads["q2_target"](h)).float()  # (B, V)
+        return logprobs + beta * (q - raw.heads["v"](h).float())
+    return logits_fn
+
+
 def sample(model, prompts, cfg, logits_fn=None):
-    """num_samples completions (text, without the prompt and the final <|endoftext|>) for each prompt."""
+    """num_samples completions (texts) for each prompt, prompt i sampled with a generator seeded seed + i."""
     block_size = model.config.block_size
     if cfg.max_new_tokens >= block_size:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in block_size {block_size}")
     device = next(model.parameters()).device
-    completions = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenize_prompt(prompt, block_size - cfg.max_new_tokens)  # keeps the end of a long prompt
-        tokens = torch.tensor([ids] * cfg.num_samples, device=device)  # (num_samples, P)
-        generator = torch.Generator(device).manual_seed(cfg.seed + i)
-        out, _, mask = generate(model, tokens, torch.ones_like(tokens), cfg.max_new_tokens, cfg.temperature,
-                                cfg.top_k or None, cfg.top_p, generator, eos_id=EOS, logits_fn=logits_fn)
-        texts = []
-        for row, m in zip(out[:, len(ids):].tolist(), mask.tolist()):
-            row = row[:sum(m)]
-            texts.append(decode(row[:-1] if row and row[-1] == EOS else row))
-        completions.append(texts)
-    return completions
+    return [sample_responses(model, [prompt] * cfg.num_samples, block_size - cfg.max_new_tokens, cfg.max_new_tokens,
+                             cfg.temperature, cfg.top_k or None, cfg.top_p,
+                             torch.Generator(device).manual_seed(cfg.seed + i), logits_fn)["texts"]
+            for i, prompt in enumerate(prompts)]
 
 
 def main(cfg):
@@ -76,9 +103,8 @@ def main(cfg):
         if ckpt is None or ckpt["kind"] != "ilql":
             raise ConfigError(f"--beta={cfg.beta} decodes with ILQL's Q and V heads, but {cfg.init_from!r} is not an "
                               f"ilql checkpoint")
-        from ilql import ilql_logits_fn  # only ILQL decoding needs it
         logits_fn = ilql_logits_fn(model, cfg.beta)  # load_model kept the checkpoint's Q and V heads
-    model.to(s.device).eval()
+    fp32_heads(model).to(s.device).eval()
     prompts = read_prompts(cfg.start)
     with s.autocast():
         completions = sample(model, prompts, cfg, logits_fn)

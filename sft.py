@@ -23,6 +23,7 @@ model as a Hugging Face folder), log.jsonl.
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_hh_gpt2.py
 """
 
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -30,19 +31,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup, load_model,
-                    log_line, lr_at, make_optimizer, print0, print_config, rank0_first, rng_state, run_main,
-                    save_checkpoint, set_rng_state, setup, start_log)
-from data import (EOS, SFTExample, collate_sft, decode, load_preferences, load_sft, pad_left,
-                  tokenize_example, tokenize_prompt)
-from model import GPTConfig, generate, token_logprobs
+from common import (ConfigError, Timer, all_reduce_sum, batch_indices, check_finite, cleanup, load_model,
+                    make_optimizer, optimizer_step, print0, print_config, rank0_first, restore, rng_state,
+                    run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from data import EOS, SFTExample, collate_sft, load_preferences, load_sft, tokenize_example
+from model import GPTConfig, token_logprobs
+from sample import sample_responses
 
 
 @dataclass
 class Config:
     # model
-    init_from: str = "gpt2"  # scratch | resume (out_dir/ckpt.pt) | gpt2..gpt2-xl | HF folder | one of our .pt files
-    n_layer: int = 12  # scratch only
+    init_from: str = "gpt2"  # gpt2..gpt2-xl | HF folder | hub id | one of our .pt files | scratch | resume
+    n_layer: int = 12  # scratch only (default: GPT-2 124M's shape)
     n_head: int = 12  # scratch only
     n_embd: int = 768  # scratch only
     block_size: int = 1024  # scratch only
@@ -50,47 +51,47 @@ class Config:
     # data
     data: str = "Anthropic/hh-rlhf"  # a local .jsonl/.json/.parquet/.csv file or folder, or a hub dataset
     data_format: str = "sft"  # sft: prompt/completion or text rows | chosen: a preference set's chosen responses
-    data_subset: str = None  # hub dataset config name, if any
+    data_subset: str = ""  # hub dataset config name ("" = none)
     data_split: str = "train"  # training split (slices allowed: "train[:90%]")
     eval_split: str = "test"  # held-out split, e.g. "train[90%:]"
     skip_bad: bool = False  # drop (and count) bad rows instead of stopping at the first one
     max_prompt_len: int = 384  # prompts are left-truncated to this many tokens
     max_len: int = 512  # prompt + completion (+ EOS) tokens; longer completions are cut (and lose their EOS)
-    # training
-    out_dir: str = "out-sft"  # ckpt.pt (last, for resume), best.pt (best eval loss), hf/, log.jsonl
+    # optimisation
     batch_size: int = 8  # sequences per micro-batch, per rank
     grad_accum: int = 1  # micro-batches per optimizer step, per rank
     max_iters: int = 1000  # optimizer steps
     learning_rate: float = 2e-5  # peak LR
-    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * learning_rate
     warmup_iters: int = 50  # linear warmup steps
+    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * learning_rate (1 = constant)
     lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
     weight_decay: float = 0.0  # AdamW weight decay on matrices (not biases, LayerNorms)
     beta1: float = 0.9  # AdamW betas
-    beta2: float = 0.95  # AdamW betas
+    beta2: float = 0.999  # AdamW betas
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    # evaluation and logging
+    # evaluation, checkpoints, logging
+    out_dir: str = "out-sft"  # ckpt.pt (last, for resume), best.pt (best eval loss), hf/, log.jsonl
     eval_interval: int = 200  # evaluate, print samples and write checkpoints every this many steps (and at the end)
     eval_batch_size: int = 16  # sequences per eval forward, per rank
     n_samples: int = 2  # prompts of the held-out set sampled at each eval (0 = none)
     sample_tokens: int = 48  # new tokens per sample
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights, optimizer and log-softmax stay fp32)
     seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
 
 
-# ----------------------------------------------------------------------------- pure functions
+# ----------------------------------------------------------------------------- the algorithm
 def sft_loss(lm_head, h, tokens, loss_mask, n_targets):
     """Summed -log p(target) over the target tokens, divided by n_targets.
 
     h (B, T, C): final hidden states; h[:, t] predicts token t+1. tokens, loss_mask (B, T): loss_mask is 1 on the
     target tokens (completion incl. its EOS), 0 on prompt and padding. The LM head runs only at the positions that
-    predict a target: prompt and padding positions (often half a batch) never pay for the 50k-vocabulary projection
-    and softmax, which dominate a small model's step. n_targets: the number of targets of the whole optimizer step
-    (all micro-batches, all ranks), so the micro-batch losses add up to the batch mean."""
+    predict a target: prompt and padding positions never pay for the vocabulary-sized projection and softmax.
+    n_targets: the number of targets of the whole optimizer step (all micro-batches, all ranks), so the micro-batch
+    losses add up to the batch mean."""
     sel = loss_mask[:, 1:].bool()  # (B, T-1): position t predicts target t+1
     logprobs = token_logprobs(lm_head(h[:, :-1][sel]), tokens[:, 1:][sel])  # (n,) fp32
     return -logprobs.sum() / n_targets
@@ -105,10 +106,9 @@ def micro_batches(examples, step, cfg, s):
             for j in range(0, len(mine), cfg.batch_size)]
 
 
-def forward_backward(model, batches, s):
+def forward_backward(model, lm_head, batches, s):
     """Accumulate into .grad the gradient of the mean target-token loss over `batches` of every rank.
     Returns (loss: that mean, a 0-dim tensor identical on every rank, n_tokens: real tokens processed, all ranks)."""
-    raw = model.module if s.ddp else model
     # Count the targets of the whole step first, over all micro-batches and all ranks.
     n_targets = all_reduce_sum(torch.tensor(float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),
                                             device=s.device), s)
@@ -116,11 +116,10 @@ def forward_backward(model, batches, s):
     for i, b in enumerate(batches):
         tokens, mask, loss_mask = (b[k].to(s.device) for k in ("tokens", "mask", "loss_mask"))
         # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
-        sync = not s.ddp or i == len(batches) - 1
-        with nullcontext() if sync else model.no_sync():
+        with model.no_sync() if s.ddp and i < len(batches) - 1 else nullcontext():
             with s.autocast():
                 h = model(tokens, mask)  # (B, T, C)
-                loss = sft_loss(raw.lm_head, h, tokens, loss_mask, n_targets)  # this micro-batch's share of the mean
+                loss = sft_loss(lm_head, h, tokens, loss_mask, n_targets)  # this micro-batch's share of the mean
             # DDP AVERAGES gradients over ranks, i.e. divides their sum by world_size. Every rank's loss is already
             # its part of the global sum / n_targets, so we want the plain sum: multiply by world_size to undo it.
             (loss * s.world_size).backward()
@@ -128,142 +127,135 @@ def forward_backward(model, batches, s):
     return tuple(all_reduce_sum(total, s))
 
 
+# ----------------------------------------------------------------------------- data, model, evaluation
+def check_config(cfg):
+    if cfg.data_format not in ("sft", "chosen"):
+        raise ConfigError(f"data_format must be 'sft' or 'chosen', not {cfg.data_format!r}")
+    if cfg.eval_interval < 1:
+        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
+
+
 def load_examples(cfg, split):
     if cfg.data_format == "sft":
         return load_sft(cfg.data, split, cfg.data_subset, cfg.skip_bad)
-    if cfg.data_format == "chosen":
-        return [SFTExample(p.prompt, p.chosen) for p in load_preferences(cfg.data, split, cfg.data_subset,
-                                                                         cfg.skip_bad)]
-    raise ConfigError(f"data_format must be 'sft' or 'chosen', not {cfg.data_format!r}")
+    return [SFTExample(p.prompt, p.chosen) for p in load_preferences(cfg.data, split, cfg.data_subset, cfg.skip_bad)]
 
 
-def main(cfg):
-    # ------------------------------------------------------------------------- setup
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
-    print_config(cfg)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-
-    # ------------------------------------------------------------------------- data
+def load_data(cfg, s):
+    """(train, eval) as (prompt_ids, completion_ids) pairs, and the held-out examples (for their prompts)."""
     with rank0_first(s):
         train_data, eval_data = load_examples(cfg, cfg.data_split), load_examples(cfg, cfg.eval_split)
     tok = lambda ex: tokenize_example(ex.prompt, ex.completion, cfg.max_prompt_len, cfg.max_len)
     train_ids, eval_ids = [tok(ex) for ex in train_data], [tok(ex) for ex in eval_data]
     cut = sum(r[-1:] != [EOS] for _, r in train_ids)
     print0(f"data: {len(train_ids)} train / {len(eval_ids)} eval examples; {cut} train completions cut at max_len")
+    return train_ids, eval_ids, eval_data
 
-    # ------------------------------------------------------------------------- model
-    init = ckpt_path if cfg.init_from == "resume" else cfg.init_from
+
+def build_model(cfg, s):
+    """The GPT to train, on the device, and the checkpoint it came from (a resume's, or None)."""
+    resume = cfg.init_from == "resume"
+    init = os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from
     scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                         dropout=cfg.dropout)
     # resume: out_dir/ckpt.pt must be this script's (another's has other heads, hence other optimizer groups)
-    raw, ckpt = load_model(init, heads={}, kind="sft" if cfg.init_from == "resume" else None, scratch=scratch)
-    if cfg.max_len > raw.config.block_size:
-        raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({raw.config.block_size})")
-    raw.grad_checkpointing = cfg.grad_checkpointing
-    raw.to(s.device)
-    print0(f"model: {raw.num_params() / 1e6:.2f}M parameters from {init}")
-    model = torch.compile(raw) if cfg.compile else raw
-    if s.ddp:  # DDP broadcasts rank 0's weights: every rank starts identical whatever its seed
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[s.local_rank] if s.device.startswith("cuda") else None)
+    model, ckpt = load_model(init, heads={}, kind="sft" if resume else None, scratch=scratch)
+    if cfg.max_len > model.config.block_size:
+        raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({model.config.block_size})")
+    model.grad_checkpointing = cfg.grad_checkpointing
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters from {init}")
+    return model.to(s.device), ckpt
 
-    # ------------------------------------------------------------------------- optimizer
-    opt = make_optimizer(raw, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    start_step, best_eval_loss = 0, float("inf")
-    if cfg.init_from == "resume":
-        opt.load_state_dict(ckpt["optimizer"])
-        start_step, best_eval_loss = ckpt["step"], ckpt.get("best_eval_loss", float("inf"))
-        set_rng_state(ckpt["rng"])
-        print0(f"resuming from {ckpt_path} at step {start_step}")
-    ckpt = None  # free the CPU copy of the weights and optimizer state
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
 
-    # ------------------------------------------------------------------------- eval, samples, checkpoints
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        total = torch.zeros(2, device=s.device)  # (summed loss, targets)
-        mine = eval_ids[s.rank::s.world_size]
-        for j in range(0, len(mine), cfg.eval_batch_size):
-            b = {k: v.to(s.device) for k, v in collate_sft(mine[j:j + cfg.eval_batch_size]).items()}
-            with s.autocast():
-                loss = sft_loss(raw.lm_head, raw(b["tokens"], b["mask"]), b["tokens"], b["loss_mask"], 1.0)
-            total += torch.stack([loss, b["loss_mask"][:, 1:].sum()])
-        all_reduce_sum(total, s)
-        model.train()
-        return (total[0] / total[1]).item()
-
-    @torch.no_grad()
-    def print_samples():
-        n = min(cfg.n_samples, len(eval_data))
-        if n == 0 or not s.master:
-            return
-        raw.eval()
-        room = raw.config.block_size - cfg.sample_tokens
-        prompts = [tokenize_prompt(ex.prompt, min(cfg.max_prompt_len, room)) for ex in eval_data[:n]]
-        tokens, mask = (t.to(s.device) for t in pad_left(prompts))
-        gen = torch.Generator(s.device).manual_seed(cfg.seed)  # its own generator: the training RNG is untouched
+@torch.no_grad()
+def evaluate(model, eval_ids, cfg, s):
+    """Mean loss over the target tokens of the held-out set (all ranks)."""
+    model.eval()
+    total = torch.zeros(2, device=s.device)  # (summed loss, targets)
+    mine = eval_ids[s.rank::s.world_size]
+    for j in range(0, len(mine), cfg.eval_batch_size):
+        b = {k: v.to(s.device) for k, v in collate_sft(mine[j:j + cfg.eval_batch_size]).items()}
         with s.autocast():
-            out, _, resp_mask = generate(raw, tokens, mask, cfg.sample_tokens, temperature=0.7, generator=gen)
-        for i in range(n):
-            response = out[i, tokens.shape[1]:][resp_mask[i].bool()]
-            print0(f"--- sample {i}: {eval_data[i].prompt[-200:]!r} -> {decode(response)!r}")
-        raw.train()
-
-    def save(path, step, full):
-        extra = dict(optimizer=opt.state_dict(), rng=rng_state()) if full else {}  # best.pt: weights only
-        save_checkpoint(path, kind="sft", model_config=asdict(raw.config), model=raw.state_dict(), step=step,
-                        config=asdict(cfg), best_eval_loss=best_eval_loss, **extra)
-
-    log_path = start_log(cfg.out_dir, resume=cfg.init_from == "resume") if s.master else None
-
-    def log(metrics):
-        if s.master:
-            append_jsonl(log_path, metrics)
-
-    # ------------------------------------------------------------------------- training loop
-    eval_loss_start = eval_loss = None
-    if start_step == 0:
-        eval_loss_start = evaluate()
-        log_line(0, {"eval_loss": eval_loss_start})
-    timer, metrics = Timer(cfg.max_iters, start_step), {}
+            loss = sft_loss(model.lm_head, model(b["tokens"], b["mask"]), b["tokens"], b["loss_mask"], 1.0)
+        total += torch.stack([loss, b["loss_mask"][:, 1:].sum()])
+    all_reduce_sum(total, s)
     model.train()
-    for step in range(start_step, cfg.max_iters):
-        t0 = time.time()
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss, n_tokens = forward_backward(model, micro_batches(train_ids, step, cfg, s), s)
-        check_finite(loss.item(), "loss", step)  # before the weights or any checkpoint see it
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
-        check_finite(grad_norm.item(), "grad_norm", step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                   "tok/s": int(n_tokens.item() / (time.time() - t0)), "eta": timer.eta(step)}
-        log_line(step, metrics)
-        log({"step": step, **metrics})
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:
-            eval_loss = evaluate()
-            best = eval_loss < best_eval_loss
-            best_eval_loss = min(best_eval_loss, eval_loss)
-            log_line(step, {"eval_loss": eval_loss, "best_eval_loss": best_eval_loss})
-            log({"step": step, "eval_loss": eval_loss})
-            print_samples()
-            if s.master:
-                save(ckpt_path, step + 1, full=True)  # step + 1: the next step to run, where a resume starts
-                if best:
-                    save(best_path, step + 1, full=False)
+    return (total[0] / total[1]).item()
 
-    # ------------------------------------------------------------------------- export
+
+@torch.no_grad()
+def print_samples(model, eval_data, cfg, s):
+    """Rank 0 prints samples (temperature 0.7) for the first n_samples held-out prompts."""
+    n = min(cfg.n_samples, len(eval_data))
+    if n == 0 or not s.master:
+        return
+    model.eval()
+    prompts = [ex.prompt for ex in eval_data[:n]]
+    room = min(cfg.max_prompt_len, model.config.block_size - cfg.sample_tokens)
+    gen = torch.Generator(s.device).manual_seed(cfg.seed)  # its own generator: the training RNG is untouched
+    with s.autocast():
+        texts = sample_responses(model, prompts, room, cfg.sample_tokens, 0.7, generator=gen)["texts"]
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        print0(f"--- sample {i}: {prompt[-200:]!r} -> {text!r}")
+    model.train()
+
+
+def save(path, model, optimizer, step, best_eval_loss, cfg):
+    """A checkpoint; with the optimizer (ckpt.pt, for resume) or without (best.pt, weights only)."""
+    extra = dict(optimizer=optimizer.state_dict(), rng=rng_state()) if optimizer else {}
+    save_checkpoint(path, kind="sft", model_config=asdict(model.config), model=model.state_dict(), step=step,
+                    config=asdict(cfg), best_eval_loss=best_eval_loss, **extra)
+
+
+# ----------------------------------------------------------------------------- training
+def main(cfg):
+    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    print_config(cfg)
+    check_config(cfg)
+    train_ids, eval_ids, eval_data = load_data(cfg, s)
+    raw_model, ckpt = build_model(cfg, s)
+    optimizer = make_optimizer(raw_model, cfg)
+    resume = ckpt is not None and cfg.init_from == "resume"
+    start, best_eval_loss = (restore(ckpt, optimizer), ckpt["best_eval_loss"]) if resume else (0, math.inf)
+    ckpt = None  # free the CPU copy of the weights and optimizer state
+    model = wrap_ddp(torch.compile(raw_model) if cfg.compile else raw_model, s)  # what trains: compiled, DDP
+    log = start_log(cfg.out_dir, resume, s)
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+
+    eval_loss_start = eval_loss = None
+    if start == 0:
+        eval_loss_start = evaluate(raw_model, eval_ids, cfg, s)
+        log(0, {"eval_loss": eval_loss_start})
+    timer, metrics = Timer(cfg.max_iters, start), {}
+    model.train()
+    for step in range(start, cfg.max_iters):
+        t0 = time.time()
+        lr = set_lr(optimizer, step, cfg)
+        # 1. forward and backward: the mean loss over the target tokens of this step's global batch
+        loss, n_tokens = forward_backward(model, raw_model.lm_head, micro_batches(train_ids, step, cfg, s), s)
+        check_finite(loss.item(), "loss", step)  # before the weights or any checkpoint see it
+        # 2. clip, step
+        grad_norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, step)
+        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
+                   "tok_per_s": n_tokens.item() / (time.time() - t0)}
+        log(step, {**metrics, "eta": timer.eta(step)})
+
+        done = step + 1  # the next step to run: where a resume starts
+        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+            eval_loss = evaluate(raw_model, eval_ids, cfg, s)
+            best_eval_loss, is_best = min(best_eval_loss, eval_loss), eval_loss < best_eval_loss
+            log(step, {"eval_loss": eval_loss, "best_eval_loss": best_eval_loss})
+            print_samples(raw_model, eval_data, cfg, s)
+            if s.master:
+                save(ckpt_path, raw_model, optimizer, done, best_eval_loss, cfg)
+                if is_best:
+                    save(best_path, raw_model, None, done, best_eval_loss, cfg)
+
     if s.master:
-        if start_step >= cfg.max_iters:  # nothing left to run: keep the checkpoint, still export
-            print0(f"{ckpt_path} is already at step {start_step} >= max_iters {cfg.max_iters}")
-        raw.save_hf(os.path.join(cfg.out_dir, "hf"))
+        raw_model.save_hf(os.path.join(cfg.out_dir, "hf"))
         print0(f"saved {ckpt_path}, {best_path} and {os.path.join(cfg.out_dir, 'hf')}")
     cleanup(s)
-    return {**metrics, "eval_loss_start": eval_loss_start, "best_eval_loss": best_eval_loss,
-            "eval_loss": eval_loss}
+    return {**metrics, "eval_loss_start": eval_loss_start, "best_eval_loss": best_eval_loss, "eval_loss": eval_loss}
 
 
 if __name__ == "__main__":
