@@ -13,34 +13,35 @@ Each iteration, on every rank:
 beta follows the adaptive KL controller of Ziegler et al. 2019 (or stays fixed with target_kl=0).
 
 Choices where public implementations differ:
-- Old logprobs come from one no-grad forward (3), not from the sampler. The KV-cache sampler's logprobs differ from
-  a full forward by ~1e-6 in fp32 and 0.004-0.06 under bf16 (the largest per batch, in the demo: other kernels and
-  shapes, bf16 attention scores in the forward), so the first ratio would not be exactly 1. The forward is shared
-  with the values (same trunk when critic="shared"), and the sampler/forward gap is logged as `lp_gap`: a live
-  check of positions and padding (it should stay ~1e-6 in fp32).
-- Under bf16 autocast the logits and values are computed in fp32 (fp32_heads, model.Head), in the sampler too. A
-  bf16 matmul rounds its output, and GPT-2's logits (about -50 to -150) would carry up to 0.25 nats of rounding per
-  token that moves in steps: ratios and the KL penalty would jump by e^0.25-0.5 where a logit crosses a step, and
-  the sampler would sample a slightly different policy than the one trained. TRL keeps bf16 logits. Cost on CPU
-  (bench.py, 124M): +25-39% per bf16 iteration.
+- Old logprobs come from one no-grad forward (3), not from the sampler: the KV-cache sampler runs other kernels on
+  other shapes, so its logprobs differ from a full forward by rounding (more under bf16), and the first ratio would
+  not be exactly 1. The forward is shared with the values (same trunk when critic="shared"); the sampler/forward gap
+  is logged as `lp_gap`, a live check of positions and padding (rounding-sized in fp32).
+- Under bf16 autocast the logits and values are computed in fp32 (fp32_heads, model.Head), in the sampler too: bf16
+  would round GPT-2's large logits by up to 0.25 nats in steps, which ratios, the KL penalty and the sampled
+  distribution would all see. TRL keeps bf16 logits.
 - critic="separate" (default with a reward model): its own GPT, initialised from the reward model with the reward
-  head copied into its value head, so values start on the score's scale. OpenAI's lm-human-preferences and the
-  "N+ implementation details" reproduction do this and found it better than a head on the policy. It costs one more
-  forward and backward per minibatch. critic="shared": a value head on the policy trunk, one forward for both; the
-  default with a reward_fn (there is no reward model to start from) unless critic_init_from names a checkpoint.
+  head copied into its value head, so values start on the score's scale (Stiennon et al. 2020; the "N+
+  implementation details of RLHF with PPO" reproduction found it better than a head on the policy). It costs one
+  more forward and backward per minibatch. critic="shared": a value head on the policy trunk, one forward for both,
+  initialised to zero as in OpenAI's lm-human-preferences; the default with a reward_fn (there is no reward model
+  to start from) unless critic_init_from names a checkpoint.
+- AdamW with betas (0.9, 0.999) and eps 1e-5, as lm-human-preferences and the N+ details.
+- whiten_rewards (off by default, as in TRL): scale the per-token rewards to unit variance over the batch before GAE
+  (lm-human-preferences' option; the mean is kept).
 - Advantages are whitened with the mean and variance of the global batch (one all-reduce of 3 numbers), and losses
   are token means over the whole minibatch of all ranks: N ranks whiten and average as one process would over the
   same rollouts. Per-rank whitening would make the update depend on the number of GPUs (and be noisier).
 - Dropout is off whatever the checkpoint says: every model stays in eval mode, also while training (the only thing
   train mode would change is dropout, and the first ratio must be exactly 1).
+- clipfrac counts the tokens where the clipped branch of the loss is taken (TRL's pg_clipfrac), not every token
+  outside [1 - clip, 1 + clip].
 - Prompt order is a pure function of (seed, step) and each rollout is sampled with a torch.Generator seeded by
   (seed, step), so a resumed run continues exactly like an uninterrupted one. Under DDP every rank draws the noise
-  of the global batch and keeps its rows rank::world_size: N ranks sample exactly the responses one process would
-  (test_ppo checks 2 ranks == 1 process). Minibatches are shuffled per rank (a global shuffle would need every
-  rank to hold every rollout), so with several minibatches per epoch a DDP minibatch is a stratified draw of the
-  same size: equal in distribution to one process's, and equal in fact with one minibatch per epoch.
-- Each log line gives the wall time of generation, scoring, the no-grad forwards (3-5) and the update (6). On a CPU
-  the update dominates (ppo_epochs forward+backward passes); on GPUs, generation usually does.
+  of the global batch and keeps its rows rank::world_size: N ranks sample exactly the responses one process would.
+  Minibatches are shuffled per rank (a global shuffle would need every rank to hold every rollout), so with several
+  minibatches per epoch a DDP minibatch is a stratified draw of the same size: equal in distribution to one
+  process's, and equal in fact with one minibatch per epoch.
 
   python ppo.py config/ppo_tiny.py                                    # after sft.py / reward.py tiny presets
   python ppo.py config/ppo_tiny.py --reward_model= --reward_fn=tests.test_ppo:count_the
@@ -58,74 +59,78 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_jsonl, batch_indices, check_finite,
-                    check_scores, cleanup, load_checkpoint, load_model, load_reward_fn, log_line, lr_at, make_optimizer,
-                    print0, print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup,
-                    start_log)
-from data import EOS, decode, load_prompts, pad_left, tokenize_prompt
-from model import GPTConfig, fp32_heads, generate, token_logprobs
-from reward import load_reward_model, score_tokens
+from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, batch_indices, check_finite, cleanup,
+                    load_checkpoint, load_model, make_optimizer, mix_seed, optimizer_step, print0, print_config,
+                    rank0_first, restore, rng_state, run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from data import EOS, load_prompts
+from model import GPTConfig, fp32_heads, token_logprobs
+from reward import make_scorer
+from sample import sample_responses
 
 
 @dataclass
 class Config:
+    # model
     init_from: str = "out-sft/ckpt.pt"  # policy + reference: SFT .pt, HF folder, hub id, "scratch", or "resume"
-    n_layer: int = 2  # model size for init_from="scratch" (tests, benchmarks)
-    n_head: int = 2  # scratch only
-    n_embd: int = 32  # scratch only
-    block_size: int = 64  # scratch only
+    n_layer: int = 12  # scratch only (default: GPT-2 124M's shape)
+    n_head: int = 12  # scratch only
+    n_embd: int = 768  # scratch only
+    block_size: int = 1024  # scratch only
     reward_model: str = "out-rm/ckpt.pt"  # reward model checkpoint from reward.py ("" to use reward_fn)
     reward_fn: str = ""  # instead: "module:function", f(prompts, responses) -> list of floats (trlx style)
     critic: str = ""  # "separate" (own GPT from reward model) | "shared" (value head on policy); "" = see docstring
     critic_init_from: str = ""  # separate critic's initial trunk (default: the reward model, head included)
-    out_dir: str = "out-ppo"  # ckpt.pt (policy, critic, optimizer, KL controller), hf/ (final policy), log.jsonl
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # "bfloat16": autocast; logprob/KL/GAE math stays fp32
-    seed: int = 1337  # prompts and rollouts are seeded by (seed, step), minibatch shuffles by (seed, step, rank)
-    # prompts
-    data: str = "Anthropic/hh-rlhf"  # hub dataset or local file (data.load_prompts)
-    data_subset: str = None  # hub dataset config name, if any
+    fp32_heads: bool = True  # under bf16 autocast, run lm_head and the value head in fp32 (model.Head)
+    # data
+    data: str = "Anthropic/hh-rlhf"  # prompts: hub dataset or local file (data.load_prompts)
+    data_subset: str = ""  # hub dataset config name ("" = none)
     data_split: str = "train"  # slices allowed: "train[:90%]"
     eval_split: str = "test"  # held-out prompts, e.g. "train[90%:]"
     skip_bad: bool = False  # drop malformed rows (counted) instead of stopping
     max_prompt_len: int = 32  # prompt tokens kept (the end of the prompt)
     max_new_tokens: int = 32  # response length limit
-    # rollouts
+    # PPO
     batch_size: int = 16  # prompts per rank per iteration
     temperature: float = 1.0  # sampling temperature, used in every logprob
     penalize_missing_eos: bool = True  # replace the score of a response without EOS by missing_eos_penalty
     missing_eos_penalty: float = -1.0  # (in reward model units: normalise it to std 1 for -1 to mean much)
-    # PPO
-    max_iters: int = 100  # iterations (rollout batches)
     ppo_epochs: int = 4  # passes over each batch
     minibatch_size: int = 4  # sequences per optimizer step per rank
-    grad_accum: int = 1  # micro-batches per minibatch (memory); also the chunking of no-grad forwards
-    grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, +1 forward
-    frozen_bf16: bool = False  # keep reference + reward model in bf16 (half their memory; needs dtype=bfloat16).
-    # Off by default: then autocast computes the reference exactly like the policy (first KL exactly 0); on, their
-    # LayerNorms/biases round to bf16 and the first KL is ~1e-3. The README's memory table says when it pays.
-    fp32_heads: bool = True  # under bf16 autocast, run lm_head and the value head in fp32 (model.Head): bf16
-    # rounds GPT-2's large logits by up to 0.25 nats, and ratios, KL and the sampler would see that in steps
-    compile: bool = False  # torch.compile the policy+critic forward, for the rollout and the update alike (on CPU
-    # the first ratio is still exactly 1, tested); the reference stays eager, so the first KL is ~1e-6, not exactly 0
-    learning_rate: float = 1e-5  # AdamW (eps 1e-5 as in the N+ details), policy and critic alike
-    warmup_iters: int = 0  # linear warmup iterations
-    min_lr_ratio: float = 1.0  # cosine decay to this fraction of learning_rate at max_iters; 1 = constant
-    lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
-    weight_decay: float = 0.0  # AdamW, on matrices only
-    grad_clip: float = 1.0  # max global grad norm
     cliprange: float = 0.2  # ratio clip
     cliprange_value: float = 0.2  # value clip, around the rollout values
     vf_coef: float = 0.1  # weight of the value loss
     gamma: float = 1.0  # discount (1: the score at the end counts fully for every token)
     lam: float = 0.95  # GAE lambda
+    whiten_rewards: bool = False  # scale per-token rewards to unit variance over the batch before GAE
     init_kl_coef: float = 0.05  # beta at step 0
     target_kl: float = 6.0  # adaptive beta aims at this KL (nats per response); 0 = fixed beta
     kl_horizon: int = 10000  # in episodes (responses)
-    # evaluation, checkpoints
+    # optimisation
+    max_iters: int = 100  # iterations (rollout batches)
+    grad_accum: int = 1  # micro-batches per minibatch (memory); also the chunking of no-grad forwards
+    learning_rate: float = 1e-5  # AdamW, policy and critic alike
+    warmup_iters: int = 0  # linear warmup iterations
+    min_lr_ratio: float = 1.0  # cosine decay to this fraction of learning_rate at max_iters; 1 = constant
+    lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
+    weight_decay: float = 0.0  # AdamW, on matrices only
+    beta1: float = 0.9  # AdamW betas
+    beta2: float = 0.999  # AdamW betas
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    # evaluation, checkpoints, logging
+    out_dir: str = "out-ppo"  # ckpt.pt (policy, critic, optimizer, KL controller), hf/ (final policy), log.jsonl
     eval_interval: int = 50  # evaluate held-out prompts and checkpoint every N iterations (and at the end)
     eval_size: int = 64  # held-out prompts (all ranks together); 0 = no evaluation
     eval_samples: int = 2  # sample texts printed per evaluation
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # "bfloat16": autocast; logprob/KL/GAE math stays fp32
+    seed: int = 1337  # prompts and rollouts are seeded by (seed, step), minibatch shuffles by (seed, step, rank)
+    compile: bool = False  # torch.compile the policy+critic forward, for the rollout and the update alike (the
+    # first ratio is still exactly 1); the reference stays eager, so the first KL is ~1e-6, not exactly 0
+    grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, +1 forward
+    frozen_bf16: bool = False  # keep reference + reward model in bf16 (half their memory; needs dtype=bfloat16).
+    # Off by default: then autocast computes the reference exactly like the policy (first KL exactly 0); on, their
+    # LayerNorms/biases round to bf16 and the first KL is ~1e-3.
 
 
 # ----------------------------------------------------------------------------- the algorithm, as pure functions
@@ -172,28 +177,32 @@ def masked_mean_var(x, mask, s=None):
     return mean.to(x.dtype), (sums[1] / sums[2] - mean * mean).clamp(min=0).to(x.dtype)
 
 
-def whiten(x, mask, s=None, eps=1e-8):
-    """Mean 0 / variance 1 over the real tokens (of all ranks with `s`); padding is ignored and set to 0."""
+def whiten(x, mask, s=None, shift_mean=True, eps=1e-8):
+    """Variance 1 (and mean 0 with shift_mean) over the real tokens (of all ranks with `s`); padding is set to 0."""
     mean, var = masked_mean_var(x, mask, s)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    white = (x - mean) * torch.rsqrt(var + eps)
+    return (white if shift_mean else white + mean) * mask
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, cliprange=0.2,
                cliprange_value=0.2, n_tokens=None):
     """6. Clipped-ratio policy loss and clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2), as sums over real
     tokens divided by n_tokens (default: mask.sum(); the trainer passes the token count of the whole minibatch).
-    Returns (pg_loss, vf_loss, stats); stats: approx_kl (k3 estimator), clipfrac, vf_clipfrac, ratio."""
+    Returns (pg_loss, vf_loss, stats); stats: approx_kl (k3 estimator), clipfrac and vf_clipfrac (the fraction of
+    tokens where the clipped branch is the larger loss, i.e. the one taken), ratio."""
     mask = mask.float()
     n = mask.sum() if n_tokens is None else n_tokens
     mean = lambda x: (x * mask).sum() / n
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
-    pg_loss = mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)))
+    pg_losses, pg_losses_clipped = -advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    pg_loss = mean(torch.max(pg_losses, pg_losses_clipped))
     values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    vf_loss = mean(0.5 * torch.max((values - returns) ** 2, (values_clipped - returns) ** 2))
+    vf_losses, vf_losses_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    vf_loss = mean(0.5 * torch.max(vf_losses, vf_losses_clipped))
     with torch.no_grad():
-        stats = dict(approx_kl=mean(ratio - 1 - log_ratio), clipfrac=mean(((ratio - 1).abs() > cliprange).float()),
-                     vf_clipfrac=mean(((values - old_values).abs() > cliprange_value).float()), ratio=mean(ratio))
+        stats = dict(approx_kl=mean(ratio - 1 - log_ratio), clipfrac=mean((pg_losses_clipped > pg_losses).float()),
+                     vf_clipfrac=mean((vf_losses_clipped > vf_losses).float()), ratio=mean(ratio))
     return pg_loss, vf_loss, stats
 
 
@@ -221,35 +230,12 @@ def entropy_from_logits(logits, temperature):
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
 
-def step_seed(seed, step, rank):
-    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2**63
-
-
-# ----------------------------------------------------------------------------- scoring
-def reward_fn_scorer(fn, name):
-    """score_fn(prompts, tokens, mask, P) -> (B,) scores from a Python function of prompt and response strings."""
-    def score_fn(prompts, tokens, mask, P):
-        responses = [decode(t[m.bool() & (t != EOS)]) for t, m in zip(tokens[:, P:].cpu(), mask[:, P:].cpu())]
-        return check_scores(fn(list(prompts), responses), len(prompts), name).to(tokens.device)
-    return score_fn
-
-
-def reward_model_scorer(rm, autocast=nullcontext, micro_batch_size=None):
-    """score_fn(prompts, tokens, mask, P) -> (B,) scores of a reward model, read at each row's last real token."""
-    @torch.no_grad()
-    def score_fn(prompts, tokens, mask, P):
-        size = micro_batch_size or len(tokens)
-        with autocast():
-            return torch.cat([score_tokens(rm, t, m).float() for t, m in zip(tokens.split(size), mask.split(size))])
-    return score_fn
-
-
 # ----------------------------------------------------------------------------- policy, critic, rollouts
 def response_hidden(model, tokens, mask, P):
     """Final hidden states at the positions that choose the response tokens tokens[:, P:]: (B, N, C). Hidden state t
     chooses token t + 1, so these are positions P-1 ... T-2; only they go through lm_head.
     Contiguous on purpose: on a strided slice, torch.matmul picks mm or bmm depending on whether the weight requires
-    grad, and those round differently, so the frozen reference would disagree with an identical policy by ~1e-6."""
+    grad, and those may round differently, so the frozen reference would disagree with an identical policy."""
     return model(tokens, mask)[:, P - 1:-1].contiguous()
 
 
@@ -295,41 +281,31 @@ class PhaseTimer:
 
 
 @torch.no_grad()
-def rollout(policy, score_fn, prompts, max_prompt_len, max_new_tokens, temperature, generator, autocast=nullcontext,
-            penalty=None, timer=None, shard=None):
-    """Steps 1-2: sample responses to `prompts` (strings) and score them. Returns a dict: tokens (B, P+N) = left-padded
-    prompt + response, mask (B, P+N), P, response_mask (B, N), gen_logprobs (B, N) (the sampler's), scores (B,),
-    has_eos (B,), prompts.
-    shard=(rank, world_size): `prompts` is the global batch and this rank takes rows rank::world_size. Every rank pads
-    the whole batch (tokenizing a few more prompts is cheap), so its prompt tensor is exactly those rows of one
-    process's; with the sampler's shard (see model.sample_token), the ranks' samples together equal one process's."""
+def rollout(policy, score_fn, prompts, cfg, generator, autocast=nullcontext, timer=None, shard=None):
+    """Steps 1-2: sample responses to `prompts` (strings) and score them. Returns sample.sample_responses' dict
+    (tokens, mask, P, response_mask, logprobs: the sampler's, texts) with the scores (B,) and has_eos (B,).
+    shard=(rank, world_size): `prompts` is the global batch and this rank samples rows rank::world_size."""
     timer = timer or PhaseTimer("cpu")
-    device = next(policy.parameters()).device
-    rank, world_size = shard or (0, 1)
-    tokens, mask = pad_left([tokenize_prompt(p, max_prompt_len) for p in prompts])
-    prompts, tokens, mask = prompts[rank::world_size], tokens[rank::world_size], mask[rank::world_size]
-    tokens, mask, P = tokens.to(device), mask.to(device), tokens.shape[1]
     with timer("generate"), autocast():  # 1
-        tokens, gen_logprobs, _ = generate(policy, tokens, mask, max_new_tokens, temperature, generator=generator,
-                                           shard=shard)
+        r = sample_responses(policy, prompts, cfg.max_prompt_len, cfg.max_new_tokens, cfg.temperature,
+                             generator=generator, shard=shard)
     with timer("score"):  # 2
-        response_mask, has_eos = truncate_after_eos(tokens[:, P:])
-        mask = torch.cat([mask, response_mask], 1)
-        scores = score_fn(prompts, tokens, mask, P)
-        if penalty is not None:
-            scores = torch.where(has_eos, scores, torch.full_like(scores, penalty))
-    return dict(tokens=tokens, mask=mask, P=P, response_mask=response_mask, gen_logprobs=gen_logprobs,
-                scores=scores, has_eos=has_eos, prompts=prompts)
+        r["response_mask"], has_eos = truncate_after_eos(r["tokens"][:, r["P"]:])
+        rank, world_size = shard or (0, 1)
+        scores = score_fn(prompts[rank::world_size], r["texts"], r["tokens"], r["mask"])
+        if cfg.penalize_missing_eos:
+            scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    return {**r, "scores": scores, "has_eos": has_eos}
 
 
 @torch.no_grad()
-def forward_rollout(ac, ref, tokens, mask, P, temperature, micro_batch_size, autocast=nullcontext):
+def forward_rollout(model, ref, tokens, mask, P, temperature, micro_batch_size, autocast=nullcontext):
     """Step 3: logprobs, values, ref_logprobs (B, N) fp32 and per-token entropy, in chunks of micro_batch_size rows
     (the training forward's batch shape, so its first ratio is exactly 1)."""
     out = collections.defaultdict(list)
     for t, m in zip(tokens.split(micro_batch_size), mask.split(micro_batch_size)):
         with autocast():
-            logprobs, values, logits = ac(t, m, P, temperature)
+            logprobs, values, logits = model(t, m, P, temperature)
             out["ref_logprobs"].append(response_logprobs(ref, t, m, P, temperature))
         out["logprobs"].append(logprobs)
         out["values"].append(values)
@@ -350,8 +326,7 @@ def ppo_update(model, optimizer, batch, P, cfg, s, generator, step=0):
             chunks, mb_stats = mb_idx.split(micro), collections.Counter()
             for i, idx in enumerate(chunks):
                 mb = {k: v[idx] for k, v in batch.items()}
-                last = i == len(chunks) - 1
-                with model.no_sync() if s.ddp and not last else nullcontext():  # all-reduce grads once per step
+                with model.no_sync() if s.ddp and i < len(chunks) - 1 else nullcontext():  # sync grads once
                     with s.autocast():
                         logprobs, values, _ = model(mb["tokens"], mb["mask"], P, cfg.temperature)
                     pg_loss, vf_loss, st = ppo_losses(logprobs, mb["logprobs"], mb["advantages"], values,
@@ -363,46 +338,14 @@ def ppo_update(model, optimizer, batch, P, cfg, s, generator, step=0):
                 # x world_size: this rank's share of the global token mean -> ~its own mean (all_reduce_mean later)
                 for k, v in dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), **st).items():
                     mb_stats[k] += v.item() * s.world_size
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            check_finite(grad_norm.item(), "grad_norm", step)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            stats.append({**mb_stats, "grad_norm": grad_norm.item()})
+            grad_norm = optimizer_step(optimizer, model.parameters(), cfg.grad_clip, step)
+            stats.append({**mb_stats, "grad_norm": grad_norm})
     return stats
 
 
-@torch.no_grad()
-def evaluate(policy, ref, score_fn, prompts, max_prompt_len=32, max_new_tokens=32, temperature=1.0, batch_size=16,
-             seed=0, autocast=nullcontext, penalty=None, n_samples=2, s=None):
-    """Mean score, KL to the reference (summed over response tokens) and response length on held-out `prompts`,
-    sampled like the training rollouts but with a fixed seed, so evaluations differ only by the policy. With a DDP
-    setup `s`, each rank passes its own prompts and the means are over all of them. Returns floats + `samples`."""
-    device = next(policy.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    sums = [0.0] * 4  # score, kl, response length, count
-    samples = []
-    for i in range(0, len(prompts), batch_size):
-        r = rollout(policy, score_fn, prompts[i:i + batch_size], max_prompt_len, max_new_tokens, temperature,
-                    generator, autocast, penalty)
-        with autocast():
-            logprobs = response_logprobs(policy, r["tokens"], r["mask"], r["P"], temperature)
-            ref_logprobs = response_logprobs(ref, r["tokens"], r["mask"], r["P"], temperature)
-        kl = ((logprobs - ref_logprobs) * r["response_mask"]).sum(1)
-        for k, v in enumerate((r["scores"].sum().item(), kl.sum().item(), r["response_mask"].sum().item(), len(kl))):
-            sums[k] += v
-        for j in range(min(n_samples - len(samples), len(kl))):
-            response = r["tokens"][j, r["P"]:][r["response_mask"][j].bool()]
-            samples.append((prompts[i + j], decode(response), r["scores"][j].item()))
-    sums = torch.tensor(sums, dtype=torch.float64, device=device)
-    score, kl, length, n = (all_reduce_sum(sums, s) if s is not None else sums).tolist()
-    return dict(score=score / n, kl=kl / n, response_len=length / n, samples=samples)
-
-
-# ----------------------------------------------------------------------------- training
-def main(cfg):
-    # --- setup
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
-    print_config(cfg)
+# ----------------------------------------------------------------------------- set-up, evaluation, checkpoints
+def check_config(cfg):
+    """The config's cross-field rules; returns the critic kind ("separate" or "shared")."""
     if bool(cfg.reward_model) == bool(cfg.reward_fn):
         raise ConfigError("set exactly one of reward_model (a reward.py checkpoint) and reward_fn ('module:function')")
     critic = cfg.critic or ("separate" if cfg.reward_model or cfg.critic_init_from else "shared")
@@ -419,168 +362,183 @@ def main(cfg):
         raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
     if cfg.temperature <= 0:
         raise ConfigError("temperature must be > 0 (PPO needs the sampling distribution's logprobs)")
-    micro = cfg.minibatch_size // cfg.grad_accum
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, "ppo") if cfg.init_from == "resume" else None
-    init_from = ckpt["config"]["init_from"] if ckpt else cfg.init_from  # the SFT model: reference and start
+    if cfg.frozen_bf16 and cfg.dtype != "bfloat16":
+        raise ConfigError("frozen_bf16 needs dtype='bfloat16' (fp32 activations would meet bf16 weights)")
+    return critic
+
+
+def build_models(cfg, s, init_from, critic_kind):
+    """The four roles, on the device, in eval mode (dropout off): policy (with a zero-initialised value head if the
+    critic is shared), critic (a separate GPT with a value head, or None), the frozen reference, and the scorer
+    (score_fn over a reward model, or over a reward_fn)."""
     scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-
-    # --- reward
-    if cfg.reward_fn:
-        score_fn, rm = reward_fn_scorer(load_reward_fn(cfg.reward_fn), cfg.reward_fn), None
-    else:
-        rm = load_reward_model(cfg.reward_model, s.device)
-        score_fn = reward_model_scorer(rm, s.autocast, micro)
-
-    # --- models: policy (+ value head or separate critic), frozen reference
-    heads = {"value": 1} if critic == "shared" else {}
-    torch.manual_seed(cfg.seed)  # the same initial heads (and scratch weights) on every rank and on resume
-    policy, _ = load_model(init_from, heads=heads, kind=("sft", "ppo"), scratch=scratch)
+    score_fn, reward_model = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast,
+                                         cfg.minibatch_size // cfg.grad_accum)
+    torch.manual_seed(cfg.seed)  # the same scratch weights on every rank and on resume
+    policy, init_ckpt = load_model(init_from, heads={"value": 1} if critic_kind == "shared" else {},
+                                   kind=("sft", "ppo"), scratch=scratch)
     ref, _ = load_model(init_from, kind=("sft", "ppo"), scratch=scratch)
     if init_from == "scratch":
         ref.load_state_dict(policy.state_dict(), strict=False)  # a random policy's reference is itself
-    ref.requires_grad_(False)
-    value_model = None
-    if critic == "separate" and cfg.critic_init_from:
-        value_model, _ = load_model(cfg.critic_init_from, heads={"value": 1}, scratch=scratch)
-    elif critic == "separate":  # the reward model, its (normalised) reward head becoming the value head
-        value_model = copy.deepcopy(rm)
-        value_model.heads = nn.ModuleDict({"value": value_model.heads["reward"]})
-        value_model.config.heads = {"value": 1}
-        value_model.requires_grad_(True)
+    if critic_kind == "shared" and "heads.value.weight" not in (init_ckpt or {}).get("model", {}):
+        nn.init.zeros_(policy.heads["value"].weight)  # as lm-human-preferences: values start at 0
+    critic = None
+    if critic_kind == "separate" and cfg.critic_init_from:
+        critic, _ = load_model(cfg.critic_init_from, heads={"value": 1}, scratch=scratch)
+    elif critic_kind == "separate":  # the reward model, its (normalised) reward head becoming the value head
+        critic = copy.deepcopy(reward_model)
+        critic.heads = nn.ModuleDict({"value": critic.heads["reward"]})
+        critic.config.heads = {"value": 1}
+        critic.requires_grad_(True)
     if cfg.frozen_bf16:  # after the critic was copied from the reward model: the critic trains in fp32
-        if cfg.dtype != "bfloat16":
-            raise ConfigError("frozen_bf16 needs dtype='bfloat16' (fp32 activations would meet bf16 weights)")
-        for m in [ref] + ([rm] if rm is not None else []):
-            m.to(torch.bfloat16)
-    for m in (policy, ref, value_model):
+        for m in (ref, reward_model):
+            if m is not None:
+                m.to(torch.bfloat16)
+    for m in (policy, critic):
+        if m is not None:
+            m.grad_checkpointing = cfg.grad_checkpointing
+    for m in (policy, ref, critic, reward_model):
         if m is not None:
             fp32_heads(m, cfg.fp32_heads)
-    ac = ActorCritic(policy, value_model).to(s.device).eval()  # eval mode = dropout off (see docstring)
-    for m in (policy, value_model or policy):
-        m.grad_checkpointing = cfg.grad_checkpointing
-    ref.to(s.device).eval()
-    for m in [ac, ref] + ([rm] if rm is not None else []):
-        n_ctx = m.policy.config.block_size if m is ac else m.config.block_size
-        if cfg.max_prompt_len + cfg.max_new_tokens > n_ctx:
-            raise ConfigError(f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} "
-                              f"exceeds a model's block_size {n_ctx}")
-    print0(f"policy {policy.num_params() / 1e6:.2f}M params, critic {critic}")
+            if cfg.max_prompt_len + cfg.max_new_tokens > m.config.block_size:
+                raise ConfigError(f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} "
+                                  f"exceeds a model's block_size {m.config.block_size}")
+            m.to(s.device).eval()
+    ref.requires_grad_(False)
+    print0(f"policy {policy.num_params() / 1e6:.2f}M params, critic {critic_kind}")
+    return policy, critic, ref, score_fn
 
-    # --- data: a global batch of prompts per iteration, split rank::world_size
+
+def load_data(cfg, s):
+    """Training and held-out prompts (every rank holds all: batches are split rank::world_size)."""
     with rank0_first(s):
         prompts = load_prompts(cfg.data, cfg.data_split, cfg.data_subset, cfg.skip_bad)
         eval_prompts = []
         if cfg.eval_size:
             eval_prompts = load_prompts(cfg.data, cfg.eval_split, cfg.data_subset, cfg.skip_bad)[:cfg.eval_size]
     print0(f"{len(prompts)} prompts, {len(eval_prompts)} held-out")
-    do_eval, eval_prompts = bool(eval_prompts), eval_prompts[s.rank::s.world_size]  # a rank's share may be empty
+    return prompts, eval_prompts
 
-    # --- optimizer, KL controller, resume
-    optimizer = make_optimizer(ac, cfg.learning_rate, cfg.weight_decay, eps=1e-5)  # eps 1e-5: N+ details
+
+@torch.no_grad()
+def evaluate(policy, ref, score_fn, prompts, cfg, s):
+    """Mean score, KL to the reference (summed over response tokens) and response length on the held-out `prompts`
+    (each rank its share rank::world_size); sampled like the rollouts but with a fixed seed, so evaluations differ
+    only by the policy. Prints eval_samples samples."""
+    prompts = prompts[s.rank::s.world_size]  # a rank's share may be empty: it still joins the all-reduce
+    generator = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, -1, s.rank))
+    sums = torch.zeros(4, dtype=torch.float64, device=s.device)  # score, kl, response length, count
+    shown = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        r = rollout(policy, score_fn, prompts[i:i + cfg.batch_size], cfg, generator, s.autocast)
+        with s.autocast():
+            logprobs = response_logprobs(policy, r["tokens"], r["mask"], r["P"], cfg.temperature)
+            ref_logprobs = response_logprobs(ref, r["tokens"], r["mask"], r["P"], cfg.temperature)
+        kl = ((logprobs - ref_logprobs) * r["response_mask"]).sum(1)
+        sums += torch.tensor([r["scores"].sum(), kl.sum(), r["response_mask"].sum(), len(kl)], device=s.device)
+        shown += list(zip(prompts[i:], r["texts"], r["scores"].tolist()))[:cfg.eval_samples - len(shown)]
+    for prompt, text, score in shown:
+        print0(f"--- sample (score {score:.3f})\n{prompt!r} -> {text!r}")
+    score, kl, length, n = all_reduce_sum(sums, s).tolist()
+    return dict(eval_score=score / n, eval_kl=kl / n, eval_response_len=length / n)
+
+
+def save(path, policy, critic, optimizer, kl_ctl, step, cfg, init_from):
+    save_checkpoint(path, kind="ppo", model_config=asdict(policy.config), model=policy.state_dict(),
+                    critic_config=asdict(critic.config) if critic else None,
+                    critic=critic.state_dict() if critic else None, optimizer=optimizer.state_dict(),
+                    kl_ctl=kl_ctl.state_dict(), step=step, rng=rng_state(),
+                    # the SFT model in init_from, also when this run was itself a resume: the next resume
+                    # rebuilds the reference from it
+                    config=asdict(replace(cfg, init_from=init_from)))
+
+
+SHOWN = ("score", "kl", "beta", "approx_kl", "clipfrac", "vf_loss", "explained_var", "entropy", "response_len",
+         "no_eos", "lp_gap", "tok_per_s", "t_generate", "t_score", "t_forward", "t_update")  # the printed line
+
+
+# ----------------------------------------------------------------------------- training
+def main(cfg):
+    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    print_config(cfg)
+    critic_kind = check_config(cfg)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path, "ppo") if cfg.init_from == "resume" else None
+    init_from = ckpt["config"]["init_from"] if ckpt else cfg.init_from  # the SFT model: reference and start
+    policy, critic, ref, score_fn = build_models(cfg, s, init_from, critic_kind)
+    prompts, eval_prompts = load_data(cfg, s)
+    model = ActorCritic(policy, critic)  # what trains: one module for DDP, the optimizer and the checkpoint
+    optimizer = make_optimizer(model, cfg, eps=1e-5)  # eps 1e-5: lm-human-preferences, N+ details
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon)
     start = 0
     if ckpt:
         policy.load_state_dict(ckpt["model"])
-        if value_model is not None:
-            value_model.load_state_dict(ckpt["critic"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if critic is not None:
+            critic.load_state_dict(ckpt["critic"])
         kl_ctl.load_state_dict(ckpt["kl_ctl"])
-        set_rng_state(ckpt["rng"])
-        start = ckpt["step"]
-        print0(f"resumed from {ckpt_path} at step {start}")
+        start = restore(ckpt, optimizer)
     resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
-    fwd = torch.compile(ac) if cfg.compile else ac  # the rollout's forward (no DDP: no gradients to sync)
-    model = fwd
-    if s.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(fwd,
-                                                          device_ids=[s.local_rank] if "cuda" in s.device else None)
-    log_path = start_log(cfg.out_dir, resume) if s.master else None
+    model = wrap_ddp(torch.compile(model) if cfg.compile else model, s)
+    log = start_log(cfg.out_dir, resume, s)
 
-    def log_json(record):
-        if s.master:
-            append_jsonl(log_path, record)
-
-    # --- loop
-    timer_eta, metrics, eval_metrics = Timer(cfg.max_iters, start), {}, {}
-    penalty = cfg.missing_eos_penalty if cfg.penalize_missing_eos else None
-    for step in range(start, cfg.max_iters + 1):
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            if do_eval and (step > start or not resume):  # a resumed run's first step was evaluated before it stopped
-                ev = evaluate(policy, ref, score_fn, eval_prompts, cfg.max_prompt_len, cfg.max_new_tokens,
-                              cfg.temperature, cfg.batch_size, step_seed(cfg.seed, -1, s.rank), s.autocast,
-                              penalty, cfg.eval_samples, s)
-                for prompt, response, score in ev.pop("samples"):
-                    print0(f"--- sample (score {score:.3f})\n{prompt!r} -> {response!r}")
-                eval_metrics = {f"eval_{k}": v for k, v in ev.items()}
-                log_line(step, eval_metrics)
-                log_json({"step": step, **eval_metrics})
-            if step > start and s.master:
-                save_checkpoint(ckpt_path, kind="ppo", model_config=asdict(policy.config), model=policy.state_dict(),
-                                critic_config=asdict(value_model.config) if value_model else None,
-                                critic=value_model.state_dict() if value_model else None,
-                                optimizer=optimizer.state_dict(), kl_ctl=kl_ctl.state_dict(), step=step,
-                                # the SFT model in init_from, also when this run was itself a resume: the
-                                # next resume rebuilds the reference from it
-                                config=asdict(replace(cfg, init_from=init_from)), rng=rng_state())
-        if step == cfg.max_iters:
-            break
+    if start == 0 and eval_prompts:
+        log(0, evaluate(policy, ref, score_fn, eval_prompts, cfg, s))
+    timer_eta, metrics, micro = Timer(cfg.max_iters, start), {}, cfg.minibatch_size // cfg.grad_accum
+    for step in range(start, cfg.max_iters):
         t0, timer = time.perf_counter(), PhaseTimer(s.device)
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, step, cfg)
         # the global batch's prompts and one generator seed on every rank; each rank samples its rows rank::world_size
-        generator = torch.Generator(s.device).manual_seed(step_seed(cfg.seed, step, 0))
-        idx = batch_indices(step, cfg.batch_size * s.world_size, len(prompts), cfg.seed)
-        batch_prompts = [prompts[i] for i in idx]
-
+        batch_prompts = [prompts[i] for i in batch_indices(step, cfg.batch_size * s.world_size, len(prompts), cfg.seed)]
+        generator = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, step))
         # 1-2. sample, truncate after EOS, score (penalty without EOS)
-        r = rollout(policy, score_fn, batch_prompts, cfg.max_prompt_len, cfg.max_new_tokens, cfg.temperature,
-                    generator, s.autocast, penalty, timer, shard=(s.rank, s.world_size))
-        tokens, mask, P, response_mask, scores = r["tokens"], r["mask"], r["P"], r["response_mask"], r["scores"]
+        r = rollout(policy, score_fn, batch_prompts, cfg, generator, s.autocast, timer, shard=(s.rank, s.world_size))
+        tokens, mask, P, response_mask = r["tokens"], r["mask"], r["P"], r["response_mask"]
         with timer("forward"):
             # 3. logprobs and values of the rollout (old logprobs: see docstring), reference logprobs
-            f = forward_rollout(fwd, ref, tokens, mask, P, cfg.temperature, micro, s.autocast)
+            f = forward_rollout(model, ref, tokens, mask, P, cfg.temperature, micro, s.autocast)
             # 4. KL-penalised per-token rewards
-            rewards, kl = compute_rewards(scores, f["logprobs"], f["ref_logprobs"], response_mask, kl_ctl.beta)
+            rewards, kl = compute_rewards(r["scores"], f["logprobs"], f["ref_logprobs"], response_mask, kl_ctl.beta)
+            if cfg.whiten_rewards:
+                rewards = whiten(rewards, response_mask, s, shift_mean=False)
             # 5. advantages (whitened over the real tokens of all ranks) and returns
             advantages, returns = gae(rewards, f["values"], response_mask, cfg.gamma, cfg.lam)
             advantages = whiten(advantages, response_mask, s)
-        # 6. K epochs of minibatch updates
         with timer("update"):
+            # 6. K epochs of minibatch updates
             batch = dict(tokens=tokens, mask=mask, response_mask=response_mask, logprobs=f["logprobs"],
                          values=f["values"], advantages=advantages, returns=returns)
-            update_gen = torch.Generator().manual_seed(step_seed(cfg.seed + 1, step, s.rank))
-            stats = ppo_update(model, optimizer, batch, P, cfg, s, update_gen, step)
+            shuffle = torch.Generator().manual_seed(mix_seed(cfg.seed, step, s.rank, 1))
+            stats = ppo_update(model, optimizer, batch, P, cfg, s, shuffle, step)
 
-        # --- metrics (all-reduced), KL controller, log
+        # metrics of all ranks, the KL controller, the log
         _, ret_var = masked_mean_var(returns, response_mask, s)
         _, err_var = masked_mean_var(returns - f["values"], response_mask, s)
-        n_real = response_mask.sum().clamp(min=1)
-        dt = time.perf_counter() - t0
-        metrics = dict(score=scores.mean().item(), kl=kl.sum(1).mean().item(), beta=kl_ctl.beta,
+        metrics = dict(score=r["scores"].mean().item(), kl=kl.sum(1).mean().item(), beta=kl_ctl.beta,
                        **{k: sum(st[k] for st in stats) / len(stats) for k in stats[0]},
                        explained_var=(1 - err_var / ret_var.clamp(min=1e-8)).item(),
-                       entropy=((f["entropy"] * response_mask).sum() / n_real).item(),
+                       entropy=((f["entropy"] * response_mask).sum() / response_mask.sum().clamp(min=1)).item(),
                        response_len=response_mask.sum(1).float().mean().item(),
                        no_eos=1 - r["has_eos"].float().mean().item(),
-                       lp_gap=((r["gen_logprobs"] - f["logprobs"]).abs() * response_mask).max().item(),
-                       lr=lr, tok_per_s=response_mask.sum().item() / dt,
+                       lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max().item(), lr=lr,
+                       tok_per_s=response_mask.sum().item() / (time.perf_counter() - t0),
                        **{f"t_{k}": v for k, v in timer.times.items()})
         metrics = all_reduce_mean(metrics, s)
         metrics["tok_per_s"] *= s.world_size
         kl_ctl.update(metrics["kl"], cfg.batch_size * s.world_size)
-        shown = {k: metrics[k] for k in ("score", "kl", "beta", "approx_kl", "clipfrac", "vf_loss", "explained_var",
-                                         "entropy", "response_len", "no_eos", "lp_gap", "tok_per_s")}
-        times = "/".join(f"{metrics.get('t_' + k, 0.0):.2f}" for k in ("generate", "score", "forward", "update"))
-        log_line(step, {**shown, "s gen/score/fwd/update": times, "eta": timer_eta.eta(step)})
-        log_json({"step": step, **metrics})  # everything, incl. pg_loss, vf_clipfrac, ratio, grad_norm, lr
+        log(step, {**metrics, "eta": timer_eta.eta(step)}, shown=SHOWN + ("eta",))
 
-    # --- export
+        done = step + 1  # the next step to run: where a resume starts
+        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+            if eval_prompts:
+                metrics.update(evaluate(policy, ref, score_fn, eval_prompts, cfg, s))
+                log(step, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+            if s.master:
+                save(ckpt_path, policy, critic, optimizer, kl_ctl, done, cfg, init_from)
+
     if s.master:
         policy.save_hf(os.path.join(cfg.out_dir, "hf"))
     cleanup(s)
-    return {**metrics, **eval_metrics}
+    return metrics
 
 
 if __name__ == "__main__":

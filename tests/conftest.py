@@ -23,3 +23,13 @@ def one_thread(tmp_path_factory, monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def plain_model_code():
+    """Every test starts on model.py's plain code. Each script's main() calls common.setup(), which switches the CPU
+    speed-ups of speedups.py on for the process; this switches them off again after the test."""
+    import speedups
+    speedups.enable(False)
+    yield
+    speedups.enable(False)

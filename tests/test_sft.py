@@ -105,7 +105,7 @@ def test_grad_accumulation_equals_one_big_batch():
 
     def grads(batches):
         model.zero_grad()
-        loss, n_tokens = sft.forward_backward(model, batches, cpu_setup())
+        loss, n_tokens = sft.forward_backward(model, model.lm_head, batches, cpu_setup())
         return loss.item(), [p.grad.clone() for p in model.parameters()]
 
     loss1, g1 = grads([collate_sft(pairs)])
@@ -142,7 +142,9 @@ def test_short_run_lowers_heldout_loss(tmp_path):
     ours, _ = load_model(str(out_dir / "ckpt.pt"))
     assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), ours.state_dict().values()))
     lines = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()]
-    assert sum("loss" in x for x in lines) == 30 and sum("eval_loss" in x for x in lines) == 2
+    # one row per step, one per evaluation: before training, at step 15 and at the end
+    assert [x["step"] for x in lines if "loss" in x] == list(range(30))
+    assert [x["step"] for x in lines if "eval_loss" in x] == [0, 14, 29]
 
 
 def test_chosen_responses_of_hh_dialogues(tmp_path):
@@ -160,7 +162,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     sft.main(tiny_cfg(tmp_path / "a", data, **kw))
     sft.main(tiny_cfg(tmp_path / "b", data, **{**kw, "max_iters": 3}))
     sft.main(tiny_cfg(tmp_path / "b", data, **{**kw, "init_from": "resume"}))
-    assert_same_weights(tmp_path / "a" / "out" / "ckpt.pt", tmp_path / "b" / "out" / "ckpt.pt", step=6)
+    assert_same_weights(tmp_path / "a" / "out" / "ckpt.pt", tmp_path / "b" / "out" / "ckpt.pt", step=6, atol=0)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -226,12 +228,15 @@ def test_grad_checkpointing_trains_the_same_weights(tmp_path, monkeypatch):
 
 
 def test_compile_trains_like_eager(tmp_path, monkeypatch):
-    """--compile=True (torch.compile of the model, inductor on CPU) trains to the same weights as eager, to rounding."""
+    """--compile=True (torch.compile of the model, inductor on CPU) computes what eager computes: the same loss and
+    gradient norm at every step, to fp32 rounding. Not the weights after Adam: Adam turns rounding noise in a
+    near-zero gradient into a full learning-rate step, so weights may differ by ~lr wherever kernels round
+    differently (they do between CPU kinds), while the losses, smooth in the weights, stay equal to rounding."""
     data = copy_task(tmp_path / "copy.jsonl", n=20)
     kw = dict(max_iters=3, lr_decay_iters=3, warmup_iters=1, learning_rate=1e-2)
     sft.main(tiny_cfg(tmp_path / "eager", data, **kw))
     compiled = spy_on_compile(monkeypatch)
     sft.main(tiny_cfg(tmp_path / "compiled", data, compile=True, **kw))
     assert len(compiled) == 1
-    assert_same_weights(tmp_path / "eager" / "out" / "ckpt.pt", tmp_path / "compiled" / "out" / "ckpt.pt", step=3,
-                        atol=1e-4)
+    for x, y in zip(train_log(tmp_path / "eager" / "out"), train_log(tmp_path / "compiled" / "out"), strict=True):
+        assert abs(x["loss"] / y["loss"] - 1) < 1e-4 and abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-3, (x, y)
