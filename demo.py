@@ -34,7 +34,8 @@ import torch
 
 import data
 from common import ConfigError, Timer, load_model, print0, print_config, run_main, setup
-from model import EOS, fp32_heads, generate, token_logprobs
+from model import fp32_heads, token_logprobs
+from sample import ilql_logits_fn, sample_responses
 
 # ----------------------------------------------------------------------------- the task: a review corpus
 POSITIVE = "good great wonderful excellent brilliant beautiful moving funny clever charming fantastic nice".split()
@@ -194,13 +195,10 @@ def sample(model, prompts, max_new_tokens=40, temperature=1.0, seed=0, batch_siz
     g = torch.Generator(device).manual_seed(seed)
     texts, batches, timer = [], [], Timer(math.ceil(len(prompts) / batch_size))
     for step, i in enumerate(range(0, len(prompts), batch_size)):
-        p_tokens, p_mask = data.pad_left([data.tokenize_prompt(p, max_prompt_len) for p in prompts[i:i + batch_size]])
-        p_tokens, p_mask = p_tokens.to(device), p_mask.to(device)
-        tokens, _, response_mask = generate(model, p_tokens, p_mask, max_new_tokens, temperature, generator=g,
-                                            logits_fn=logits_fn)
-        for row, m in zip(tokens[:, p_tokens.shape[1]:].tolist(), response_mask.tolist()):
-            texts.append(data.decode([t for t, keep in zip(row, m) if keep and t != EOS]))
-        batches.append((tokens, torch.cat([p_mask, response_mask], 1), response_mask))
+        r = sample_responses(model, prompts[i:i + batch_size], max_prompt_len, max_new_tokens, temperature,
+                             generator=g, logits_fn=logits_fn)
+        texts += r["texts"]
+        batches.append((r["tokens"], r["mask"], r["response_mask"]))
         if progress:
             print0(f"  sampled {len(texts)}/{len(prompts)} | ETA {timer.eta(step)}")
     return texts, batches
@@ -327,7 +325,7 @@ class Config:
     out_dir: str = "out/demo"  # everything goes here: data/, sft/, reward/, ppo/, ilql/, report.md
     seed: int = 1337  # every seed of the run derives from it
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast; ~1.5x faster here, the numerics that matter stay fp32)
+    dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast: faster on CPU too; the numerics that matter stay fp32)
     quick: bool = False  # tiny sizes and budgets (tests, smoke runs): overrides the sizes below
     only: str = ""  # "ppo" | "ilql" | "eval": rerun that stage (+ eval) on the other stages' outputs in out_dir
     n_train: int = 20000  # SFT corpus rows
@@ -342,10 +340,10 @@ class Config:
     n_embd: int = 128
     block_size: int = 96  # prompt (<= 32 tokens) + response (<= max_new_tokens)
     batch_size: int = 32  # sequences (SFT), pairs (RM, ILQL) or prompts (PPO) per step
-    sft_iters: int = 400  # ~0.6 min on 2 CPU cores (the whole default run: 3.9 min)
-    rm_iters: int = 400  # ~0.3 min
-    ppo_iters: int = 60  # ~2.1 min (its LM head, 6.4M of the 7.2M parameters, runs in fp32: ppo.py)
-    ilql_iters: int = 120  # ~0.4 min: the vocab-sized Q heads make an ILQL step ~2x an SFT step
+    sft_iters: int = 400  # the stage times of a run are in the README's results
+    rm_iters: int = 400
+    ppo_iters: int = 60
+    ilql_iters: int = 120
     ilql_betas: tuple = (4.0, 8.0)  # ILQL decoding: log_softmax(logits) + beta * (Q - V), each one evaluated
     best_of_n: int = 8  # n of the best-of-n baseline
 
@@ -369,7 +367,8 @@ def main(cfg):
                                    f"(the training stages print their own ETA) ===")
     sampling = dict(max_new_tokens=cfg.max_new_tokens, max_prompt_len=32)
     # Shared by the training scripts. Data folders hold train.jsonl and test.jsonl: `datasets` names the splits.
-    common = dict(device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, batch_size=cfg.batch_size)
+    # beta2 0.95 (nanoGPT's) rather than the scripts' 0.999: these are short runs at high learning rates
+    common = dict(device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, batch_size=cfg.batch_size, beta2=0.95)
     lengths = dict(max_prompt_len=32, max_len=cfg.block_size)
     every = lambda iters: max(1, iters // 5)  # eval_interval: five evaluations per run
 
@@ -469,7 +468,7 @@ def main(cfg):
         methods["PPO"] = evaluate(ppo_policy, policy, rm, prompts, cfg.seed + 4, **sampling)
         for beta in cfg.ilql_betas:
             methods[f"ILQL (beta {beta:g})"] = evaluate(ilql_model, policy, rm, prompts, cfg.seed + 4,
-                                                       logits_fn=ilql.ilql_logits_fn(ilql_model, beta), **sampling)
+                                                       logits_fn=ilql_logits_fn(ilql_model, beta), **sampling)
         prefs_heldout = read_log(path("data", "prefs", "test.jsonl"))
         rm_acc = rm_accuracy(rm, prefs_heldout) if prefs_heldout else None
     for m in methods.values():

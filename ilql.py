@@ -2,9 +2,9 @@
 ILQL: Implicit Language Q-Learning (Snell et al. 2022), offline RL on (prompt, response, reward) rows, as trlx
 implements it, on our GPT-2.
 
-One GPT-2 trunk carries five outputs read at every state: the LM head (the behaviour policy, trained by behaviour
-cloning), a V head, two vocab-sized Q heads and frozen target copies of the Q heads. Per response token (action)
-a_t chosen in state s_t, with Qhat = min(target Q1, target Q2)(s_t, a_t):
+The algorithm: one GPT-2 trunk carries five outputs read at every state: the LM head (the behaviour policy, trained by
+behaviour cloning), a V head, two vocab-sized Q heads and frozen target copies of the Q heads. Per response token
+(action) a_t chosen in state s_t, with Qhat = min(target Q1, target Q2)(s_t, a_t):
 
     L_Q    = sum_k mean (Q_k(s_t, a_t) - (r_t + gamma * (1 - done_{t+1}) * V(s_{t+1})))^2     V(s_{t+1}) detached
     L_V    = mean |tau - 1[Qhat < V(s_t)]| * (Qhat - V(s_t))^2                              expectile regression
@@ -15,7 +15,7 @@ a_t chosen in state s_t, with Qhat = min(target Q1, target Q2)(s_t, a_t):
 all means over the real action tokens of the whole (accumulated, all-rank) batch (n_step > 1: an n-step Q target,
 see below). After every optimizer step the targets move towards the online heads: target = (1 - alpha) * target +
 alpha * online. Decoding perturbs the behaviour policy by the advantage: `log_softmax(logits) + beta * (Qhat(s, .) -
-V(s))`, then temperature and top-k (beta = 0 is the behaviour policy); `ilql_logits_fn` plugs it into
+V(s))`, then temperature and top-k (beta = 0 is the behaviour policy); sample.ilql_logits_fn plugs it into
 model.generate.
 
 Our choices, where public implementations differ:
@@ -24,23 +24,21 @@ Our choices, where public implementations differ:
   Every response ends its episode, also one truncated at max_len: its reward was given for the text as stored.
 - Heads are single nn.Linear layers (trlx: 2-layer MLPs), so the heads are plain `GPTConfig.heads`. The
   vocab-sized heads run only on the real action states (no padding); the target Q values at the taken actions
-  are computed from the gathered weight rows, not from a vocab-sized matmul.
+  are computed from the gathered weight rows, not from a vocab-sized matmul. Each of the four vocab-sized heads is
+  as large as the token embedding: together they more than double GPT-2 small's parameters.
 - `n_step` > 1 replaces the one-step target by an n-step one (as in n-step DQN; not in the ILQL paper or trlx):
   Q(s_t, a_t) -> sum_{k<m} gamma^k r_{t+k} + gamma^m * (1 - done) * V(s_{t+m}), m = min(n_step, actions left).
   With one reward per response, a one-step target moves the reward back one token per round of Q -> target Q ->
-  V learning; a short run never gets it from the EOS to the words that earned it. Measured on demo.py's data
-  (120 steps, gold win rate vs SFT at beta 4): 0.44-0.53 with n_step 1 (alpha 0.01-0.2), 0.60 with 3, 0.69
-  with 8, 0.72-0.77 with the whole return. n_step >= max_len makes every target the Monte-Carlo return of its
-  row (V then only serves as the advantage baseline); n_step = 1 (default) is ILQL.
+  V learning; a short run never gets it from the EOS to the words that earned it (the README has the measurements).
+  n_step >= max_len makes every target the Monte-Carlo return of its row (V then only serves as the advantage
+  baseline); n_step = 1 (default) is ILQL.
 - AWAC weights are clamped at 100, as in IQL (exp of an advantage overflows easily).
 - The Q target uses the online V (as IQL and trlx): V has no target copy.
+- Under bf16 autocast the LM head, V and the Q heads compute in fp32 (fp32_heads, model.Head), in training, in the
+  evaluation samples and in sample.py alike: bf16 rounds the large logits, and the advantage added to them.
 - The Hugging Face export (out_dir/hf) is the trunk + LM head only, i.e. the beta = 0 behaviour policy; ILQL
   decoding needs the heads in out_dir/ckpt.pt (sample.py --beta=...).
-
-Memory: each Q head is as large as the embedding (n_embd * 50257 = 38.6M parameters for gpt2); the four vocab-sized
-heads add 154M parameters to the 124M trunk. Trainable: trunk + q1 + q2 + v ~ 201M -> ~3.2 GB of fp32 weights,
-grads and AdamW moments, plus 0.3 GB of targets. Activations: the LM and the two Q heads each produce an
-(actions, 50257) tensor (e.g. 8 x 128 actions x 50257 x 2 bytes = 100 MB in bf16, more for their fp32 losses).
+Outputs in out_dir: ckpt.pt (the last step, for resume and ILQL decoding), hf/, log.jsonl.
 
     python ilql.py config/ilql_tiny.py
     python ilql.py config/ilql_hh_gpt2.py --reward_model=out-reward-hh/ckpt.pt
@@ -58,28 +56,29 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, append_jsonl, batch_indices, check_finite,
-                    check_scores, cleanup, load_model, load_reward_fn, log_line, lr_at, make_optimizer, print0,
-                    print_config, rank0_first, rng_state, run_main, save_checkpoint, set_rng_state, setup, start_log)
-from model import GPTConfig, generate
+from common import (ConfigError, Timer, all_reduce_sum, batch_indices, check_finite, cleanup, load_model,
+                    make_optimizer, mix_seed, optimizer_step, print0, print_config, rank0_first, restore, rng_state,
+                    run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from model import GPTConfig, fp32_heads
+from reward import make_scorer
+from sample import ilql_logits_fn, sample_responses
 
 
 @dataclass
 class Config:
     # model
-    init_from: str = "gpt2"  # "scratch" | "resume" (out_dir/ckpt.pt) | an sft/ilql .pt | HF folder | hub id
-    out_dir: str = "out-ilql"  # checkpoint, log.jsonl and the HF export go here
-    n_layer: int = 2  # model size, used only with init_from="scratch"
-    n_head: int = 2  # scratch only
-    n_embd: int = 64  # scratch only
-    block_size: int = 128  # scratch only
+    init_from: str = "gpt2"  # gpt2..gpt2-xl | HF folder | hub id | an sft/ilql .pt | scratch | resume
+    n_layer: int = 12  # scratch only (default: GPT-2 124M's shape)
+    n_head: int = 12  # scratch only
+    n_embd: int = 768  # scratch only
+    block_size: int = 1024  # scratch only
     # data
     data: str = "Anthropic/hh-rlhf"  # a local file/folder or hub dataset, in the format data_format names
-    data_format: str = "preferences"  # "offline": prompt/response/reward rows; "preferences": chosen +1, rejected -1
+    data_format: str = "preferences"  # offline: prompt/response/reward rows | preferences: chosen +1, rejected -1
     data_subset: str = ""  # hub dataset config name ("" = none)
-    data_split: str = "train"  # training split, slicing allowed: "train[:90%]"
-    eval_split: str = ""  # held-out split for eval loss and sample prompts ("" = none: prompts from training data)
-    skip_bad: bool = False  # drop (and count) bad rows instead of stopping at the first
+    data_split: str = "train"  # training split (slices allowed: "train[:90%]")
+    eval_split: str = "test"  # held-out split for the eval loss and sample prompts ("" = none: training prompts)
+    skip_bad: bool = False  # drop (and count) bad rows instead of stopping at the first one
     max_prompt_len: int = 64  # prompts are left-truncated to this many tokens
     max_len: int = 128  # prompt + response tokens; responses are right-truncated to fit
     # ILQL
@@ -91,19 +90,21 @@ class Config:
     awac_scale: float = 1.0  # weight of the AWAC / behaviour-cloning term
     beta_awac: float = 0.0  # AWAC temperature: weights exp(beta_awac * advantage); 0 = plain behaviour cloning
     # optimisation
-    batch_size: int = 8  # sequences per micro-batch per rank
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 8  # rows per micro-batch, per rank
+    grad_accum: int = 1  # micro-batches per optimizer step, per rank
     max_iters: int = 100  # optimizer steps
-    learning_rate: float = 1e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decay to min_lr_ratio * learning_rate (1.0 = constant)
-    lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
+    learning_rate: float = 1e-4  # peak LR
     warmup_iters: int = 10  # linear warmup steps
-    weight_decay: float = 0.0  # AdamW weight decay on matrices
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    grad_checkpointing: bool = False  # recompute blocks in backward: less memory, +1 forward
-    # evaluation
+    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * learning_rate (1 = constant)
+    lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
+    weight_decay: float = 0.0  # AdamW weight decay on matrices (not biases, LayerNorms)
+    beta1: float = 0.9  # AdamW betas
+    beta2: float = 0.999  # AdamW betas
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    # evaluation, checkpoints, logging
+    out_dir: str = "out-ilql"  # ckpt.pt (last, for resume and ILQL decoding), hf/, log.jsonl
     eval_interval: int = 50  # evaluate and write the checkpoint every this many steps (and at the end)
-    eval_prompts: int = 16  # held-out prompts sampled at each evaluation
+    eval_prompts: int = 16  # distinct held-out prompts sampled at each evaluation
     eval_betas: tuple = (0.0, 1.0, 4.0)  # decoding betas compared at each evaluation (0 = behaviour policy)
     max_new_tokens: int = 32  # response length of evaluation samples
     temperature: float = 1.0  # sampling temperature of evaluation samples
@@ -111,13 +112,15 @@ class Config:
     reward_model: str = ""  # our reward checkpoint to score evaluation samples ("" = none)
     reward_fn: str = ""  # or "module:function", f(prompts, responses) -> list of floats
     # system
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
-    dtype: str = "float32"  # "float32" | "bfloat16" (autocast; master weights stay fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights, optimizer and the loss math stay fp32)
+    seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
     compile: bool = False  # torch.compile the trunk
-    seed: int = 1337  # torch seed (+ rank) and data order
+    grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
+    fp32_heads: bool = True  # under bf16 autocast lm_head, V and the Q heads compute in fp32 (model.Head)
 
 
-# ---------------------------------------------------------------------------- pure functions
+# ----------------------------------------------------------------------------- the algorithm
 def ilql_heads(vocab_size):
     """The heads ILQL puts on the trunk (GPTConfig.heads)."""
     return {"v": 1, "q1": vocab_size, "q2": vocab_size, "q1_target": vocab_size, "q2_target": vocab_size}
@@ -193,20 +196,20 @@ def head_at(head, h, actions):
     return (h * head.weight[actions]).sum(-1) + head.bias[actions]
 
 
-def ilql_outputs(raw, h, batch):
+def ilql_outputs(raw_model, h, batch):
     """Trunk hidden states h (B, T, C) -> everything ilql_loss takes, flat over the batch's N real actions. The
-    vocab-sized heads run on (N, C): never on prompt positions nor on the padding of a (B, A) layout (a third to
-    a half of the slots with the demo's mixed response lengths)."""
-    C = h.shape[-1]
+    vocab-sized heads run on (N, C): never on prompt positions nor on the padding of a (B, A) layout (a large share
+    of the slots when response lengths vary)."""
+    C, heads = h.shape[-1], raw_model.heads
     hs = h.gather(1, batch["states_ixs"][..., None].expand(-1, -1, C))  # (B, A+1, C)
-    vs = raw.heads["v"](hs).squeeze(-1)  # (B, A+1)
+    vs = heads["v"](hs).squeeze(-1)  # (B, A+1)
     # (B, A, ...) -> (N, ...) at the real actions, through an index collate made on the CPU (a boolean mask would
     # cost a device sync per use on GPU)
     real = lambda x: x.flatten(0, 1).index_select(0, batch["real_ixs"])
     ha, a = real(hs[:, :-1]), real(batch["actions"])  # (N, C) the states that choose the actions, (N,)
-    target_q = torch.minimum(head_at(raw.heads["q1_target"], ha, a), head_at(raw.heads["q2_target"], ha, a))
+    target_q = torch.minimum(head_at(heads["q1_target"], ha, a), head_at(heads["q2_target"], ha, a))
     boot = batch["boot_ixs"]  # (B, A) the state each action's target bootstraps from (t + 1 for one-step TD)
-    return dict(logits=raw.lm_head(ha), qs=(raw.heads["q1"](ha), raw.heads["q2"](ha)), target_q=target_q,
+    return dict(logits=raw_model.lm_head(ha), qs=(heads["q1"](ha), heads["q2"](ha)), target_q=target_q,
                 v=real(vs[:, :-1]), v_next=real(vs.gather(1, boot)), actions=a, returns=real(batch["returns"]),
                 discounts=real(batch["discounts"]), next_dones=real(batch["dones"].gather(1, boot)))
 
@@ -241,252 +244,234 @@ def ilql_loss(logits, qs, target_q, v, v_next, actions, returns, discounts, next
 
 
 @torch.no_grad()
-def init_targets(raw):
+def init_targets(raw_model):
     for target, online in TARGETS.items():
-        raw.heads[target].load_state_dict(raw.heads[online].state_dict())
+        raw_model.heads[target].load_state_dict(raw_model.heads[online].state_dict())
 
 
-def freeze_targets(raw):
+def freeze_targets(raw_model):
     """Targets are never trained: no grads, not in the optimizer, and ignored by DDP."""
     for target in TARGETS:
-        raw.heads[target].requires_grad_(False)
+        raw_model.heads[target].requires_grad_(False)
 
 
 @torch.no_grad()
-def polyak_update(raw, alpha):
+def polyak_update(raw_model, alpha):
     """target = (1 - alpha) * target + alpha * online, for every target head parameter."""
     for target, online in TARGETS.items():
-        for pt, po in zip(raw.heads[target].parameters(), raw.heads[online].parameters()):
+        for pt, po in zip(raw_model.heads[target].parameters(), raw_model.heads[online].parameters()):
             pt.lerp_(po, alpha)
 
 
-def ilql_logits_fn(model, beta):
-    """Decoding logits for model.generate(..., logits_fn=...): hidden (B, C) -> log_softmax(logits) +
-    beta * (min target Q - V), fp32. generate then applies temperature and top-k. beta = 0: the behaviour policy
-    (the heads are then not even evaluated)."""
-    raw = getattr(model, "module", model)
-
-    def logits_fn(h):
-        logprobs = torch.log_softmax(raw.lm_head(h).float(), dim=-1)  # (B, V)
-        if beta == 0:
-            return logprobs
-        q = torch.minimum(raw.heads["q1_target"](h), raw.heads["q2_target"](h)).float()  # (B, V)
-        return logprobs + beta * (q - raw.heads["v"](h).float())
-    return logits_fn
+def batch_loss(model, raw_model, b, n, cfg):
+    """ILQL's loss and stats on one collated batch (on the device): the trunk through `model` (compiled, DDP), the
+    heads of `raw_model`; every term divided by n."""
+    out = ilql_outputs(raw_model, model(b["tokens"], b["mask"]), b)
+    return ilql_loss(**out, tau=cfg.tau, cql_scale=cfg.cql_scale, awac_scale=cfg.awac_scale,
+                     beta_awac=cfg.beta_awac, n=n)
 
 
-# ---------------------------------------------------------------------------- data and evaluation helpers
+def micro_batches(items, step, cfg, s):
+    """This rank's micro-batches of optimizer step `step` (the global batch split rank::world_size, then into
+    micro-batches of batch_size), and the action count of the whole global batch: the loss is one mean over it."""
+    idx = batch_indices(step, cfg.batch_size * cfg.grad_accum * s.world_size, len(items), cfg.seed)
+    mine = [items[i] for i in idx[s.rank::s.world_size]]
+    batches = [collate_offline(mine[j:j + cfg.batch_size], cfg.gamma, cfg.n_step)
+               for j in range(0, len(mine), cfg.batch_size)]
+    return batches, sum(len(items[i][1]) for i in idx)
+
+
+def forward_backward(model, raw_model, batches, n_actions, cfg, s):
+    """Accumulate into .grad the gradient of ILQL's loss over `batches` of every rank, divided by n_actions (the global
+    batch's). Returns (loss and STATS as floats, identical on every rank; real tokens processed by all ranks)."""
+    total = torch.zeros(len(STATS) + 2, dtype=torch.float64, device=s.device)  # loss, STATS..., real tokens
+    for i, b in enumerate(batches):
+        b = {k: v.to(s.device) for k, v in b.items()}
+        # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
+        with model.no_sync() if s.ddp and i < len(batches) - 1 else nullcontext():
+            with s.autocast():
+                loss, stats = batch_loss(model, raw_model, b, n_actions, cfg)
+            # DDP AVERAGES gradients over ranks; each rank's loss is already its share of the global mean, so
+            # multiply by world_size to get their sum
+            (loss * s.world_size).backward()
+        total += torch.stack([loss, *(stats[k] for k in STATS), b["mask"].sum().float()]).detach().double()
+    total = all_reduce_sum(total, s).tolist()
+    return dict(zip(("loss",) + STATS, total[:-1])), total[-1]
+
+
+# ----------------------------------------------------------------------------- data, model, evaluation
+def check_config(cfg):
+    if cfg.data_format not in ("offline", "preferences"):
+        raise ConfigError(f"data_format must be 'offline' or 'preferences', not {cfg.data_format!r}")
+    if cfg.max_len <= cfg.max_prompt_len:
+        raise ConfigError(f"max_len ({cfg.max_len}) must exceed max_prompt_len ({cfg.max_prompt_len})")
+    if cfg.n_step < 1:
+        raise ConfigError(f"n_step must be >= 1 (1 = ILQL's one-step target), not {cfg.n_step}")
+    if cfg.eval_interval < 1:
+        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
+    if cfg.reward_model and cfg.reward_fn:
+        raise ConfigError("set at most one of reward_model and reward_fn (they score the evaluation samples)")
+
+
 def load_examples(cfg, split):
     if cfg.data_format == "offline":
-        return data.load_offline(cfg.data, split, cfg.data_subset or None, cfg.skip_bad)
-    if cfg.data_format == "preferences":
-        return data.preferences_to_offline(data.load_preferences(cfg.data, split, cfg.data_subset or None,
-                                                                 cfg.skip_bad))
-    raise ConfigError(f"data_format must be 'offline' or 'preferences', not {cfg.data_format!r}")
+        return data.load_offline(cfg.data, split, cfg.data_subset, cfg.skip_bad)
+    return data.preferences_to_offline(data.load_preferences(cfg.data, split, cfg.data_subset, cfg.skip_bad))
 
 
-def tokenize(examples, cfg, reward_mean, reward_std):
-    return [(*data.tokenize_example(e.prompt, e.response, cfg.max_prompt_len, cfg.max_len),
-             (e.reward - reward_mean) / reward_std) for e in examples]
+def load_data(cfg, s):
+    """(prompt_ids, response_ids, z-scored reward) triples for training and held-out rows, the distinct prompts the
+    evaluation samples (held-out ones, or training ones without an eval_split), and the rewards' (mean, std)."""
+    with rank0_first(s):
+        train_data = load_examples(cfg, cfg.data_split)
+        eval_data = load_examples(cfg, cfg.eval_split) if cfg.eval_split else []
+    # a pure function of the training set, which a resumed run reads again: it gets the same mean and std
+    rewards = [e.reward for e in train_data]
+    mean, std = statistics.fmean(rewards), statistics.pstdev(rewards)
+    if std == 0:
+        print0("warning: every reward is the same; nothing to learn beyond behaviour cloning")
+        std = 1.0
+    tok = lambda e: (*data.tokenize_example(e.prompt, e.response, cfg.max_prompt_len, cfg.max_len),
+                     (e.reward - mean) / std)
+    train_items, eval_items = [tok(e) for e in train_data], [tok(e) for e in eval_data]
+    prompts = list(dict.fromkeys(e.prompt for e in (eval_data or train_data)))[:cfg.eval_prompts]
+    print0(f"data: {len(train_items)} training rows, {len(eval_items)} held-out rows, rewards z-scored with "
+           f"mean {mean:.4g} std {std:.4g}")
+    return train_items, eval_items, prompts, (mean, std)
 
 
-def to_device(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
+def build_model(cfg, s):
+    """One trunk with the LM head, V, Q1/Q2 and their targets, on the device, and the checkpoint it came from (a
+    resume's or an ILQL init's, or None)."""
+    resume = cfg.init_from == "resume"
+    init = os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from
+    scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    model, ckpt = load_model(init, ilql_heads(scratch.vocab_size), kind="ilql" if resume else ("sft", "ilql"),
+                             scratch=scratch)
+    if model.config.vocab_size != scratch.vocab_size:
+        raise ConfigError(f"{init}: vocab_size {model.config.vocab_size}, expected GPT-2's {scratch.vocab_size}")
+    block_size = model.config.block_size
+    if cfg.max_len > block_size or cfg.max_prompt_len + cfg.max_new_tokens > block_size:
+        raise ConfigError(f"max_len ({cfg.max_len}) and max_prompt_len + max_new_tokens "
+                          f"({cfg.max_prompt_len + cfg.max_new_tokens}) must fit block_size {block_size}")
+    if ckpt is None or "heads.q1_target.weight" not in ckpt["model"]:
+        init_targets(model)  # new heads: the targets start equal to the online Q heads
+    freeze_targets(model)
+    fp32_heads(model, cfg.fp32_heads)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters from {init} "
+           f"({sum(p.numel() for p in model.heads.parameters()) / 1e6:.1f}M in the heads)")
+    return model.to(s.device), ckpt
 
 
 @torch.no_grad()
-def eval_loss(model, raw, items, cfg, s):
-    """ILQL loss terms on held-out data (this rank's shard), averaged over all its actions on all ranks."""
-    sums = torch.zeros(len(STATS) + 2, dtype=torch.float64, device=s.device)  # loss, STATS..., action count
-    for i in range(0, len(items), cfg.batch_size):
-        batch = to_device(collate_offline(items[i:i + cfg.batch_size], cfg.gamma, cfg.n_step), s.device)
+def eval_loss(raw_model, eval_items, cfg, s):
+    """The ILQL loss terms on the held-out rows, each a mean over all their actions (all ranks)."""
+    total = torch.zeros(len(STATS) + 2, dtype=torch.float64, device=s.device)  # loss, STATS..., actions
+    mine = eval_items[s.rank::s.world_size]
+    for j in range(0, len(mine), cfg.batch_size):
+        b = collate_offline(mine[j:j + cfg.batch_size], cfg.gamma, cfg.n_step)
+        b = {k: v.to(s.device) for k, v in b.items()}
         with s.autocast():
-            out = ilql_outputs(raw, model(batch["tokens"], batch["mask"]), batch)
-            loss, stats = ilql_loss(**out, tau=cfg.tau, cql_scale=cfg.cql_scale,
-                                    awac_scale=cfg.awac_scale, beta_awac=cfg.beta_awac, n=1.0)  # sums, divided below
-        sums += torch.stack([loss, *(stats[k] for k in STATS), batch["action_mask"].sum().float()]).double()
-    total = all_reduce_sum(sums, s).tolist()
-    return {f"eval_{k}": v / max(total[-1], 1) for k, v in zip(("loss",) + STATS, total[:-1])}
+            loss, stats = batch_loss(raw_model, raw_model, b, 1.0, cfg)  # sums, divided by the actions below
+        total += torch.stack([loss, *(stats[k] for k in STATS), b["action_mask"].sum().float()]).double()
+    *sums, n = all_reduce_sum(total, s).tolist()
+    return {f"eval_{k}": x / max(n, 1) for k, x in zip(("loss",) + STATS, sums)}
 
 
 @torch.no_grad()
-def eval_samples(raw, prompts, cfg, s, step, scorer):
-    """Sample this rank's prompts at each eval beta; mean score (all ranks) when a scorer is configured, and the
-    first sample of each beta printed so a person can read them."""
-    metrics, shown = {}, {}
+def eval_samples(raw_model, prompts, score_fn, step, cfg, s):
+    """The prompts sampled at each eval beta: mean response length and, with a score_fn, mean score (all ranks).
+    Rank 0 prints the first sample of each beta."""
+    metrics, chunk_size = {}, cfg.batch_size * s.world_size
     for beta in cfg.eval_betas:
-        logits_fn = ilql_logits_fn(raw, beta)
-        gen = torch.Generator(s.device).manual_seed(cfg.seed + 1000 * s.rank + step)  # same for every beta
-        total = torch.zeros(3, dtype=torch.float64, device=s.device)  # score sum, count, response tokens
-        for i in range(0, len(prompts), cfg.batch_size):
-            chunk = prompts[i:i + cfg.batch_size]
-            p_tokens, p_mask = data.pad_left([data.tokenize_prompt(p, cfg.max_prompt_len) for p in chunk])
-            p_tokens, p_mask = p_tokens.to(s.device), p_mask.to(s.device)
+        total = torch.zeros(3, dtype=torch.float64, device=s.device)  # scores, responses, response tokens
+        for j in range(0, len(prompts), chunk_size):
+            # a chunk is one global batch; this rank samples its rows rank::world_size with the sampler's shard
+            chunk = prompts[j:j + chunk_size]
+            if s.rank >= len(chunk):  # a last chunk smaller than world_size: nothing for this rank
+                continue
+            gen = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, step, j))  # the same draws for every beta
             with s.autocast():
-                tokens, _, resp_mask = generate(raw, p_tokens, p_mask, cfg.max_new_tokens, cfg.temperature,
-                                                cfg.top_k or None, generator=gen, logits_fn=logits_fn)
-            resp = tokens[:, p_tokens.shape[1]:]
-            texts = [data.decode([t for t, m in zip(r.tolist(), rm.tolist()) if m and t != data.EOS])
-                     for r, rm in zip(resp, resp_mask)]
-            shown.setdefault(beta, (chunk[0], texts[0]))
-            total[1] += len(chunk)
-            total[2] += resp_mask.sum()
-            if scorer is not None:
-                scores = scorer(chunk, texts, tokens, torch.cat([p_mask, resp_mask], 1))
-                total[0] += float(sum(scores))
-        total = all_reduce_sum(total, s)
-        b = f"{beta:g}"
-        metrics[f"len_beta{b}"] = float(total[2] / total[1].clamp(min=1))
-        if scorer is not None:
-            metrics[f"score_beta{b}"] = float(total[0] / total[1].clamp(min=1))
-    for beta, (prompt, text) in shown.items():
-        print0(f"sample beta={beta:g}: {prompt[-200:]!r} -> {text[:300]!r}")
+                r = sample_responses(raw_model, chunk, cfg.max_prompt_len, cfg.max_new_tokens, cfg.temperature,
+                                     cfg.top_k or None, generator=gen, logits_fn=ilql_logits_fn(raw_model, beta),
+                                     shard=(s.rank, s.world_size))
+            mine = chunk[s.rank::s.world_size]
+            score = float(score_fn(mine, r["texts"], r["tokens"], r["mask"]).sum()) if score_fn else 0.0
+            total += torch.tensor([score, len(mine), float(r["response_mask"].sum())], dtype=torch.float64,
+                                  device=s.device)
+            if j == 0:
+                print0(f"sample beta={beta:g}: {chunk[0][-200:]!r} -> {r['texts'][0][:300]!r}")
+        score, n, n_tokens = all_reduce_sum(total, s).tolist()
+        metrics[f"len_beta{beta:g}"] = n_tokens / max(n, 1)
+        if score_fn:
+            metrics[f"score_beta{beta:g}"] = score / max(n, 1)
     return metrics
 
 
-# ---------------------------------------------------------------------------- main
+def evaluate(raw_model, eval_items, prompts, score_fn, step, cfg, s):
+    """Held-out loss terms (with an eval_split) and the samples of each eval beta."""
+    raw_model.eval()
+    metrics = {**(eval_loss(raw_model, eval_items, cfg, s) if eval_items else {}),
+               **eval_samples(raw_model, prompts, score_fn, step, cfg, s)}
+    raw_model.train()
+    return metrics
+
+
+def save(path, model, optimizer, step, reward_stats, cfg):
+    save_checkpoint(path, kind="ilql", model_config=asdict(model.config), model=model.state_dict(),
+                    optimizer=optimizer.state_dict(), step=step, config=asdict(cfg), rng=rng_state(),
+                    reward_mean=reward_stats[0], reward_std=reward_stats[1])
+
+
+# ----------------------------------------------------------------------------- training
 def main(cfg):
-    # --- setup
     s = setup(cfg.device, cfg.dtype, cfg.seed)
     print_config(cfg)
-    if cfg.max_len <= cfg.max_prompt_len:
-        raise ConfigError(f"max_len ({cfg.max_len}) must exceed max_prompt_len ({cfg.max_prompt_len})")
-    if cfg.data_format not in ("offline", "preferences"):
-        raise ConfigError(f"data_format must be 'offline' or 'preferences', not {cfg.data_format!r}")
-    if cfg.n_step < 1:
-        raise ConfigError(f"n_step must be >= 1 (1 = ILQL's one-step target), not {cfg.n_step}")
+    check_config(cfg)
+    train_items, eval_items, prompts, reward_stats = load_data(cfg, s)
+    raw_model, ckpt = build_model(cfg, s)
+    score_fn = None
+    if cfg.reward_model or cfg.reward_fn:
+        score_fn, _ = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast, cfg.batch_size)
+    optimizer = make_optimizer(raw_model, cfg)  # the frozen targets are not in it
+    resume = cfg.init_from == "resume"
+    start = restore(ckpt, optimizer) if resume else 0
+    ckpt = None  # free the CPU copy of the weights and optimizer state
+    # DDP's find_unused_parameters stays off: every trainable parameter gets a gradient every step (V from L_V, Q from
+    # L_Q and L_CQL, the LM head from L_AWAC); the frozen targets are ignored
+    model = wrap_ddp(torch.compile(raw_model) if cfg.compile else raw_model, s)  # what trains: compiled, DDP
+    log = start_log(cfg.out_dir, resume, s)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    # --- model: one trunk, LM head + V + Q1/Q2 + their targets
-    resume = cfg.init_from == "resume"
-    scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    heads = ilql_heads(scratch.vocab_size)
-    raw, ckpt = load_model(ckpt_path if resume else cfg.init_from, heads, kind="ilql" if resume else ("sft", "ilql"),
-                           scratch=scratch)
-    if raw.config.vocab_size != scratch.vocab_size:
-        raise ConfigError(f"{cfg.init_from}: vocab_size {raw.config.vocab_size}, expected GPT-2's {scratch.vocab_size}")
-    if ckpt is None or "heads.q1_target.weight" not in ckpt["model"]:
-        init_targets(raw)  # new heads: targets start equal to the online Q heads
-    freeze_targets(raw)
-    if cfg.max_len > raw.config.block_size or cfg.max_prompt_len + cfg.max_new_tokens > raw.config.block_size:
-        raise ConfigError(f"max_len ({cfg.max_len}) and max_prompt_len + max_new_tokens "
-                          f"({cfg.max_prompt_len + cfg.max_new_tokens}) must fit block_size {raw.config.block_size}")
-    raw.grad_checkpointing = cfg.grad_checkpointing
-    raw.to(s.device)
-    print0(f"model: {raw.num_params() / 1e6:.1f}M parameters "
-           f"({sum(p.numel() for p in raw.heads.parameters()) / 1e6:.1f}M in the heads)")
-
-    # --- data: z-scored rewards, tokenized once
-    with rank0_first(s):
-        train_examples = load_examples(cfg, cfg.data_split)
-        eval_examples = load_examples(cfg, cfg.eval_split) if cfg.eval_split else []
-    if resume:
-        reward_mean, reward_std = ckpt["reward_mean"], ckpt["reward_std"]
-    else:
-        rewards = [e.reward for e in train_examples]
-        reward_mean, reward_std = statistics.fmean(rewards), statistics.pstdev(rewards)
-        if reward_std == 0:
-            print0("warning: every reward is the same; nothing to learn beyond behaviour cloning")
-            reward_std = 1.0
-    train_items = tokenize(train_examples, cfg, reward_mean, reward_std)
-    eval_items = tokenize(eval_examples, cfg, reward_mean, reward_std)[s.rank::s.world_size]
-    prompts = list(dict.fromkeys(e.prompt for e in (eval_examples or train_examples)))[:cfg.eval_prompts]
-    prompts = prompts[s.rank::s.world_size]
-    print0(f"data: {len(train_items)} training rows, {len(eval_examples)} held-out rows, rewards z-scored with "
-           f"mean {reward_mean:.4g} std {reward_std:.4g}")
-
-    scorer = None
-    if cfg.reward_model:
-        import reward
-        rm = reward.load_reward_model(cfg.reward_model, s.device)
-
-        def scorer(prompts, responses, tokens, mask):
-            with s.autocast():
-                return reward.score_tokens(rm, tokens, mask).tolist()
-    elif cfg.reward_fn:
-        fn = load_reward_fn(cfg.reward_fn)
-
-        def scorer(prompts, responses, tokens, mask):
-            return check_scores(fn(list(prompts), responses), len(prompts), cfg.reward_fn).tolist()
-
-    # --- optimizer and DDP
-    opt = make_optimizer(raw, cfg.learning_rate, cfg.weight_decay)
-    start_step = 0
-    if resume:
-        opt.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-    ckpt = None  # free the CPU copy of the weights
-    model = torch.compile(raw) if cfg.compile else raw
-    if s.ddp:
-        # find_unused_parameters=False: every trainable parameter gets a gradient every step (V from L_V, Q from
-        # L_Q/L_CQL, LM head from L_AWAC, all terms always in the graph); the frozen targets are ignored by DDP.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[s.local_rank] if s.device.startswith("cuda") else None)
-
-    log_path = start_log(cfg.out_dir, resume) if s.master else None
-
-    # --- loop
-    global_batch = cfg.batch_size * cfg.grad_accum * s.world_size
-    timer = Timer(cfg.max_iters, start_step)
-    metrics = {}
-    for step in range(start_step, cfg.max_iters):
+    timer, metrics = Timer(cfg.max_iters, start), {}
+    model.train()
+    for step in range(start, cfg.max_iters):
         t0 = time.time()
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = batch_indices(step, global_batch, len(train_items), cfg.seed)
-        # every rank knows the whole global batch, so the loss is one mean over all its actions; DDP averages
-        # gradients over ranks, hence the denominator divided by world_size
-        n = sum(len(train_items[i][1]) for i in idx) / s.world_size
-        mine = [train_items[i] for i in idx[s.rank::s.world_size]]
-        stats_sum, n_tokens = {}, 0
-        for micro in range(cfg.grad_accum):
-            batch = mine[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]
-            batch = to_device(collate_offline(batch, cfg.gamma, cfg.n_step), s.device)
-            sync = nullcontext() if not s.ddp or micro == cfg.grad_accum - 1 else model.no_sync()
-            with sync:
-                with s.autocast():
-                    out = ilql_outputs(raw, model(batch["tokens"], batch["mask"]), batch)
-                    loss, stats = ilql_loss(**out, tau=cfg.tau, cql_scale=cfg.cql_scale,
-                                            awac_scale=cfg.awac_scale, beta_awac=cfg.beta_awac, n=n)
-                loss.backward()
-            for k, v in dict(loss=loss, **stats).items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v.detach())
-            n_tokens += int(batch["mask"].sum())
-        check_finite(stats_sum["loss"], "loss", step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
-        check_finite(grad_norm.item(), "grad_norm", step)  # a NaN gradient must not reach the weights or a checkpoint
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        polyak_update(raw, cfg.alpha)
+        lr = set_lr(optimizer, step, cfg)
+        # 1. forward and backward of L_Q + L_V + cql_scale * L_CQL + awac_scale * L_AWAC: one mean over the actions
+        # of this step's global batch, accumulated over this rank's micro-batches
+        batches, n_actions = micro_batches(train_items, step, cfg, s)
+        stats, n_tokens = forward_backward(model, raw_model, batches, n_actions, cfg, s)
+        check_finite(stats["loss"], "loss", step)  # before the weights or any checkpoint see it
+        # 2. clip, step
+        grad_norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, step)
+        # 3. the target Q heads follow the online ones: target = (1 - alpha) * target + alpha * online
+        polyak_update(raw_model, cfg.alpha)
+        metrics = {**stats, "lr": lr, "grad_norm": grad_norm, "tok_per_s": n_tokens / (time.time() - t0)}
+        log(step, {**metrics, "eta": timer.eta(step)})
 
-        # --- logging
-        dt = time.time() - t0
-        metrics = all_reduce_mean({**stats_sum, "grad_norm": grad_norm.item()}, s)
-        metrics.update(lr=lr, tok_per_s=n_tokens * s.world_size / dt)
-        log_line(step, {**metrics, "eta": timer.eta(step)})
-        if s.master:
-            append_jsonl(log_path, {"step": step, **metrics})
-
-        # --- evaluation and checkpoint
-        done = step + 1
+        done = step + 1  # the next step to run: where a resume starts
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-            raw.eval()
-            ev = eval_loss(model, raw, eval_items, cfg, s) if eval_examples else {}
-            ev.update(eval_samples(raw, prompts, cfg, s, done, scorer))
-            raw.train()
-            log_line(f"{done} (eval)", ev)
+            ev = evaluate(raw_model, eval_items, prompts, score_fn, done, cfg, s)
+            log(done, ev)  # the weights after `done` steps
             metrics.update(ev)
             if s.master:
-                append_jsonl(log_path, {"step": done, **ev})
-                save_checkpoint(ckpt_path, kind="ilql", model_config=asdict(raw.config), model=raw.state_dict(),
-                                optimizer=opt.state_dict(), step=done, config=asdict(cfg), rng=rng_state(),
-                                reward_mean=reward_mean, reward_std=reward_std)
+                save(ckpt_path, raw_model, optimizer, done, reward_stats, cfg)
 
     if s.master:
-        raw.save_hf(os.path.join(cfg.out_dir, "hf"))  # the behaviour policy (trunk + LM head)
+        raw_model.save_hf(os.path.join(cfg.out_dir, "hf"))  # the behaviour policy (trunk + LM head)
+        print0(f"saved {ckpt_path} and {os.path.join(cfg.out_dir, 'hf')}")
     cleanup(s)
     return metrics
 

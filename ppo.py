@@ -531,7 +531,7 @@ def main(cfg):
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             if eval_prompts:
                 metrics.update(evaluate(policy, ref, score_fn, eval_prompts, cfg, s))
-                log(step, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+                log(done, {k: v for k, v in metrics.items() if k.startswith("eval_")})
             if s.master:
                 save(ckpt_path, policy, critic, optimizer, kl_ctl, done, cfg, init_from)
 

@@ -244,7 +244,7 @@ def main(cfg):
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             eval_loss = evaluate(raw_model, eval_ids, cfg, s)
             best_eval_loss, is_best = min(best_eval_loss, eval_loss), eval_loss < best_eval_loss
-            log(step, {"eval_loss": eval_loss, "best_eval_loss": best_eval_loss})
+            log(done, {"eval_loss": eval_loss, "best_eval_loss": best_eval_loss})  # the weights after `done` steps
             print_samples(raw_model, eval_data, cfg, s)
             if s.master:
                 save(ckpt_path, raw_model, optimizer, done, best_eval_loss, cfg)

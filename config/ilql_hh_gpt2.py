@@ -30,9 +30,9 @@ alpha = 0.005
 cql_scale = 0.1
 awac_scale = 1.0
 
-# Memory: the LM head and the two Q heads each output (8, response_len, 50257) per micro-batch: with 300-token
-# responses that is 8 * 300 * 50257 * 2 bytes = 241 MB each in bf16, plus fp32 copies inside the losses. Lower
-# batch_size (and raise grad_accum) on a GPU under 40 GB.
+# Memory: the LM head and the two Q heads each output (8, response_len, 50257) per micro-batch, in fp32 (fp32_heads):
+# with 300-token responses that is 8 * 300 * 50257 * 4 bytes = 482 MB each. Lower batch_size (and raise grad_accum)
+# on a GPU under 40 GB.
 eval_interval = 500
 eval_prompts = 64
 eval_betas = (0.0, 1.0, 4.0)

@@ -1,4 +1,5 @@
 # ILQL on a tiny scratch GPT-2 and the 3-row fixture: a smoke run for tests and the demo (seconds on a CPU).
+# It evaluates on its own training rows (there is nothing to hold out), so "eval_loss" only shows it memorises.
 # python ilql.py config/ilql_tiny.py
 init_from = "scratch"
 n_layer = 2
@@ -9,6 +10,8 @@ out_dir = "out-ilql-tiny"
 
 data = "tests/fixtures/data/offline.jsonl"  # prompt/response/reward rows
 data_format = "offline"
+data_split = "train"
+eval_split = "train"  # a local file has only a "train" split
 max_prompt_len = 16
 max_len = 32
 
@@ -23,3 +26,4 @@ eval_prompts = 4
 eval_betas = (0.0, 4.0)
 max_new_tokens = 8
 device = "cpu"
+dtype = "float32"

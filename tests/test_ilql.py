@@ -1,9 +1,10 @@
-"""ilql.py: hand-checked indexing, every loss term against a naive per-token loop, Polyak targets, ILQL decoding,
-learning a one-token preference, exact resume, reward plumbing, and one 2-process torchrun run."""
+"""ilql.py: hand-checked indexing, every loss term against a naive per-token loop, Q targets read from the target
+heads, Polyak targets, ILQL decoding (fp32 heads under bf16), learning a one-token preference, exact resume, reward
+plumbing, and one 2-process torchrun run."""
 
+import json
 import math
 import os
-import subprocess
 import sys
 import types
 from dataclasses import asdict
@@ -14,26 +15,31 @@ import torch
 
 import data
 import ilql
+import reward
 from common import load_checkpoint, load_model, make_optimizer, parse_config, save_checkpoint
-from tests.helpers import spy_on_compile, write_jsonl
 from model import EOS, GPT, GPTConfig, generate
+from sample import ilql_logits_fn
+from tests.helpers import assert_same_weights, spy_on_compile, torchrun, train_log, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "data"
 V = 50257
 TINY = dict(init_from="scratch", n_layer=2, n_head=2, n_embd=32, block_size=32, max_prompt_len=16, max_len=24,
-            data_format="offline", device="cpu", warmup_iters=0, top_k=0)
-
+            data_format="offline", eval_split="", device="cpu", warmup_iters=0, top_k=0)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 def tiny_model(seed=0, n_embd=32):
+    """A scratch GPT with ILQL's heads whose targets differ from the online Q heads (as after training), so a value
+    read from the wrong heads shows."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=n_embd, heads=ilql.ilql_heads(V)))
     ilql.init_targets(model)
+    with torch.no_grad():
+        for name in ilql.TARGETS:
+            for p in model.heads[name].parameters():
+                p.add_(torch.randn_like(p) * 0.02)
     ilql.freeze_targets(model)
     return model.eval()
 
@@ -75,8 +81,10 @@ def test_outputs_read_at_the_state_positions():
         assert torch.allclose(out["v"][1], model.heads["v"](h[0, 2])[0], atol=1e-6)
         assert torch.allclose(out["v_next"][1], model.heads["v"](h[0, 3])[0], atol=1e-6)
         assert torch.allclose(out["v_next"][2], model.heads["v"](h[0, 4])[0], atol=1e-6)  # the terminal state
-        t1, t2 = model.heads["q1_target"](h[1, 4]), model.heads["q2_target"](h[1, 4])  # row 1, action 1 = EOS
-        assert torch.allclose(out["target_q"][4], torch.minimum(t1, t2)[EOS], atol=1e-6)
+        # Qhat = min of the *target* heads (tiny_model's differ from the online ones) at each taken action
+        for i, (row, pos, a) in enumerate([(0, 1, 12), (0, 2, 13), (0, 3, EOS), (1, 3, 23), (1, 4, EOS)]):
+            t1, t2 = model.heads["q1_target"](h[row, pos]), model.heads["q2_target"](h[row, pos])
+            assert torch.allclose(out["target_q"][i], torch.minimum(t1, t2)[a], atol=1e-6), i
         # n_step = 2: row 0's action 0 bootstraps from state 2 (hidden 3); action 1 reaches the end (a return only)
         b2 = ilql.collate_offline([([10, 11], [12, 13, EOS], 1.0)], 0.5, n_step=2)
         h2 = model(b2["tokens"], b2["mask"])
@@ -174,7 +182,7 @@ def test_every_trainable_parameter_gets_a_gradient_and_targets_none():
             assert not p.requires_grad and p.grad is None, name
         else:
             assert p.grad is not None, name
-    opt_params = {id(p) for g in make_optimizer(model, 1e-3).param_groups for p in g["params"]}
+    opt_params = {id(p) for g in make_optimizer(model, ilql.Config()).param_groups for p in g["params"]}
     assert not any(id(p) in opt_params for p in model.heads["q1_target"].parameters())
 
 
@@ -191,7 +199,8 @@ def test_polyak_update_after_one_step(tmp_path):
     cfg = ilql.Config(**{**TINY, "init_from": init}, data=str(FIX / "offline.jsonl"), out_dir=str(tmp_path / "out"),
                       max_iters=1, batch_size=3, learning_rate=1e-2, alpha=alpha, eval_prompts=1, eval_betas=(1.0,),
                       max_new_tokens=2)
-    ilql.main(cfg)
+    m = ilql.main(cfg)
+    assert "eval_loss" not in m and "len_beta1" in m  # eval_split="": no held-out loss, training prompts sampled
     after = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"), "ilql")["model"]
     for t, o in (("q1_target", "q1"), ("q2_target", "q2")):
         for p in ("weight", "bias"):
@@ -212,7 +221,7 @@ def test_beta_zero_decodes_like_plain_generate():
     kw = dict(max_new_tokens=8, temperature=0.7, top_k=100)
     a, lp_a, m_a = generate(model, tokens, mask, generator=torch.Generator().manual_seed(5), **kw)
     b, lp_b, m_b = generate(model, tokens, mask, generator=torch.Generator().manual_seed(5),
-                            logits_fn=ilql.ilql_logits_fn(model, 0.0), **kw)
+                            logits_fn=ilql_logits_fn(model, 0.0), **kw)
     assert torch.equal(a, b) and torch.equal(m_a, m_b)
     assert torch.allclose(lp_a, lp_b, atol=1e-5)
 
@@ -230,7 +239,7 @@ def test_large_beta_picks_the_highest_advantage_token():
         model.heads["q1"].bias.fill_(100.0)  # the online heads play no part in decoding
     tokens, mask = prompts_batch()
     out, _, _ = generate(model, tokens, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                         logits_fn=ilql.ilql_logits_fn(model, 20.0))
+                         logits_fn=ilql_logits_fn(model, 20.0))
     assert (out[:, tokens.shape[1]:] == good).all()
     plain, _, _ = generate(model, tokens, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert not (plain[:, tokens.shape[1]:] == good).all()
@@ -241,7 +250,7 @@ def test_large_beta_picks_the_highest_advantage_token():
         h = torch.randn(3, 32)
         want = (torch.log_softmax(model.lm_head(h), -1) + 1.5 * (torch.minimum(
             model.heads["q1_target"](h), model.heads["q2_target"](h)) - model.heads["v"](h)))
-        assert torch.allclose(ilql.ilql_logits_fn(model, 1.5)(h), want, atol=1e-5)
+        assert torch.allclose(ilql_logits_fn(model, 1.5)(h), want, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- learning
@@ -258,7 +267,7 @@ def good_bad_data(path):
 def first_token_rates(model, beta, n=128):
     tokens, mask = data.pad_left([data.encode("The food was")] * n)
     out, _, _ = generate(model, tokens, mask, 1, 1.0, generator=torch.Generator().manual_seed(0),
-                         logits_fn=ilql.ilql_logits_fn(model, beta))
+                         logits_fn=ilql_logits_fn(model, beta))
     first = out[:, -1]
     return [(first == data.encode(w)[0]).float().mean().item() for w in (" good", " bad")]
 
@@ -294,12 +303,13 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     full = ilql.main(run_cfg(tmp_path, "full", **kw))
     ilql.main(run_cfg(tmp_path, "part", max_iters=3, **kw))
     part = ilql.main(run_cfg(tmp_path, "part", init_from="resume", **kw))
+    assert_same_weights(tmp_path / "full" / "ckpt.pt", tmp_path / "part" / "ckpt.pt", step=4, atol=0)
+    keys = ("loss", *ilql.STATS, "lr", "grad_norm")
+    for x, y in zip(train_log(tmp_path / "full"), train_log(tmp_path / "part"), strict=True):
+        assert [x[k] for k in ("step", *keys)] == [y[k] for k in ("step", *keys)], (x, y)
+    evals = ("eval_loss", *(f"eval_{k}" for k in ilql.STATS), "len_beta0", "len_beta2")
+    assert [full[k] for k in evals] == [part[k] for k in evals]
     a = load_checkpoint(str(tmp_path / "full" / "ckpt.pt"), "ilql")
-    b = load_checkpoint(str(tmp_path / "part" / "ckpt.pt"), "ilql")
-    assert a["step"] == b["step"] == 4
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert full["loss"] == part["loss"] and full["eval_loss"] == part["eval_loss"]
     # what the checkpoint carries: preference pairs became +1/-1 rows, z-scored with mean 0 and std 1
     assert (a["reward_mean"], a["reward_std"]) == (0.0, 1.0)
     assert a["model_config"]["heads"] == ilql.ilql_heads(V)
@@ -318,10 +328,8 @@ def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
     assert m["score_beta0"] == 1.0 + len(calls[0][1][0]) and m["score_beta2"] == 1.0 + len(calls[1][1][0])
 
     # a reward model is read through reward.load_reward_model / score_tokens on prompt + response tokens and mask
-    fake = types.ModuleType("reward")
-    fake.load_reward_model = lambda path, device: path
-    fake.score_tokens = lambda rm, tokens, mask: mask.sum(1).float()  # real tokens: prompt + response up to EOS
-    monkeypatch.setitem(sys.modules, "reward", fake)
+    monkeypatch.setattr(reward, "load_reward_model", lambda path, device: path)
+    monkeypatch.setattr(reward, "score_tokens", lambda rm, tokens, mask: mask.sum(1).float())  # prompt + response
     m = ilql.main(run_cfg(tmp_path, "rm", max_iters=1, grad_accum=1, reward_model="rm.pt", eval_prompts=3,
                           eval_split="train"))
     prompts = [p.prompt for p in data.load_preferences(str(FIX / "prefs.jsonl"))]
@@ -331,20 +339,21 @@ def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
-    # the same global batch of 4 (2 ranks x 2 rows, or 1 rank x 4 rows) gives the same weights
+    """2 ranks x 2 rows == 1 process x 4 rows: the same global batch gives the same weights (to 1e-6), logged loss and
+    gradient norm per step, and held-out loss."""
     args = ["config/ilql_tiny.py", "--max_iters=2", "--eval_interval=2", "--eval_prompts=2", "--max_new_tokens=2",
             "--grad_accum=1", "--learning_rate=1e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "ilql.py", *args, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
+    torchrun("ilql.py", [*args, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"], tmp_path)
     monkeypatch.chdir(ROOT)  # the tiny config's data path is relative to the repository
-    ilql.main(parse_config(ilql.Config, args + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"]))
-    a = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"), "ilql")["model"]
-    b = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"), "ilql")["model"]
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    one = ilql.main(parse_config(ilql.Config, args + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"]))
+    assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt", step=2, atol=1e-6)
+    # Adam is blind to a gradient's scale, so compare the logged loss and gradient norm too (a missing world_size
+    # factor halves the norm and leaves the weights alone)
+    for x, y in zip(train_log(tmp_path / "one"), train_log(tmp_path / "two"), strict=True):
+        assert abs(x["loss"] / y["loss"] - 1) < 1e-5 and abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-4, (x, y)
+    two_eval = [r for r in map(json.loads, (tmp_path / "two" / "log.jsonl").read_text().splitlines())
+                if "eval_loss" in r]
+    assert [r["step"] for r in two_eval] == [2] and abs(two_eval[0]["eval_loss"] / one["eval_loss"] - 1) < 1e-5
 
 
 def test_compile_trains_like_eager(tmp_path, monkeypatch):
@@ -358,3 +367,23 @@ def test_compile_trains_like_eager(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 2 and a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-4, rtol=0, msg=k)
+
+
+def test_bf16_decodes_from_fp32_heads(tmp_path, monkeypatch):
+    """Under bf16 autocast the evaluation samples decode from fp32 heads, as sample.py does (it always sets them): the
+    decoding logits of ILQL's evaluation equal the formula computed in fp32 on the same hidden states."""
+    seen = []  # (hidden, decoding logits) of every decoding step
+
+    def recording_logits_fn(model, beta):
+        fn = ilql_logits_fn(model, beta)
+        return lambda h: seen.append((h.detach().clone(), fn(h))) or seen[-1][1]
+    monkeypatch.setattr(ilql, "ilql_logits_fn", recording_logits_fn)
+    ilql.main(ilql.Config(**{**TINY, "dtype": "bfloat16"}, data=str(FIX / "offline.jsonl"),
+                          out_dir=str(tmp_path / "out"), max_iters=1, batch_size=3, eval_prompts=1,
+                          eval_betas=(2.0,), max_new_tokens=3))
+    model, _ = load_model(str(tmp_path / "out" / "ckpt.pt"), kind="ilql")
+    assert len(seen) >= 1
+    for h, logits in seen:
+        with torch.no_grad():
+            want = ilql_logits_fn(model, 2.0)(h.float())  # no autocast: fp32 throughout
+        torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)

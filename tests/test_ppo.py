@@ -384,7 +384,7 @@ def test_learning_with_reward_model(tmp_path, prompts_file):
     cfg = run_cfg(tmp_path, prompts_file, reward_model=str(path), eval_size=16, eval_interval=1000)
     out = main(cfg)
     evals = eval_log(cfg.out_dir)
-    assert [row["step"] for row in evals] == [0, 5]  # before training and after the last step
+    assert [row["step"] for row in evals] == [0, 6]  # before training and after the last (6th) step
     assert evals[1]["eval_score"] > evals[0]["eval_score"] + 0.5, evals
     assert evals[0]["eval_kl"] == 0.0 and evals[1]["eval_kl"] < 15
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "ppo")

@@ -1,4 +1,4 @@
-"""Reliability (issue #7), across the scripts:
+"""Reliability, across the scripts:
 - crash safety: a checkpoint write that fails in torch.save, fsync or the rename, or is SIGKILLed half-way, leaves
   the previous checkpoint loadable byte for byte, and no partial file ever sits at the final path;
 - a non-finite loss or gradient stops ppo.py and ilql.py (and sft.py, reward.py on the gradient) before the
@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import ilql
 import ppo
 import reward
@@ -89,8 +90,8 @@ def write_base(script, tmp_path, art):
                        grad_accum=1, warmup_iters=0, eval_batch_size=4),
         "ppo": dict(train, reward_model="", reward_fn="tests.test_reliability:length_reward", eval_split="train",
                     eval_size=0, max_prompt_len=16, max_new_tokens=4, batch_size=2, minibatch_size=2, ppo_epochs=1),
-        "ilql": dict(train, data_format="offline", max_prompt_len=16, max_len=32, batch_size=2, grad_accum=1,
-                     warmup_iters=0, eval_prompts=1, eval_betas=(0.0,), max_new_tokens=2, top_k=0),
+        "ilql": dict(train, data_format="offline", eval_split="train", max_prompt_len=16, max_len=32, batch_size=2,
+                     grad_accum=1, warmup_iters=0, eval_prompts=1, eval_betas=(0.0,), max_new_tokens=2, top_k=0),
         "sample": dict(init_from=art["sft_ckpt"], start="Hello", num_samples=1, max_new_tokens=2, device="cpu"),
     }[script]
     path = tmp_path / f"{script}_base.py"
@@ -465,13 +466,31 @@ def test_bad_value_for_demo_and_label_is_one_error_line(script, arg, message):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_prompt_longer_than_the_context_is_cut_not_fatal(tmp_path, art, script):
-    """A ~2,400-token prompt with a 64-token context: every entry point keeps the prompt's end and runs (this also
-    shows the base configs of the cases above are valid, so those fail for the reason they name)."""
+def test_prompt_longer_than_the_context_is_cut_not_fatal(tmp_path, monkeypatch, art, script):
+    """A ~2,400-token prompt with a 64-token context: every entry point tokenizes it to its last tokens (the part a
+    response follows) and runs (this also shows the base configs of the cases above are valid, so those fail for the
+    reason they name). The tokenizing functions are watched wherever a script imported them."""
+    cut = []  # the prompt ids each entry point made of LONG_PROMPT
+
+    def watch(fn, prompt_part):
+        def spy(prompt, *args, **kw):
+            out = fn(prompt, *args, **kw)
+            if prompt == LONG_PROMPT:
+                cut.append(prompt_part(out))
+            return out
+        return spy
+
+    for module in (data, sft, reward, ppo, ilql, sample):
+        for name, part in (("tokenize_prompt", lambda ids: ids), ("tokenize_example", lambda out: out[0])):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, watch(getattr(data, name), part))
     base = write_base(script, tmp_path, art)
     if script == "sample":
         out = run(script, [base, f"--start={LONG_PROMPT}"])
         assert len(out["completions"][0]) == 1
     else:
-        run(script, [base])
+        whole_batch = ["--batch_size=4", "--minibatch_size=4"] if script == "ppo" else []  # every prompt in step 0
+        run(script, [base, *whole_batch])
         assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"), script)["step"] == 1
+    full = data.encode(LONG_PROMPT)
+    assert cut and all(0 < len(ids) < 64 and ids == full[-len(ids):] for ids in cut), [len(ids) for ids in cut]

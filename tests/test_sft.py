@@ -144,7 +144,7 @@ def test_short_run_lowers_heldout_loss(tmp_path):
     lines = [json.loads(x) for x in (out_dir / "log.jsonl").read_text().splitlines()]
     # one row per step, one per evaluation: before training, at step 15 and at the end
     assert [x["step"] for x in lines if "loss" in x] == list(range(30))
-    assert [x["step"] for x in lines if "eval_loss" in x] == [0, 14, 29]
+    assert [x["step"] for x in lines if "eval_loss" in x] == [0, 15, 30]
 
 
 def test_chosen_responses_of_hh_dialogues(tmp_path):

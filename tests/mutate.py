@@ -1,0 +1,95 @@
+"""
+Mutation check of the central claims listed in tests/README.md: each mutation breaks one claim in a temporary copy
+of the repository, then runs the tests that claim it; the mutation must make them fail ("caught"). Not part of the
+test suite (it runs the suite's slow parts many times); run it after changing code or tests:
+
+    python tests/mutate.py                 # every mutation (~15 min on 2 CPU cores)
+    python tests/mutate.py gae resume      # only the mutations whose names contain one of these words
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name, file, the exact text to replace (must occur once), its replacement, the tests that must fail
+MUTATIONS = [
+    ("gelu-exact-not-tanh", "model.py", 'approximate="tanh"', 'approximate="none"',
+     "tests/test_model.py -k ours_to_hf"),
+    ("positions-count-padding", "model.py", "pos = (n_real[:, None] + mask.long().cumsum(-1) - 1).clamp(min=0)",
+     "pos = (n_real[:, None] + torch.arange(T, device=idx.device)[None]).clamp(min=0)",
+     "tests/test_model.py -k padded_equals_unpadded"),
+    ("cache-counts-pads-as-real", "model.py", "cache.n_real = n_real + mask.sum(-1)", "cache.n_real = n_real + T",
+     "tests/test_model.py -k generate_equals_naive"),
+    ("logprob-after-filtering", "model.py",
+     "return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)",
+     "return tok, filter_logits(logits, top_k, top_p).log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)",
+     "tests/test_model.py -k logprobs_are_log_softmax_before_filtering"),
+    ("fast-sampler-normaliser-when-filtered", "speedups.py",
+     "lse = (top + total.log()).squeeze(-1) if filtered is scaled else torch.logsumexp(scaled, -1)",
+     "lse = (top + total.log()).squeeze(-1)", "tests/test_speedups.py"),
+    ("sft-loss-per-rank-not-global", "sft.py", "(loss * s.world_size).backward()", "loss.backward()",
+     "tests/test_sft.py -k torchrun"),
+    ("sft-mean-of-micro-batch-means", "sft.py",
+     "loss = sft_loss(lm_head, h, tokens, loss_mask, n_targets)",
+     "loss = sft_loss(lm_head, h, tokens, loss_mask, loss_mask[:, 1:].sum() * len(batches))",
+     "tests/test_sft.py -k grad_accumulation"),
+    ("resume-without-rng", "common.py", '    set_rng_state(ckpt["rng"])\n    print0(f"resuming', '    print0(f"resuming',
+     "tests/test_sft.py -k resume"),
+    ("rm-score-one-token-early", "reward.py", "last = (torch.arange(tokens.shape[1], device=tokens.device) * mask)"
+     ".argmax(-1)", "last = (torch.arange(tokens.shape[1], device=tokens.device) * mask).argmax(-1) - 1",
+     "tests/test_reward.py"),
+    ("gae-without-lambda", "ppo.py", "lastgaelam = delta + gamma * lam * lastgaelam",
+     "lastgaelam = delta + gamma * lastgaelam", "tests/test_ppo.py -k gae"),
+    ("ppo-old-logprobs-from-sampler", "ppo.py", 'logprobs=f["logprobs"],\n', 'logprobs=r["logprobs"],\n',
+     "tests/test_ppo.py -k main_first"),
+    ("ppo-dropout-on", "ppo.py", "model = ActorCritic(policy, critic)  #", "model = ActorCritic(policy, critic).train()  #",
+     "tests/test_ppo.py -k main_first"),
+    ("ppo-reference-strided", "ppo.py", "return model(tokens, mask)[:, P - 1:-1].contiguous()",
+     "return model(tokens, mask)[:, P - 1:-1]", "tests/test_ppo.py -k kl_is_exactly_zero"),
+    ("ppo-whiten-per-rank", "ppo.py", "advantages = whiten(advantages, response_mask, s)",
+     "advantages = whiten(advantages, response_mask)", "tests/test_ppo.py -k torchrun"),
+    ("ppo-value-head-random", "ppo.py", 'nn.init.zeros_(policy.heads["value"].weight)', "pass",
+     "tests/test_ppo.py -k shared_value"),
+    ("checkpoint-written-in-place", "common.py", "    tmp = f\"{path}.tmp{os.getpid()}\"", "    tmp = path",
+     "tests/test_reliability.py -k failed_save"),
+    ("prompt-keeps-its-start", "data.py", "    return ids[-max_prompt_len:]", "    return ids[:max_prompt_len]",
+     "tests/test_reliability.py -k prompt_longer"),
+]
+
+
+def run(name, file, old, new, tests):
+    with tempfile.TemporaryDirectory() as tmp:
+        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        for f in files.split():
+            os.makedirs(os.path.join(tmp, os.path.dirname(f)), exist_ok=True)
+            shutil.copy2(ROOT / f, os.path.join(tmp, f))
+        path = Path(tmp) / file
+        text = path.read_text()
+        if text.count(old) != 1:
+            return "stale (the text to mutate is not in the code once: update this list)"
+        path.write_text(text.replace(old, new))
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests.split()],
+                           cwd=tmp, capture_output=True, text=True)
+        return "caught" if r.returncode == 1 else "SURVIVED" if r.returncode == 0 else f"error (pytest {r.returncode})"
+
+
+def main(words):
+    chosen = [m for m in MUTATIONS if not words or any(w in m[0] for w in words)]
+    results = []
+    for m in chosen:
+        t0 = time.time()
+        results.append((m[0], run(*m)))
+        print(f"{m[0]:<40} {results[-1][1]:<12} {time.time() - t0:5.0f} s   {m[4]}", flush=True)
+    survived = [n for n, r in results if r != "caught"]
+    print(f"{len(results) - len(survived)} of {len(results)} caught" + (f"; not caught: {survived}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
