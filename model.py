@@ -202,7 +202,8 @@ class GPT(nn.Module):
         # counts pads, unlike its generate: a classic source of PPO ratios != 1). Pads get position 0, unused.
         pos = (n_real[:, None] + mask.long().cumsum(-1) - 1).clamp(min=0)
         if T + L > self.config.block_size:  # positions never exceed the slot count, so this check suffices
-            raise ValueError(f"sequence of {T + L} tokens is longer than the model's block_size {self.config.block_size}")
+            raise ValueError(f"sequence of {T + L} tokens is longer than the model's block_size "
+                             f"{self.config.block_size}")
         if cache is None and bool(mask.all()):
             attn_mask = None  # plain causal: lets SDPA use its fastest kernel
         else:
@@ -356,7 +357,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
         cdf = probs.cumsum(-1)
         cdf = cdf / cdf[:, -1:]  # ends at exactly 1, and a token of probability 0 never comes first above u < 1
         i, n = shard or (0, 1)
-        u = torch.rand(logits.shape[0] * n, 1, generator=generator, device=logits.device)[i::n]  # (B, 1) in [0, 1)
+        u = torch.rand(logits.shape[0] * n, 1, generator=generator, device=logits.device)[i::n].contiguous()
         # the first token whose cumulative probability exceeds u (NaN logits: clamped, generate names the problem)
         tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)

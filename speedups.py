@@ -144,7 +144,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     cdf = (filtered - top).exp_().cumsum_(-1)  # filtered tokens add 0
     total = cdf[:, -1:]
     i, n = shard or (0, 1)
-    u = torch.rand(logits.shape[0] * n, 1, generator=generator, device=logits.device)[i::n] * total
+    u = torch.rand(logits.shape[0] * n, 1, generator=generator, device=logits.device)[i::n].contiguous() * total
     u = torch.minimum(u, total.nextafter(torch.zeros_like(u)))  # u * total may round up to total
     tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     lse = (top + total.log()).squeeze(-1) if filtered is scaled else torch.logsumexp(scaled, -1)

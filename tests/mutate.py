@@ -39,8 +39,8 @@ MUTATIONS = [
      "loss = sft_loss(lm_head, h, tokens, loss_mask, n_targets)",
      "loss = sft_loss(lm_head, h, tokens, loss_mask, loss_mask[:, 1:].sum() * len(batches))",
      "tests/test_sft.py -k grad_accumulation"),
-    ("resume-without-rng", "common.py", '    set_rng_state(ckpt["rng"])\n    print0(f"resuming', '    print0(f"resuming',
-     "tests/test_sft.py -k resume"),
+    ("resume-without-rng", "common.py", '    set_rng_state(ckpt["rng"])\n    print0(f"resuming',
+     '    print0(f"resuming', "tests/test_sft.py -k resume"),
     ("rm-score-one-token-early", "reward.py", "last = (torch.arange(tokens.shape[1], device=tokens.device) * mask)"
      ".argmax(-1)", "last = (torch.arange(tokens.shape[1], device=tokens.device) * mask).argmax(-1) - 1",
      "tests/test_reward.py"),
@@ -48,8 +48,8 @@ MUTATIONS = [
      "lastgaelam = delta + gamma * lastgaelam", "tests/test_ppo.py -k gae"),
     ("ppo-old-logprobs-from-sampler", "ppo.py", 'logprobs=f["logprobs"],\n', 'logprobs=r["logprobs"],\n',
      "tests/test_ppo.py -k main_first"),
-    ("ppo-dropout-on", "ppo.py", "model = ActorCritic(policy, critic)  #", "model = ActorCritic(policy, critic).train()  #",
-     "tests/test_ppo.py -k main_first"),
+    ("ppo-dropout-on", "ppo.py", "model = ActorCritic(policy, critic)  #",
+     "model = ActorCritic(policy, critic).train()  #", "tests/test_ppo.py -k main_first"),
     ("ppo-reference-strided", "ppo.py", "return model(tokens, mask)[:, P - 1:-1].contiguous()",
      "return model(tokens, mask)[:, P - 1:-1]", "tests/test_ppo.py -k kl_is_exactly_zero"),
     ("ppo-whiten-per-rank", "ppo.py", "advantages = whiten(advantages, response_mask, s)",
@@ -87,7 +87,8 @@ def main(words):
         results.append((m[0], run(*m)))
         print(f"{m[0]:<40} {results[-1][1]:<12} {time.time() - t0:5.0f} s   {m[4]}", flush=True)
     survived = [n for n, r in results if r != "caught"]
-    print(f"{len(results) - len(survived)} of {len(results)} caught" + (f"; not caught: {survived}" if survived else ""))
+    print(f"{len(results) - len(survived)} of {len(results)} caught"
+          + (f"; not caught: {survived}" if survived else ""))
     return 1 if survived else 0
 
 

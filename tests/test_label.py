@@ -1,5 +1,6 @@
 """Tests for label.py, driven through stdin: answers map to chosen/rejected, ties and skips, invalid keys, resuming,
-and active querying picks the pair with the smallest reward gap (checked by brute force over all pairs)."""
+and active querying picks the pair with the smallest reward gap (checked by brute force over all pairs). The
+completions expected are sampled here with model.generate, not with label.py's code."""
 
 import io
 import itertools
@@ -15,13 +16,14 @@ import torch
 
 import data
 import label
+import speedups
 from common import parse_config, save_checkpoint
-from model import GPT, GPTConfig
+from model import EOS, GPT, GPTConfig, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["This movie", "The acting in this film was", "I watched this movie with my family and", "This sequel",
            "The remake", "When the credits rolled,"]
-SAMPLING = dict(max_new_tokens=6, max_prompt_len=256)
+MAX_NEW_TOKENS = 6
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +51,7 @@ def files(tmp_path_factory):
 
 def args(files, out, *extra):
     return [f"--init_from={files / 'policy'}", f"--prompts={files / 'prompts.jsonl'}", f"--out={out}",
-            "--max_new_tokens=6", "--device=cpu", *extra]
+            f"--max_new_tokens={MAX_NEW_TOKENS}", "--device=cpu", *extra]
 
 
 def run_main(argv, answers, monkeypatch, capsys):
@@ -63,8 +65,19 @@ def read(path):
 
 
 def candidates(files, prompt_id, n=2):
+    """The n completions label.py should show for prompt `prompt_id`: model.generate on the prompt repeated n times
+    with a generator seeded seed + prompt_id, each row up to its first EOS. With the CPU speed-ups on, as label.py's
+    setup() runs: the same kernels, so the same draws (other kernels round differently, which can flip a draw)."""
+    speedups.enable()
     model = GPT.from_pretrained(str(files / "policy")).eval()
-    return label.sample_candidates(model, PROMPTS[prompt_id], n, 1337 + prompt_id, **SAMPLING)
+    ids = torch.tensor([data.encode(PROMPTS[prompt_id])] * n)
+    out, _, mask = generate(model, ids, torch.ones_like(ids), MAX_NEW_TOKENS, 1.0,
+                            generator=torch.Generator().manual_seed(1337 + prompt_id))
+    rows = out[:, ids.shape[1]:].tolist()
+    texts = [data.decode([t for t, m in zip(row, m_row, strict=True) if m and t != EOS])
+             for row, m_row in zip(rows, mask.tolist(), strict=True)]
+    assert len(set(texts)) > 1  # distinct completions: showing them swapped would fail the tests
+    return texts
 
 
 def test_answers_through_a_pipe_then_resume(files, tmp_path, monkeypatch, capsys):

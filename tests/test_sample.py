@@ -1,4 +1,5 @@
-"""sample.py: greedy text equals transformers' greedy generate; FILE: prompts; ILQL-guided decoding; the CLI."""
+"""sample.py: greedy text equals transformers' greedy generate; FILE: prompts; ILQL-guided decoding (ilql_logits_fn)
+against a naive reference; fp32 heads under bf16 autocast; the CLI."""
 
 import os
 import subprocess
@@ -7,11 +8,13 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sample as S
 from common import ConfigError, save_checkpoint
 from data import EOS, decode, encode
-from model import GPT, GPTConfig
+from ilql import ilql_heads
+from model import GPT, GPTConfig, Head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,11 +78,16 @@ def test_sample_matches_generate_per_prompt(hf_folder):
     assert texts[1] == ref
 
 
+def ilql_checkpoint(path):
+    """A random tiny model with ILQL's heads, saved as ilql.py saves it; returns the model."""
+    model = tiny_gpt(seed=1, heads=ilql_heads(50257))
+    save_checkpoint(str(path), kind="ilql", model_config=asdict(model.config), model=model.state_dict(), step=0)
+    return model
+
+
 def test_ilql_guided_decoding(tmp_path):
-    ilql = pytest.importorskip("ilql")
-    model = tiny_gpt(seed=1, heads=ilql.ilql_heads(50257))
     path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, kind="ilql", model_config=asdict(model.config), model=model.state_dict(), step=0)
+    model = ilql_checkpoint(path)
     beta, n, prompt = 3.0, 6, "Hi"
     out = S.main(S.Config(init_from=path, start=prompt, num_samples=1, max_new_tokens=n, temperature=0.0,
                           beta=beta, device="cpu"))
@@ -99,6 +107,31 @@ def test_ilql_guided_decoding(tmp_path):
     plain = S.main(S.Config(init_from=path, start=prompt, num_samples=1, max_new_tokens=n, temperature=0.0,
                             device="cpu"))
     assert plain["completions"] != out["completions"]  # beta changes what is decoded
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_decodes_with_fp32_heads_under_bf16_autocast(tmp_path, beta):
+    """--dtype=bfloat16: the trunk runs under bf16 autocast, but every output layer the sampler uses (lm_head; with
+    --beta also ILQL's target Q heads and V) computes in fp32 from its input, as ppo.py and ilql.py train."""
+    path = str(tmp_path / "ckpt.pt")
+    ilql_checkpoint(path)
+    calls = []  # every Head call: autocast on?, the module, its input, its output
+
+    def record(module, args, output):
+        if isinstance(module, Head):
+            calls.append((torch.is_autocast_enabled("cpu"), module, args[0], output))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        S.main(S.Config(init_from=path, start="Hi", num_samples=2, max_new_tokens=4, temperature=1.0, beta=beta,
+                        dtype="bfloat16", device="cpu"))
+    finally:
+        hook.remove()
+    assert len({id(m) for _, m, _, _ in calls}) == (4 if beta else 1)  # lm_head (+ q1_target, q2_target, v)
+    for autocast, m, x, y in calls:
+        assert autocast and y.dtype == torch.float32
+        fp32 = F.linear(x.float(), m.weight, m.bias)
+        torch.testing.assert_close(y, fp32, atol=1e-5 * fp32.abs().max().item(), rtol=0)
 
 
 def test_beta_needs_an_ilql_checkpoint(hf_folder):
