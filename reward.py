@@ -9,16 +9,20 @@ Our choices, where public implementations differ:
   and normalisation, and the loss sees no dropout noise in the difference it is built on.
 - The score is read at the last position where mask == 1, never by looking for a pad/EOS token id (pad == EOS in
   GPT-2), so right- and left-padded rows, or rows with junk after their end, score the same. The head runs in fp32.
-- Accuracy counts ties as wrong (a constant model gets 0%, not 50%).
+- Accuracy counts ties as wrong (a constant model gets none right, not half).
 - The loss only sees differences, so the score's offset is arbitrary. After each evaluation we measure the scores of
   a reference set (the held-out chosen responses by default) and fold "minus their mean" (and, with
   normalize_std, "divided by their std", as OpenAI did so a KL coefficient keeps its meaning) into the head's weight
   and bias of every checkpoint written. Every consumer of a checkpoint (ppo.py, evaluation, `score`) then gets
   normalised scores with no extra code; the numbers are recorded as ckpt["reward_norm"]. The un-normalised head,
   which training continues from, is kept as ckpt["train_head"] for init_from="resume".
+- The data order is a pure function of (seed, step), as in sft.py: `init_from="resume"` ends with the weights of an
+  uninterrupted run.
 - Reads every preference format of data.py: prompt/chosen/rejected, Anthropic HH dialogues, TL;DR comparisons.
+Outputs in out_dir: ckpt.pt (always the last step, for resume), best.pt (best held-out accuracy), log.jsonl.
 
-Public API for other scripts: score_tokens, load_reward_model, score, bt_loss.
+Public API for other scripts: score_tokens, load_reward_model, score, bt_loss, make_scorer (with load_reward_fn and
+check_scores, for a Python reward function instead of a reward model).
 
     python reward.py config/reward_tiny.py
     python reward.py config/reward_tiny.py --normalize_std=True --dtype=bfloat16
@@ -37,9 +41,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (ConfigError, Timer, all_reduce_sum, append_jsonl, batch_indices, check_finite, cleanup, load_model,
-                    log_line, lr_at, make_optimizer, print0, print_config, rank0_first, rng_state, run_main,
-                    save_checkpoint, set_rng_state, setup, start_log)
+from common import (ConfigError, Timer, all_reduce_sum, batch_indices, check_finite, cleanup, load_model,
+                    make_optimizer, optimizer_step, print0, print_config, rank0_first, restore, rng_state, run_main,
+                    save_checkpoint, set_lr, setup, start_log, wrap_ddp)
 from data import EOS, DataError, load_preferences, load_sft, pad_right, tokenize_example
 from model import GPTConfig
 
@@ -47,47 +51,47 @@ from model import GPTConfig
 @dataclass
 class Config:
     # model
-    init_from: str = "out-sft-hh/ckpt.pt"  # an SFT .pt | gpt2..gpt2-xl | HF folder | scratch | resume
-    n_layer: int = 12  # scratch only
+    init_from: str = "out-sft-hh/ckpt.pt"  # an SFT .pt | gpt2..gpt2-xl | HF folder | hub id | scratch | resume
+    n_layer: int = 12  # scratch only (default: GPT-2 124M's shape)
     n_head: int = 12  # scratch only
     n_embd: int = 768  # scratch only
     block_size: int = 1024  # scratch only
     # data
     data: str = "Anthropic/hh-rlhf"  # preferences: prompt/chosen/rejected, HH chosen/rejected, TL;DR comparisons
-    data_subset: str = None  # hub dataset config name, if any
+    data_subset: str = ""  # hub dataset config name ("" = none)
     data_split: str = "train"  # training split (slices allowed: "train[:90%]")
     eval_split: str = "test"  # held-out split, e.g. "train[90%:]"
     skip_bad: bool = False  # drop (and count) bad rows instead of stopping at the first one
     max_prompt_len: int = 384  # prompts are left-truncated to this many tokens
     max_len: int = 512  # prompt + response (+ EOS) tokens; longer responses are cut (and lose their EOS)
-    # normalisation of the scores
+    # Bradley-Terry: normalisation of the scores
     norm_data: str = ""  # reference set: "" = held-out chosen responses, or an SFT-format source (prompt/completion)
     normalize_std: bool = False  # also scale the reference scores to std 1 (not only mean 0)
-    # training
-    out_dir: str = "out-rm"  # ckpt.pt (last, for resume), best.pt (best eval accuracy), log.jsonl
+    # optimisation
     batch_size: int = 8  # preference pairs per micro-batch, per rank (2 * batch_size sequences per forward)
     grad_accum: int = 1  # micro-batches per optimizer step, per rank
     max_iters: int = 1000  # optimizer steps
     learning_rate: float = 1e-5  # peak LR
-    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * learning_rate
     warmup_iters: int = 50  # linear warmup steps
+    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * learning_rate (1 = constant)
     lr_decay_iters: int = 0  # steps of the cosine schedule (0 = max_iters); keep it fixed to stop and resume a run
     weight_decay: float = 0.0  # AdamW weight decay on matrices (not biases, LayerNorms)
     beta1: float = 0.9  # AdamW betas
-    beta2: float = 0.95  # AdamW betas
+    beta2: float = 0.999  # AdamW betas
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    # evaluation
+    # evaluation, checkpoints, logging
+    out_dir: str = "out-rm"  # ckpt.pt (last, for resume), best.pt (best eval accuracy), log.jsonl
     eval_interval: int = 200  # evaluate, normalise and write checkpoints every this many steps (and at the end)
     eval_batch_size: int = 16  # sequences per eval forward, per rank
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; the reward head and the loss run in fp32)
-    seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights, optimizer, the reward head and the loss stay fp32)
+    seed: int = 1337  # seeds the init and the data order (torch gets seed + rank)
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
 
 
-# ----------------------------------------------------------------------------- public API
+# ----------------------------------------------------------------------------- the algorithm
 def score_tokens(model, tokens, mask):
     """The "reward" head at the last real token of each row (the last position where mask == 1, so right- and
     left-padded rows alike), in fp32. tokens, mask (B, T) -> (B,) fp32. Gradients flow (training uses it too)."""
@@ -100,6 +104,55 @@ def score_tokens(model, tokens, mask):
         return F.linear(h_last, head.weight.float(), head.bias.float()).squeeze(-1)
 
 
+def bt_loss(r_chosen, r_rejected):
+    """Bradley-Terry: mean -log sigmoid(r_chosen - r_rejected) (fp32), and accuracy with ties counted as wrong."""
+    margin = r_chosen.float() - r_rejected.float()
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+def pairs_to_batch(pairs):
+    """[(chosen_ids, rejected_ids)] -> right-padded (2B, T) tokens and mask: all chosen rows, then all rejected."""
+    return pad_right([c for c, _ in pairs] + [r for _, r in pairs])
+
+
+@torch.no_grad()
+def fold_normalization(weight, bias, mean, std=1.0):
+    """In place: a linear head (weight, bias) that gave r now gives (r - mean) / std."""
+    weight.div_(std)
+    bias.sub_(mean).div_(std)
+
+
+def micro_batches(pairs, step, cfg, s):
+    """This rank's micro-batches of optimizer step `step`, each a list of batch_size pairs. The global batch is cut
+    into world_size * grad_accum micro-batches and rank r takes the r-th run of grad_accum of them: a torchrun run
+    does the very forwards and backwards of one process with world_size * grad_accum micro-batches."""
+    per_rank = cfg.batch_size * cfg.grad_accum
+    global_batch = batch_indices(step, per_rank * s.world_size, len(pairs), cfg.seed)
+    mine = global_batch[s.rank * per_rank:(s.rank + 1) * per_rank]
+    return [[pairs[i] for i in mine[j:j + cfg.batch_size]] for j in range(0, per_rank, cfg.batch_size)]
+
+
+def forward_backward(model, batches, s):
+    """Accumulate into .grad the gradient of the mean Bradley-Terry loss over the pairs of `batches` of every rank.
+    Returns (loss, accuracy, n_tokens) of those pairs: floats, identical on every rank."""
+    total = torch.zeros(3, device=s.device)  # (summed loss, correct pairs, real tokens) of this rank
+    for i, pairs in enumerate(batches):
+        tokens, mask = (t.to(s.device) for t in pairs_to_batch(pairs))
+        # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
+        with model.no_sync() if s.ddp and i < len(batches) - 1 else nullcontext():
+            with s.autocast():
+                rewards = score_tokens(model, tokens, mask)  # (2B,): chosen rows, then rejected rows
+            loss, acc = bt_loss(rewards[:len(pairs)], rewards[len(pairs):])
+            # Every micro-batch holds batch_size pairs, so the step's mean is the sum of the grad_accum micro-batch
+            # means / grad_accum. DDP then averages over ranks, which hold as many pairs each: the global mean.
+            (loss / len(batches)).backward()
+        total += torch.stack([loss.detach() * len(pairs), acc * len(pairs), mask.sum().float()])
+    n_pairs = sum(len(pairs) for pairs in batches) * s.world_size
+    loss_sum, correct, n_tokens = all_reduce_sum(total, s).tolist()
+    return loss_sum / n_pairs, correct / n_pairs, n_tokens
+
+
+# ----------------------------------------------------------------------------- public API for other scripts
 def load_reward_model(path, device="cpu"):
     """A kind="reward" checkpoint as a frozen GPT in eval mode (its head already gives normalised scores)."""
     model, _ = load_model(path, heads={"reward": 1}, kind="reward")
@@ -181,207 +234,164 @@ def make_scorer(reward_model="", reward_fn="", device="cpu", autocast=nullcontex
     return score_fn, rm
 
 
-def bt_loss(r_chosen, r_rejected):
-    """Bradley-Terry: mean -log sigmoid(r_chosen - r_rejected) (fp32), and accuracy with ties counted as wrong."""
-    margin = r_chosen.float() - r_rejected.float()
-    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+# ----------------------------------------------------------------------------- data, model, evaluation
+def check_config(cfg):
+    if cfg.eval_interval < 1:
+        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
 
 
-# ----------------------------------------------------------------------------- normalisation
-@torch.no_grad()
-def fold_normalization(weight, bias, mean, std=1.0):
-    """In place: a linear head (weight, bias) that gave r now gives (r - mean) / std."""
-    weight.div_(std)
-    bias.sub_(mean).div_(std)
-
-
-def pairs_to_batch(pairs):
-    """[(chosen_ids, rejected_ids)] -> right-padded (2B, T) tokens and mask: all chosen rows, then all rejected."""
-    return pad_right([c for c, _ in pairs] + [r for _, r in pairs])
-
-
-def main(cfg):
-    # ------------------------------------------------------------------------- setup
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
-    print_config(cfg)
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-
-    # ------------------------------------------------------------------------- data
-    def tokenize(prefs):
-        pairs, ties = [], 0
-        for p in prefs:
-            prompt_ids, c = tokenize_example(p.prompt, p.chosen, cfg.max_prompt_len, cfg.max_len)
-            _, r = tokenize_example(p.prompt, p.rejected, cfg.max_prompt_len, cfg.max_len)
-            if c == r:  # identical once truncated: no preference left to learn
-                ties += 1
-                continue
+def tokenize_pairs(prefs, cfg):
+    """Preferences -> [(prompt + chosen + EOS, prompt + rejected + EOS)] token lists, without the pairs that are
+    identical once truncated (no preference left to learn); and how many were dropped."""
+    pairs = []
+    for p in prefs:
+        prompt_ids, c = tokenize_example(p.prompt, p.chosen, cfg.max_prompt_len, cfg.max_len)
+        _, r = tokenize_example(p.prompt, p.rejected, cfg.max_prompt_len, cfg.max_len)
+        if c != r:
             pairs.append((prompt_ids + c, prompt_ids + r))
-        return pairs, ties
+    return pairs, len(prefs) - len(pairs)
 
+
+def load_data(cfg, s):
+    """(train, eval) pairs of token lists, and the reference set's token lists (None: the held-out chosen ones)."""
     with rank0_first(s):
         train_prefs = load_preferences(cfg.data, cfg.data_split, cfg.data_subset, cfg.skip_bad)
         eval_prefs = load_preferences(cfg.data, cfg.eval_split, cfg.data_subset, cfg.skip_bad)
-        norm_rows = load_sft(cfg.norm_data, "train", None, cfg.skip_bad) if cfg.norm_data else None
-    (train_pairs, t1), (eval_pairs, t2) = tokenize(train_prefs), tokenize(eval_prefs)
+        norm_rows = load_sft(cfg.norm_data, "train", "", cfg.skip_bad) if cfg.norm_data else None
+    (train_pairs, ties), (eval_pairs, eval_ties) = tokenize_pairs(train_prefs, cfg), tokenize_pairs(eval_prefs, cfg)
     cut = sum(c[-1] != EOS or r[-1] != EOS for c, r in train_pairs)
-    print0(f"data: {len(train_pairs)} train / {len(eval_pairs)} eval pairs; dropped {t1 + t2} pairs identical "
-           f"after truncation; {cut} train pairs have a response cut at max_len")
+    print0(f"data: {len(train_pairs)} train / {len(eval_pairs)} eval pairs; dropped {ties + eval_ties} pairs "
+           f"identical after truncation; {cut} train pairs have a response cut at max_len")
     if not train_pairs or not eval_pairs:
         raise DataError(f"{cfg.data}: no usable preference pairs in {cfg.data_split!r} or {cfg.eval_split!r}")
-    if norm_rows is None:  # default reference set: the held-out chosen responses
-        norm_seqs = [c for c, _ in eval_pairs]
-    else:
-        norm_seqs = [sum(tokenize_example(ex.prompt, ex.completion, cfg.max_prompt_len, cfg.max_len), [])
-                     for ex in norm_rows]
+    norm_seqs = None if norm_rows is None else [
+        sum(tokenize_example(ex.prompt, ex.completion, cfg.max_prompt_len, cfg.max_len), []) for ex in norm_rows]
+    return train_pairs, eval_pairs, norm_seqs
 
-    # ------------------------------------------------------------------------- model
-    init = ckpt_path if cfg.init_from == "resume" else cfg.init_from
+
+def build_model(cfg, s):
+    """The GPT with a "reward" head to train, on the device, and the checkpoint it came from (a resume's, or None)."""
+    resume = cfg.init_from == "resume"
+    init = os.path.join(cfg.out_dir, "ckpt.pt") if resume else cfg.init_from
     scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     # resume: out_dir/ckpt.pt must be this script's (another's has no train_head and other optimizer groups)
-    raw, ckpt = load_model(init, heads={"reward": 1}, kind="reward" if cfg.init_from == "resume" else None,
-                           scratch=scratch)
-    if cfg.max_len > raw.config.block_size:
-        raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({raw.config.block_size})")
-    if raw.config.dropout != 0:
-        raise ConfigError(f"{init}: dropout {raw.config.dropout}; the reward model trains with dropout off")
-    raw.grad_checkpointing = cfg.grad_checkpointing
-    raw.to(s.device)
-    head = raw.heads["reward"]
-    print0(f"model: {raw.num_params() / 1e6:.2f}M parameters from {init}")
-    model = torch.compile(raw) if cfg.compile else raw
-    if s.ddp:  # DDP broadcasts rank 0's weights: every rank starts identical whatever its seed
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[s.local_rank] if s.device.startswith("cuda") else None)
+    model, ckpt = load_model(init, heads={"reward": 1}, kind="reward" if resume else None, scratch=scratch)
+    if cfg.max_len > model.config.block_size:
+        raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({model.config.block_size})")
+    if model.config.dropout != 0:
+        raise ConfigError(f"{init}: dropout {model.config.dropout}; the reward model trains with dropout off")
+    if resume:  # the checkpoint's head is normalised: continue from the head training left off with
+        model.heads["reward"].load_state_dict(ckpt["train_head"])
+    model.grad_checkpointing = cfg.grad_checkpointing
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters from {init}")
+    return model.to(s.device), ckpt
 
-    # ------------------------------------------------------------------------- optimizer
-    opt = make_optimizer(raw, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    start_step, best_eval_acc = 0, -1.0
-    if cfg.init_from == "resume":
-        with torch.no_grad():  # continue from the un-normalised head training left off with
-            head.weight.copy_(ckpt["train_head"]["weight"])
-            head.bias.copy_(ckpt["train_head"]["bias"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start_step, best_eval_acc = ckpt["step"], ckpt.get("best_eval_acc", -1.0)
-        set_rng_state(ckpt["rng"])
-        print0(f"resuming from {ckpt_path} at step {start_step}")
-    ckpt = None  # free the CPU copy of the weights and optimizer state
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
 
-    # ------------------------------------------------------------------------- eval, normalisation, checkpoints
-    @torch.no_grad()
-    def score_all(seqs):
-        """Scores of this rank's shard of `seqs` (fp32, in order)."""
-        out = []
-        for j in range(0, len(seqs), cfg.eval_batch_size):
-            tokens, mask = pad_right(seqs[j:j + cfg.eval_batch_size])
-            with s.autocast():
-                out.append(score_tokens(raw, tokens.to(s.device), mask.to(s.device)))
-        return torch.cat(out) if out else torch.zeros(0, device=s.device)
+@torch.no_grad()
+def score_seqs(model, seqs, cfg, s):
+    """Scores of token lists (B,) fp32, in right-padded batches of eval_batch_size."""
+    out = [torch.zeros(0, device=s.device)]
+    for j in range(0, len(seqs), cfg.eval_batch_size):
+        tokens, mask = pad_right(seqs[j:j + cfg.eval_batch_size])
+        with s.autocast():
+            out.append(score_tokens(model, tokens.to(s.device), mask.to(s.device)))
+    return torch.cat(out)
 
-    def sums(x):  # (n, sum, sum of squares) in fp64, for a mean and std over all ranks
-        x = x.double()
-        return torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device), x.sum(), (x * x).sum()])
 
-    def mean_std(t):
-        n, s1, s2 = t.tolist()
-        mean = s1 / max(n, 1)
-        return mean, math.sqrt(max(s2 / max(n, 1) - mean * mean, 0.0))
+def mean_std(x, s):
+    """Mean and (population) std of the values of x on all ranks, in fp64."""
+    x = x.double()
+    n, total, squares = all_reduce_sum(torch.stack([x.new_tensor(float(len(x))), x.sum(), (x * x).sum()]), s).tolist()
+    mean = total / max(n, 1)
+    return mean, math.sqrt(max(squares / max(n, 1) - mean * mean, 0.0))
 
-    def evaluate():
-        """Held-out accuracy, loss, margin, reward mean/std, and the reference set's mean/std (all ranks)."""
-        raw.eval()
-        mine = eval_pairs[s.rank::s.world_size]
-        rc, rr = score_all([c for c, _ in mine]), score_all([r for _, r in mine])
-        margin = (rc - rr).double()
-        t = torch.stack([torch.tensor(float(len(mine)), dtype=torch.float64, device=s.device),
-                         -F.logsigmoid(margin).sum(), (margin > 0).double().sum(), margin.sum()])
-        t, rewards = all_reduce_sum(t, s), all_reduce_sum(sums(torch.cat([rc, rr])), s)
-        ref = sums(rc) if norm_rows is None else sums(score_all(norm_seqs[s.rank::s.world_size]))
-        ref_mean, ref_std = mean_std(all_reduce_sum(ref, s))
-        raw.train()
-        n = t[0].item()
-        r_mean, r_std = mean_std(rewards)
-        return {"eval_loss": t[1].item() / n, "eval_acc": t[2].item() / n, "eval_margin": t[3].item() / n,
-                "reward_mean": r_mean, "reward_std": r_std, "ref_mean": ref_mean, "ref_std": ref_std}
 
-    def save(path, step, ev, full):
-        # Fold the normalisation into a copy of the weights: every consumer of the checkpoint gets normalised scores.
-        std = ev["ref_std"] if cfg.normalize_std else 1.0
-        if std < 1e-6:
-            print0(f"reference scores have std {std:.3g}: not scaling them")
-            std = 1.0
-        sd = raw.state_dict()
-        sd["heads.reward.weight"], sd["heads.reward.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
-        fold_normalization(sd["heads.reward.weight"], sd["heads.reward.bias"], ev["ref_mean"], std)
-        extra = {}
-        if full:  # ckpt.pt: what an exact resume needs
-            extra = dict(optimizer=opt.state_dict(), rng=rng_state(),
-                         train_head={"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()})
-        save_checkpoint(path, kind="reward", model_config=asdict(raw.config), model=sd, step=step,
-                        config=asdict(cfg), best_eval_acc=best_eval_acc,
-                        reward_norm={"mean": ev["ref_mean"], "std": ev["ref_std"], "scaled_by": std}, **extra)
-
-    log_path = start_log(cfg.out_dir, resume=cfg.init_from == "resume") if s.master else None
-
-    def log(metrics):
-        if s.master:
-            append_jsonl(log_path, metrics)
-
-    # ------------------------------------------------------------------------- training loop
-    timer, metrics, ev = Timer(cfg.max_iters, start_step), {}, {}
-    ev_start = evaluate() if start_step == 0 else {}
-    if ev_start:
-        log_line(0, {"eval_acc": ev_start["eval_acc"], "eval_loss": ev_start["eval_loss"]})
+@torch.no_grad()
+def evaluate(model, eval_pairs, norm_seqs, cfg, s):
+    """Held-out accuracy, loss and mean margin; mean/std of the held-out scores and of the reference set's scores
+    (all ranks)."""
+    model.eval()
+    mine = eval_pairs[s.rank::s.world_size]
+    r_chosen = score_seqs(model, [c for c, _ in mine], cfg, s)
+    r_rejected = score_seqs(model, [r for _, r in mine], cfg, s)
+    margin = (r_chosen - r_rejected).double()
+    t = torch.stack([margin.new_tensor(float(len(mine))), -F.logsigmoid(margin).sum(), (margin > 0).double().sum(),
+                     margin.sum()])
+    n, loss, correct, margin_sum = all_reduce_sum(t, s).tolist()
+    reward_mean, reward_std = mean_std(torch.cat([r_chosen, r_rejected]), s)
+    ref = r_chosen if norm_seqs is None else score_seqs(model, norm_seqs[s.rank::s.world_size], cfg, s)
+    ref_mean, ref_std = mean_std(ref, s)
     model.train()
-    global_pairs = cfg.batch_size * cfg.grad_accum * s.world_size
-    for step in range(start_step, cfg.max_iters):
-        t0 = time.time()
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, decay_iters, cfg.min_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        mine = [train_pairs[i] for i in batch_indices(step, global_pairs, len(train_pairs), cfg.seed)]
-        mine = mine[s.rank::s.world_size]
-        total = torch.zeros(3, device=s.device)  # (summed loss, correct pairs, real tokens) of this rank
-        for k in range(cfg.grad_accum):
-            chunk = mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-            tokens, mask = (t.to(s.device) for t in pairs_to_batch(chunk))
-            with nullcontext() if not s.ddp or k == cfg.grad_accum - 1 else model.no_sync():
-                with s.autocast():
-                    rewards = score_tokens(model, tokens, mask)  # (2B,): chosen rows, then rejected rows
-                loss, acc = bt_loss(rewards[:len(chunk)], rewards[len(chunk):])
-                # Every micro-batch holds batch_size pairs, so the mean over the step is the sum of the micro-batch
-                # means / grad_accum. DDP then averages over ranks: the gradient is that of the global mean.
-                (loss / cfg.grad_accum).backward()
-            total += torch.stack([loss.detach() * len(chunk), acc * len(chunk), mask.sum().float()])
-        total = all_reduce_sum(total, s)
-        loss_mean = total[0].item() / global_pairs
-        check_finite(loss_mean, "loss", step)  # before the weights or any checkpoint see it
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
-        check_finite(grad_norm.item(), "grad_norm", step)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = {"loss": loss_mean, "acc": total[1].item() / global_pairs, "lr": lr, "grad_norm": grad_norm.item(),
-                   "tok/s": int(total[2].item() / (time.time() - t0)), "eta": timer.eta(step)}
-        log_line(step, metrics)
-        log({"step": step, **metrics})
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.max_iters:
-            ev = evaluate()
-            best = ev["eval_acc"] > best_eval_acc
-            best_eval_acc = max(best_eval_acc, ev["eval_acc"])
-            log_line(step, ev)
-            log({"step": step, **ev})
-            if s.master:
-                save(ckpt_path, step + 1, ev, full=True)  # step + 1: the next step to run, where a resume starts
-                if best:
-                    save(best_path, step + 1, ev, full=False)
+    return {"eval_loss": loss / n, "eval_acc": correct / n, "eval_margin": margin_sum / n, "reward_mean": reward_mean,
+            "reward_std": reward_std, "ref_mean": ref_mean, "ref_std": ref_std}
 
-    # ------------------------------------------------------------------------- the end: normalised scores
+
+def save(path, model, optimizer, step, ev, best_eval_acc, cfg):
+    """A checkpoint whose reward head gives normalised scores, (r - ref_mean) / std, folded into a copy of the head
+    (std = ref_std with normalize_std, else 1). With the optimizer (ckpt.pt, for resume; it also keeps the head
+    training continues from as train_head) or without (best.pt)."""
+    std = ev["ref_std"] if cfg.normalize_std else 1.0
+    if std < 1e-6:
+        print0(f"reference scores have std {std:.3g}: not scaling them")
+        std = 1.0
+    head, sd = model.heads["reward"], model.state_dict()
+    sd["heads.reward.weight"], sd["heads.reward.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
+    fold_normalization(sd["heads.reward.weight"], sd["heads.reward.bias"], ev["ref_mean"], std)
+    extra = dict(optimizer=optimizer.state_dict(), rng=rng_state(), train_head=head.state_dict()) if optimizer else {}
+    save_checkpoint(path, kind="reward", model_config=asdict(model.config), model=sd, step=step, config=asdict(cfg),
+                    best_eval_acc=best_eval_acc, reward_norm={"mean": ev["ref_mean"], "std": ev["ref_std"],
+                                                              "scaled_by": std}, **extra)
+
+
+# ----------------------------------------------------------------------------- training
+def main(cfg):
+    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    print_config(cfg)
+    check_config(cfg)
+    train_pairs, eval_pairs, norm_seqs = load_data(cfg, s)
+    raw_model, ckpt = build_model(cfg, s)
+    optimizer = make_optimizer(raw_model, cfg)
+    resume = ckpt is not None and cfg.init_from == "resume"
+    start, best_eval_acc = (restore(ckpt, optimizer), ckpt["best_eval_acc"]) if resume else (0, -1.0)
+    ckpt = None  # free the CPU copy of the weights and optimizer state
+    model = wrap_ddp(torch.compile(raw_model) if cfg.compile else raw_model, s)  # what trains: compiled, DDP
+    log = start_log(cfg.out_dir, resume, s)
+    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
+
+    ev_start = ev = {}
+    if start == 0:
+        ev_start = evaluate(raw_model, eval_pairs, norm_seqs, cfg, s)
+        log(0, ev_start, shown=("eval_acc", "eval_loss"))
+    timer, metrics = Timer(cfg.max_iters, start), {}
+    model.train()
+    for step in range(start, cfg.max_iters):
+        t0 = time.time()
+        lr = set_lr(optimizer, step, cfg)
+        # 1. chosen and rejected in one forward, the Bradley-Terry loss of this step's global batch, backward
+        loss, acc, n_tokens = forward_backward(model, micro_batches(train_pairs, step, cfg, s), s)
+        check_finite(loss, "loss", step)  # before the weights or any checkpoint see it
+        # 2. clip, step
+        grad_norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, step)
+        metrics = {"loss": loss, "acc": acc, "lr": lr, "grad_norm": grad_norm,
+                   "tok_per_s": n_tokens / (time.time() - t0)}
+        log(step, {**metrics, "eta": timer.eta(step)})
+
+        done = step + 1  # the next step to run: where a resume starts
+        if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+            ev = evaluate(raw_model, eval_pairs, norm_seqs, cfg, s)
+            best_eval_acc, is_best = max(best_eval_acc, ev["eval_acc"]), ev["eval_acc"] > best_eval_acc
+            log(step, {**ev, "best_eval_acc": best_eval_acc})
+            if s.master:
+                save(ckpt_path, raw_model, optimizer, done, ev, best_eval_acc, cfg)
+                if is_best:
+                    save(best_path, raw_model, None, done, ev, best_eval_acc, cfg)
+
     if s.master and ev:
         print0(f"saved {ckpt_path} and {best_path}; scores shifted by {-ev['ref_mean']:.4g}"
                + (f" and scaled by 1/{ev['ref_std']:.4g}" if cfg.normalize_std else ""))
     cleanup(s)
-    return {**metrics, **ev, "eval_acc_start": ev_start.get("eval_acc"),
-            "eval_loss_start": ev_start.get("eval_loss"), "best_eval_acc": best_eval_acc}
+    return {**metrics, **ev, "eval_acc_start": ev_start.get("eval_acc"), "eval_loss_start": ev_start.get("eval_loss"),
+            "best_eval_acc": best_eval_acc}
 
 
 if __name__ == "__main__":
