@@ -407,6 +407,15 @@ def batch_indices(step, batch_size, n, seed):
     return idx
 
 
+def rank_batch(step, cfg, n, s):
+    """The data of optimizer step `step` out of n examples: (this rank's indices, the whole global batch's). Each rank
+    takes a contiguous block of batch_size * grad_accum, so rank r runs exactly the micro-batches r * grad_accum ...
+    of one process with world_size times the grad_accum: a torchrun run computes what that process computes."""
+    per_rank = cfg.batch_size * cfg.grad_accum
+    idx = batch_indices(step, per_rank * s.world_size, n, cfg.seed)
+    return idx[s.rank * per_rank:(s.rank + 1) * per_rank], idx
+
+
 @contextmanager
 def rank0_first(s):
     """Rank 0 runs the block first (datasets writes its cache), the other ranks after (they read it)."""

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import (ConfigError, Timer, all_reduce_sum, batch_indices, check_finite, cleanup, load_model,
+from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, rank_batch,
                     make_optimizer, mix_seed, optimizer_step, print0, print_config, rank0_first, restore, rng_state,
                     run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
 from model import GPTConfig, fp32_heads
@@ -272,10 +272,10 @@ def batch_loss(model, raw_model, b, n, cfg):
 
 
 def micro_batches(items, step, cfg, s):
-    """This rank's micro-batches of optimizer step `step` (the global batch split rank::world_size, then into
-    micro-batches of batch_size), and the action count of the whole global batch: the loss is one mean over it."""
-    idx = batch_indices(step, cfg.batch_size * cfg.grad_accum * s.world_size, len(items), cfg.seed)
-    mine = [items[i] for i in idx[s.rank::s.world_size]]
+    """This rank's micro-batches of optimizer step `step` (common.rank_batch), and the action count of the whole
+    global batch: the loss is one mean over it."""
+    mine, idx = rank_batch(step, cfg, len(items), s)
+    mine = [items[i] for i in mine]
     batches = [collate_offline(mine[j:j + cfg.batch_size], cfg.gamma, cfg.n_step)
                for j in range(0, len(mine), cfg.batch_size)]
     return batches, sum(len(items[i][1]) for i in idx)

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (ConfigError, Timer, all_reduce_sum, batch_indices, check_finite, cleanup, load_model,
-                    make_optimizer, optimizer_step, print0, print_config, rank0_first, restore, rng_state,
+from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model,
+                    make_optimizer, optimizer_step, print0, print_config, rank0_first, rank_batch, restore, rng_state,
                     run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
 from data import EOS, SFTExample, collate_sft, load_preferences, load_sft, tokenize_example
 from model import GPTConfig, token_logprobs
@@ -98,10 +98,9 @@ def sft_loss(lm_head, h, tokens, loss_mask, n_targets):
 
 
 def micro_batches(examples, step, cfg, s):
-    """This rank's micro-batches of optimizer step `step`: the global batch is split rank::world_size, then into
-    grad_accum micro-batches of batch_size. Any split of the same global batch gives the same gradient."""
-    global_batch = cfg.batch_size * cfg.grad_accum * s.world_size
-    mine = batch_indices(step, global_batch, len(examples), cfg.seed)[s.rank::s.world_size]
+    """This rank's grad_accum micro-batches of batch_size examples for optimizer step `step` (common.rank_batch).
+    Any split of the same global batch gives the same gradient."""
+    mine, _ = rank_batch(step, cfg, len(examples), s)
     return [collate_sft([examples[i] for i in mine[j:j + cfg.batch_size]])
             for j in range(0, len(mine), cfg.batch_size)]
 
