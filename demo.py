@@ -443,7 +443,7 @@ def main(cfg):
     if run("ilql"):
         stage(6, "ILQL on the same labeled pairs")
         # n_step = block_size: every Q target is its row's discounted return. With one-step targets the reward,
-        # given at the EOS, does not reach the words that earned it within this budget (win rate ~0.5; ilql.py).
+        # given at the EOS, does not reach the words that earned it within this budget (docs/results.md).
         # alpha 0.05: the target heads trail the online ones by ~1 / alpha = 20 steps of a 120-step run. One ILQL
         # evaluation, at the end: stage 7 is the real one.
         ilql.main(ilql.Config(init_from=sft_ckpt, data=path("data", "prefs"), data_format="preferences",

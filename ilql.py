@@ -29,7 +29,7 @@ Our choices, where public implementations differ:
 - `n_step` > 1 replaces the one-step target by an n-step one (as in n-step DQN; not in the ILQL paper or trlx):
   Q(s_t, a_t) -> sum_{k<m} gamma^k r_{t+k} + gamma^m * (1 - done) * V(s_{t+m}), m = min(n_step, actions left).
   With one reward per response, a one-step target moves the reward back one token per round of Q -> target Q ->
-  V learning; a short run never gets it from the EOS to the words that earned it (the README has the measurements).
+  V learning; a short run never gets it from the EOS to the words that earned it (measured: docs/results.md).
   n_step >= max_len makes every target the Monte-Carlo return of its row (V then only serves as the advantage
   baseline); n_step = 1 (default) is ILQL.
 - AWAC weights are clamped at 100, as in IQL (exp of an advantage overflows easily).

@@ -453,6 +453,26 @@ def save(path, policy, critic, optimizer, kl_ctl, step, cfg, init_from):
                     config=asdict(replace(cfg, init_from=init_from)))
 
 
+def iteration_metrics(r, f, kl, returns, stats, s):
+    """The diagnostics of one iteration, means over all ranks: rollout scores and KL, the update's stats averaged over
+    its minibatches, explained variance, entropy, response length, responses without EOS, the sampler/forward
+    logprob gap, and the response tokens of all ranks (tok_per_s, before dividing by the time)."""
+    response_mask = r["response_mask"]
+    _, ret_var = masked_mean_var(returns, response_mask, s)
+    _, err_var = masked_mean_var(returns - f["values"], response_mask, s)
+    metrics = dict(score=r["scores"].mean().item(), kl=kl.sum(1).mean().item(),
+                   **{k: sum(st[k] for st in stats) / len(stats) for k in stats[0]},
+                   explained_var=(1 - err_var / ret_var.clamp(min=1e-8)).item(),
+                   entropy=((f["entropy"] * response_mask).sum() / response_mask.sum().clamp(min=1)).item(),
+                   response_len=response_mask.sum(1).float().mean().item(),
+                   no_eos=1 - r["has_eos"].float().mean().item(),
+                   lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max().item(),
+                   tok_per_s=float(response_mask.sum().item()))
+    metrics = all_reduce_mean(metrics, s)
+    metrics["tok_per_s"] *= s.world_size
+    return metrics
+
+
 SHOWN = ("score", "kl", "beta", "approx_kl", "clipfrac", "vf_loss", "explained_var", "entropy", "response_len",
          "no_eos", "lp_gap", "tok_per_s", "t_generate", "t_score", "t_forward", "t_update")  # the printed line
 
@@ -511,19 +531,9 @@ def main(cfg):
             stats = ppo_update(model, optimizer, batch, P, cfg, s, shuffle, step)
 
         # metrics of all ranks, the KL controller, the log
-        _, ret_var = masked_mean_var(returns, response_mask, s)
-        _, err_var = masked_mean_var(returns - f["values"], response_mask, s)
-        metrics = dict(score=r["scores"].mean().item(), kl=kl.sum(1).mean().item(), beta=kl_ctl.beta,
-                       **{k: sum(st[k] for st in stats) / len(stats) for k in stats[0]},
-                       explained_var=(1 - err_var / ret_var.clamp(min=1e-8)).item(),
-                       entropy=((f["entropy"] * response_mask).sum() / response_mask.sum().clamp(min=1)).item(),
-                       response_len=response_mask.sum(1).float().mean().item(),
-                       no_eos=1 - r["has_eos"].float().mean().item(),
-                       lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max().item(), lr=lr,
-                       tok_per_s=response_mask.sum().item() / (time.perf_counter() - t0),
+        metrics = iteration_metrics(r, f, kl, returns, stats, s)
+        metrics.update(beta=kl_ctl.beta, lr=lr, tok_per_s=metrics["tok_per_s"] / (time.perf_counter() - t0),
                        **{f"t_{k}": v for k, v in timer.times.items()})
-        metrics = all_reduce_mean(metrics, s)
-        metrics["tok_per_s"] *= s.world_size
         kl_ctl.update(metrics["kl"], cfg.batch_size * s.world_size)
         log(step, {**metrics, "eta": timer_eta.eta(step)}, shown=SHOWN + ("eta",))
 

@@ -378,7 +378,7 @@ def main(cfg):
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             ev = evaluate(raw_model, eval_pairs, norm_seqs, cfg, s)
             best_eval_acc, is_best = max(best_eval_acc, ev["eval_acc"]), ev["eval_acc"] > best_eval_acc
-            log(step, {**ev, "best_eval_acc": best_eval_acc})
+            log(done, {**ev, "best_eval_acc": best_eval_acc})  # the weights after `done` steps
             if s.master:
                 save(ckpt_path, raw_model, optimizer, done, ev, best_eval_acc, cfg)
                 if is_best:

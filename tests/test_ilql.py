@@ -357,16 +357,16 @@ def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
 
 
 def test_compile_trains_like_eager(tmp_path, monkeypatch):
-    """--compile=True (torch.compile of the trunk, inductor on CPU) trains to the same weights as eager, to rounding."""
+    """--compile=True (torch.compile of the trunk, inductor on CPU) computes what eager computes: the same losses and
+    gradient norms, step by step, to fp32 rounding. Not the weights after Adam steps: Adam turns rounding noise in a
+    near-zero gradient into an lr-sized step, and compiled kernels round differently on different CPUs."""
     ilql.main(run_cfg(tmp_path, "eager", max_iters=2))
     compiled = spy_on_compile(monkeypatch)
     ilql.main(run_cfg(tmp_path, "compiled", max_iters=2, compile=True))
     assert len(compiled) == 1
-    a = load_checkpoint(str(tmp_path / "eager" / "ckpt.pt"), "ilql")
-    b = load_checkpoint(str(tmp_path / "compiled" / "ckpt.pt"), "ilql")
-    assert a["step"] == b["step"] == 2 and a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-4, rtol=0, msg=k)
+    for x, y in zip(train_log(tmp_path / "eager"), train_log(tmp_path / "compiled"), strict=True):
+        for k in ("loss", "loss_q", "loss_v", "loss_cql", "loss_awac", "grad_norm"):
+            assert abs(x[k] - y[k]) <= 1e-4 * max(1.0, abs(x[k])), (k, x[k], y[k])
 
 
 def test_bf16_decodes_from_fp32_heads(tmp_path, monkeypatch):
