@@ -3,7 +3,7 @@ Mutation check of the central claims listed in tests/README.md: each mutation br
 of the repository, then runs the tests that claim it; the mutation must make them fail ("caught"). Not part of the
 test suite (it runs the suite's slow parts many times); run it after changing code or tests:
 
-    python tests/mutate.py                 # every mutation (~15 min on 2 CPU cores)
+    python tests/mutate.py                 # every mutation (a few minutes on 2 CPU cores)
     python tests/mutate.py gae resume      # only the mutations whose names contain one of these words
 """
 
@@ -56,6 +56,16 @@ MUTATIONS = [
      "advantages = whiten(advantages, response_mask)", "tests/test_ppo.py -k torchrun"),
     ("ppo-value-head-random", "ppo.py", 'nn.init.zeros_(policy.heads["value"].weight)', "pass",
      "tests/test_ppo.py -k shared_value"),
+    ("ppo-clipfrac-outside-range", "ppo.py", "clipfrac=mean((pg_losses_clipped > pg_losses).float())",
+     "clipfrac=mean(((ratio - 1).abs() > cliprange).float())", "tests/test_ppo.py -k known_values"),
+    ("rm-normalisation-not-folded", "reward.py",
+     'fold_normalization(sd["heads.reward.weight"], sd["heads.reward.bias"], ev["ref_mean"], std)', "pass",
+     "tests/test_reward.py"),
+    ("ilql-targets-from-online-heads", "ilql.py",
+     'target_q = torch.minimum(head_at(heads["q1_target"], ha, a), head_at(heads["q2_target"], ha, a))',
+     'target_q = torch.minimum(head_at(heads["q1"], ha, a), head_at(heads["q2"], ha, a))', "tests/test_ilql.py"),
+    ("ilql-gradient-halved-under-ddp", "ilql.py", "(loss * s.world_size).backward()", "loss.backward()",
+     "tests/test_ilql.py -k torchrun"),
     ("checkpoint-written-in-place", "common.py", "    tmp = f\"{path}.tmp{os.getpid()}\"", "    tmp = path",
      "tests/test_reliability.py -k failed_save"),
     ("prompt-keeps-its-start", "data.py", "    return ids[-max_prompt_len:]", "    return ids[:max_prompt_len]",
