@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import data
+import scoring
 from common import ConfigError, Timer, load_model, print0, print_config, run_main, setup
 from model import fp32_heads, token_logprobs
 from sample import ilql_logits_fn, sample_responses
@@ -212,8 +213,7 @@ def sample_pairs(model, prompts, **kwargs):
 
 def rm_scores(rm, prompts, responses, max_prompt_len=32):
     """Reward-model scores of texts, tokenized as reward.py trains on them (prompt + response + EOS)."""
-    import reward  # here, not at the top: the corpus and the gold labeler need none of the training scripts
-    return reward.score(rm, prompts, responses, batch_size=64, max_prompt_len=max_prompt_len)
+    return scoring.score(rm, prompts, responses, batch_size=64, max_prompt_len=max_prompt_len)
 
 
 def rm_accuracy(rm, rows, **kwargs):
@@ -411,7 +411,7 @@ def main(cfg):
         reward.main(reward.Config(init_from=sft_ckpt, data=path("data", "prefs"), out_dir=path("reward"),
                                   max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),
                                   eval_interval=every(cfg.rm_iters), **lengths, **common))
-    rm = reward.load_reward_model(rm_ckpt, s.device)
+    rm = scoring.load_reward_model(rm_ckpt, s.device)
 
     if run("ppo"):
         stage(5, "PPO against the reward model")

@@ -60,7 +60,7 @@ from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, l
                     make_optimizer, mix_seed, optimizer_step, print0, print_config, rank0_first, restore, rng_state,
                     run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
 from model import GPTConfig, fp32_heads
-from reward import make_scorer
+from scoring import make_scorer
 from sample import ilql_logits_fn, sample_responses
 
 

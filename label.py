@@ -30,7 +30,7 @@ import torch
 
 import data
 from common import ConfigError, load_model, print_config, run_main, setup
-from reward import load_reward_model, score
+from scoring import load_reward_model, score
 from sample import read_prompts, sample_responses
 
 

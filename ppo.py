@@ -64,7 +64,7 @@ from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, batch_i
                     rank0_first, restore, rng_state, run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
 from data import EOS, load_prompts
 from model import GPTConfig, fp32_heads, token_logprobs
-from reward import make_scorer
+from scoring import make_scorer
 from sample import sample_responses
 
 

@@ -162,9 +162,9 @@ def test_kl_to_ref_matches_naive_and_is_zero_for_the_same_model():
 
 
 def test_best_of_n_picks_the_reward_models_favourite(monkeypatch):
-    # reward.score with a stand-in head: the number of real tokens (longer = better), so the pick is checkable.
-    import reward
-    monkeypatch.setattr(reward, "score_tokens", lambda model, tokens, mask: mask.sum(-1).float())
+    # scoring.score with a stand-in head: the number of real tokens (longer = better), so the pick is checkable.
+    import scoring
+    monkeypatch.setattr(scoring, "score_tokens", lambda model, tokens, mask: mask.sum(-1).float())
     model = tiny_gpt(0)
     prompts, n = ["This movie", "The remake"], 4
     best, scores = demo.best_of_n(model, model, prompts, n, seed=5, max_new_tokens=8)

@@ -15,7 +15,7 @@ import torch
 
 import data
 import ilql
-import reward
+import scoring
 from common import load_checkpoint, load_model, make_optimizer, parse_config, save_checkpoint
 from model import EOS, GPT, GPTConfig, generate
 from sample import ilql_logits_fn
@@ -327,9 +327,9 @@ def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == [[held_out], [held_out]]  # one prompt, two betas
     assert m["score_beta0"] == 1.0 + len(calls[0][1][0]) and m["score_beta2"] == 1.0 + len(calls[1][1][0])
 
-    # a reward model is read through reward.load_reward_model / score_tokens on prompt + response tokens and mask
-    monkeypatch.setattr(reward, "load_reward_model", lambda path, device: path)
-    monkeypatch.setattr(reward, "score_tokens", lambda rm, tokens, mask: mask.sum(1).float())  # prompt + response
+    # a reward model is read through scoring.load_reward_model / score_tokens on prompt + response tokens and mask
+    monkeypatch.setattr(scoring, "load_reward_model", lambda path, device: path)
+    monkeypatch.setattr(scoring, "score_tokens", lambda rm, tokens, mask: mask.sum(1).float())  # prompt + response
     m = ilql.main(run_cfg(tmp_path, "rm", max_iters=1, grad_accum=1, reward_model="rm.pt", eval_prompts=3,
                           eval_split="train"))
     prompts = [p.prompt for p in data.load_preferences(str(FIX / "prefs.jsonl"))]

@@ -20,7 +20,7 @@ from data import EOS
 from model import GPT, GPTConfig, fp32_heads
 from ppo import (ActorCritic, AdaptiveKLController, Config, build_models, compute_rewards, forward_rollout, gae, main,
                  ppo_losses, ppo_update, rollout, truncate_after_eos, whiten)
-from reward import check_scores, load_reward_fn, make_scorer
+from scoring import check_scores, load_reward_fn, make_scorer
 from tests.helpers import spy_on_compile
 
 THE = 262  # " the"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import model as model_module
 import reward
+import scoring
 from common import load_checkpoint, parse_config, save_checkpoint
 from data import EOS, DataError, load_preferences, pad_left, pad_right, tokenize_example
 from model import GPT, GPTConfig
@@ -79,28 +80,28 @@ def test_score_ignores_padding_and_tokens_after_the_eos():
     model = tiny_model()
     seq = [11, 22, 33, 44, EOS]
     tokens, mask = pad_right([seq])
-    r = reward.score_tokens(model, tokens, mask)
+    r = scoring.score_tokens(model, tokens, mask)
     assert r.dtype == torch.float32 and r.shape == (1,)
     # right padding with junk after the EOS, in a batch with a longer row
     tokens2 = torch.tensor([seq + [7, 8, 9, EOS, 5], list(range(100, 110))])
     mask2 = torch.tensor([[1] * 5 + [0] * 5, [1] * 10])
-    assert torch.allclose(reward.score_tokens(model, tokens2, mask2)[0], r[0], atol=1e-5)
+    assert torch.allclose(scoring.score_tokens(model, tokens2, mask2)[0], r[0], atol=1e-5)
     # left padding
     tokens3, mask3 = pad_left([seq, list(range(100, 110))])
-    assert torch.allclose(reward.score_tokens(model, tokens3, mask3)[0], r[0], atol=1e-5)
+    assert torch.allclose(scoring.score_tokens(model, tokens3, mask3)[0], r[0], atol=1e-5)
     # the score does depend on the last real token (these comparisons can fail)
-    assert not torch.allclose(reward.score_tokens(model, torch.tensor([seq[:-1] + [45]]), mask), r, atol=1e-3)
-    assert not torch.allclose(reward.score_tokens(model, tokens2, torch.ones_like(mask2))[0], r[0], atol=1e-3)
+    assert not torch.allclose(scoring.score_tokens(model, torch.tensor([seq[:-1] + [45]]), mask), r, atol=1e-3)
+    assert not torch.allclose(scoring.score_tokens(model, tokens2, torch.ones_like(mask2))[0], r[0], atol=1e-3)
 
 
 def test_score_api_tokenizes_with_eos_and_batches():
     model = tiny_model()
     prompts, responses = ["Hello", "A much longer prompt here", ""], [" world", " yes", "Only a response."]
-    scores = reward.score(model, prompts, responses, batch_size=2, max_prompt_len=8, max_len=24)
+    scores = scoring.score(model, prompts, responses, batch_size=2, max_prompt_len=8, max_len=24)
     for p, r, sc in zip(prompts, responses, scores):
         ids = sum(tokenize_example(p, r, 8, 24), [])
         assert ids[-1] == EOS
-        assert abs(reward.score_tokens(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+        assert abs(scoring.score_tokens(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
                    - sc) < 1e-5
     assert isinstance(scores[0], float)
 
@@ -164,15 +165,15 @@ def test_short_run_learns_easy_preference_and_normalizes(tmp_path):
     # (a random model may already rank one fixed marker word consistently: the loss shows what was learnt)
     assert out["eval_loss"] < 0.1 < out["eval_loss_start"], out
     # every consumer of the checkpoint gets normalised scores: the held-out chosen responses have mean 0, std 1
-    model = reward.load_reward_model(str(Path(cfg.out_dir) / "ckpt.pt"))
+    model = scoring.load_reward_model(str(Path(cfg.out_dir) / "ckpt.pt"))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     held_out = load_preferences(data, cfg.eval_split)
-    scores = torch.tensor(reward.score(model, [p.prompt for p in held_out], [p.chosen for p in held_out],
+    scores = torch.tensor(scoring.score(model, [p.prompt for p in held_out], [p.chosen for p in held_out],
                                        max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len))
     assert abs(scores.mean().item()) < 1e-4 and abs(scores.std(correction=0).item() - 1) < 1e-4
     ckpt = load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"), "reward")
     assert abs(ckpt["reward_norm"]["mean"] - out["ref_mean"]) < 1e-9 and ckpt["reward_norm"]["scaled_by"] != 1.0
-    rejected = reward.score(model, [p.prompt for p in held_out], [p.rejected for p in held_out],
+    rejected = scoring.score(model, [p.prompt for p in held_out], [p.rejected for p in held_out],
                             max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
     assert sum(c > r for c, r in zip(scores.tolist(), rejected, strict=True)) >= 0.9 * len(held_out)
 
@@ -182,8 +183,8 @@ def test_mean_only_normalization_on_a_custom_reference_set(tmp_path):
     cfg = tiny_cfg(tmp_path, str(FIX / "prefs.jsonl"), data_split="train", eval_split="train", max_iters=2,
                    norm_data=ref)
     reward.main(cfg)
-    model = reward.load_reward_model(str(Path(cfg.out_dir) / "ckpt.pt"))
-    scores = torch.tensor(reward.score(model, ["Q:"] * 7, [f" answer {i}" for i in range(7)],
+    model = scoring.load_reward_model(str(Path(cfg.out_dir) / "ckpt.pt"))
+    scores = torch.tensor(scoring.score(model, ["Q:"] * 7, [f" answer {i}" for i in range(7)],
                                        max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len))
     assert abs(scores.mean().item()) < 1e-5
     assert load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"))["reward_norm"]["scaled_by"] == 1.0
@@ -215,10 +216,10 @@ def test_every_preference_format(tmp_path, fixture):
     prefs = load_preferences(cfg.data, cfg.eval_split)
     n = len(prefs)
     assert n >= 2 and all(p.chosen != p.rejected for p in prefs)  # no pair dropped as a tie
-    model = reward.load_reward_model(str(Path(cfg.out_dir) / "ckpt.pt"))  # normalised: a shift, margins unchanged
+    model = scoring.load_reward_model(str(Path(cfg.out_dir) / "ckpt.pt"))  # normalised: a shift, margins unchanged
     lengths = dict(batch_size=1, max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
-    chosen = reward.score(model, [p.prompt for p in prefs], [p.chosen for p in prefs], **lengths)
-    rejected = reward.score(model, [p.prompt for p in prefs], [p.rejected for p in prefs], **lengths)
+    chosen = scoring.score(model, [p.prompt for p in prefs], [p.chosen for p in prefs], **lengths)
+    rejected = scoring.score(model, [p.prompt for p in prefs], [p.rejected for p in prefs], **lengths)
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     assert out["eval_acc"] == sum(m > 0 for m in margins) / n
     assert out["eval_loss"] == pytest.approx(sum(math.log1p(math.exp(-m)) for m in margins) / n, abs=1e-5)
@@ -236,7 +237,7 @@ def test_init_from_sft_checkpoint_and_hf_folder(tmp_path):
         cfg = tiny_cfg(tmp_path / ("from_" + Path(init).name), str(FIX / "prefs.jsonl"), init_from=init,
                        data_split="train", eval_split="train", max_iters=1, grad_accum=1)
         reward.main(cfg)
-        model = reward.load_reward_model(str(Path(cfg.out_dir) / "ckpt.pt"))
+        model = scoring.load_reward_model(str(Path(cfg.out_dir) / "ckpt.pt"))
         assert model.config.n_layer == 1 and "reward" in model.heads
 
 
@@ -283,7 +284,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     held_out = load_preferences(data, "train[80%:]")
     prompts = [p.prompt for p in held_out] * 2
     responses = [p.chosen for p in held_out] + [p.rejected for p in held_out]
-    scores = [reward.score(reward.load_reward_model(str(tmp_path / d / "ckpt.pt")), prompts, responses)
+    scores = [scoring.score(scoring.load_reward_model(str(tmp_path / d / "ckpt.pt")), prompts, responses)
               for d in ("ddp", "one")]
     assert max(abs(x - y) for x, y in zip(*scores, strict=True)) < 1e-4
 
