@@ -365,11 +365,11 @@ def optimizer_step(optimizer, params, grad_clip, step):
     return grad_norm
 
 
-def lr_at(step, learning_rate, warmup_iters, max_iters, min_lr_ratio=0.1):
-    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate at max_iters."""
+def lr_at(step, learning_rate, warmup_iters, decay_iters, min_lr_ratio=0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate at decay_iters."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
-    progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
+    progress = min(1.0, (step - warmup_iters) / max(1, decay_iters - warmup_iters))
     return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

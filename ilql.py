@@ -2,8 +2,8 @@
 ILQL: Implicit Language Q-Learning (Snell et al. 2022), offline RL on (prompt, response, reward) rows, as trlx
 implements it, on our GPT-2.
 
-The algorithm: one GPT-2 trunk carries five outputs read at every state: the LM head (the behaviour policy, trained by
-behaviour cloning), a V head, two vocab-sized Q heads and frozen target copies of the Q heads. Per response token
+The algorithm: one GPT-2 trunk carries six heads: the LM head (the behaviour policy, trained by behaviour cloning), a
+V head, two vocab-sized Q heads and frozen target copies of the two Q heads. Per response token
 (action) a_t chosen in state s_t, with Qhat = min(target Q1, target Q2)(s_t, a_t):
 
     L_Q    = sum_k mean (Q_k(s_t, a_t) - (r_t + gamma * (1 - done_{t+1}) * V(s_{t+1})))^2     V(s_{t+1}) detached
@@ -41,7 +41,7 @@ Our choices, where public implementations differ:
 Outputs in out_dir: ckpt.pt (the last step, for resume and ILQL decoding), hf/, log.jsonl.
 
     python ilql.py config/ilql_tiny.py
-    python ilql.py config/ilql_hh_gpt2.py --reward_model=out-reward-hh/ckpt.pt
+    python ilql.py config/ilql_hh_gpt2.py --reward_model=out-rm-hh/ckpt.pt
     torchrun --standalone --nproc_per_node=2 ilql.py config/ilql_hh_gpt2.py
     python ilql.py config/ilql_tiny.py --init_from=resume      # continue exactly from out_dir/ckpt.pt
 """
@@ -72,6 +72,7 @@ class Config:
     n_head: int = 12  # scratch only
     n_embd: int = 768  # scratch only
     block_size: int = 1024  # scratch only
+    fp32_heads: bool = True  # under bf16 autocast lm_head, V and the Q heads compute in fp32 (model.Head)
     # data
     data: str = "Anthropic/hh-rlhf"  # a local file/folder or hub dataset, in the format data_format names
     data_format: str = "preferences"  # offline: prompt/response/reward rows | preferences: chosen +1, rejected -1
@@ -117,7 +118,6 @@ class Config:
     seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
     compile: bool = False  # torch.compile the trunk
     grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
-    fp32_heads: bool = True  # under bf16 autocast lm_head, V and the Q heads compute in fp32 (model.Head)
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -350,6 +350,8 @@ def build_model(cfg, s):
                              scratch=scratch)
     if model.config.vocab_size != scratch.vocab_size:
         raise ConfigError(f"{init}: vocab_size {model.config.vocab_size}, expected GPT-2's {scratch.vocab_size}")
+    if model.config.dropout != 0:  # dropout would put noise into V(s') and the Q targets
+        raise ConfigError(f"{init}: dropout {model.config.dropout}; ILQL trains with dropout off")
     block_size = model.config.block_size
     if cfg.max_len > block_size or cfg.max_prompt_len + cfg.max_new_tokens > block_size:
         raise ConfigError(f"max_len ({cfg.max_len}) and max_prompt_len + max_new_tokens "
@@ -391,7 +393,7 @@ def eval_samples(raw_model, prompts, score_fn, step, cfg, s):
             chunk = prompts[j:j + chunk_size]
             if s.rank >= len(chunk):  # a last chunk smaller than world_size: nothing for this rank
                 continue
-            gen = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, step, j))  # the same draws for every beta
+            gen = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, -1, j))  # the same draws for every eval
             with s.autocast():
                 r = sample_responses(raw_model, chunk, cfg.max_prompt_len, cfg.max_new_tokens, cfg.temperature,
                                      cfg.top_k or None, generator=gen, logits_fn=ilql_logits_fn(raw_model, beta),
@@ -444,6 +446,8 @@ def main(cfg):
     log = start_log(cfg.out_dir, resume, s)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
+    if start == 0:
+        log(0, evaluate(raw_model, eval_items, prompts, score_fn, 0, cfg, s))
     timer, metrics = Timer(cfg.max_iters, start), {}
     model.train()
     for step in range(start, cfg.max_iters):

@@ -190,6 +190,10 @@ class GPT(nn.Module):
         """idx (B, T) token ids, mask (B, T) 1 = real token / 0 = padding (None = all real).
         With `cache`, idx are the next T tokens after what the cache holds. Returns final hidden states (B, T, C)."""
         B, T = idx.shape
+        # Plain causal attention (SDPA's fastest kernel) only when the caller gives no mask, never because a batch
+        # happens to hold no padding: a row must take the same kernel, hence the same rounding, in every batch it is
+        # in (PPO's first ratio is exactly 1 only if its rollout and update forwards agree bit for bit).
+        causal_only = mask is None and cache is None
         if mask is None:
             mask = torch.ones_like(idx)
         mask = mask.bool()
@@ -204,8 +208,8 @@ class GPT(nn.Module):
         if T + L > self.config.block_size:  # positions never exceed the slot count, so this check suffices
             raise ValueError(f"sequence of {T + L} tokens is longer than the model's block_size "
                              f"{self.config.block_size}")
-        if cache is None and bool(mask.all()):
-            attn_mask = None  # plain causal: lets SDPA use its fastest kernel
+        if causal_only:
+            attn_mask = None
         else:
             keys = mask if cache is None else cache.key_mask[:, :L + T]
             if cache is not None:

@@ -32,6 +32,10 @@ Choices where public implementations differ:
 - Advantages are whitened with the mean and variance of the global batch (one all-reduce of 3 numbers), and losses
   are token means over the whole minibatch of all ranks: N ranks whiten and average as one process would over the
   same rollouts. Per-rank whitening would make the update depend on the number of GPUs (and be noisier).
+- --compile=True compiles the policy+critic forward, which the rollout and the update share, so the first ratio is
+  still exactly 1; the reference stays eager, so the first KL is then rounding-sized, not exactly 0. frozen_bf16 holds
+  the reference and reward model in bf16 (half their memory): their LayerNorms and biases round to bf16, so the
+  first KL is no longer exactly 0 either.
 - Dropout is off whatever the checkpoint says: every model stays in eval mode, also while training (the only thing
   train mode would change is dropout, and the first ratio must be exactly 1).
 - clipfrac counts the tokens where the clipped branch of the loss is taken (TRL's pg_clipfrac), not every token
@@ -93,7 +97,7 @@ class Config:
     batch_size: int = 16  # prompts per rank per iteration
     temperature: float = 1.0  # sampling temperature, used in every logprob
     penalize_missing_eos: bool = True  # replace the score of a response without EOS by missing_eos_penalty
-    missing_eos_penalty: float = -1.0  # (in reward model units: normalise it to std 1 for -1 to mean much)
+    missing_eos_penalty: float = -1.0  # in reward-model units: -1 assumes scores of std 1 (reward.py normalize_std)
     ppo_epochs: int = 4  # passes over each batch
     minibatch_size: int = 4  # sequences per optimizer step per rank
     cliprange: float = 0.2  # ratio clip
@@ -125,12 +129,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # "bfloat16": autocast; logprob/KL/GAE math stays fp32
     seed: int = 1337  # prompts and rollouts are seeded by (seed, step), minibatch shuffles by (seed, step, rank)
-    compile: bool = False  # torch.compile the policy+critic forward, for the rollout and the update alike (the
-    # first ratio is still exactly 1); the reference stays eager, so the first KL is ~1e-6, not exactly 0
+    compile: bool = False  # torch.compile the policy+critic forward (rollout and update; the reference stays eager)
     grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, +1 forward
-    frozen_bf16: bool = False  # keep reference + reward model in bf16 (half their memory; needs dtype=bfloat16).
-    # Off by default: then autocast computes the reference exactly like the policy (first KL exactly 0); on, their
-    # LayerNorms/biases round to bf16 and the first KL is ~1e-3.
+    frozen_bf16: bool = False  # hold reference + reward model in bf16: half their memory (needs dtype=bfloat16)
 
 
 # ----------------------------------------------------------------------------- the algorithm, as pure functions
@@ -360,6 +361,8 @@ def check_config(cfg):
                           f"({cfg.minibatch_size}), itself a multiple of grad_accum ({cfg.grad_accum})")
     if cfg.eval_interval < 1:
         raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
+    if cfg.ppo_epochs < 1:
+        raise ConfigError(f"ppo_epochs must be >= 1, not {cfg.ppo_epochs}")
     if cfg.temperature <= 0:
         raise ConfigError("temperature must be > 0 (PPO needs the sampling distribution's logprobs)")
     if cfg.frozen_bf16 and cfg.dtype != "bfloat16":
@@ -540,8 +543,9 @@ def main(cfg):
         done = step + 1  # the next step to run: where a resume starts
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             if eval_prompts:
-                metrics.update(evaluate(policy, ref, score_fn, eval_prompts, cfg, s))
-                log(done, {k: v for k, v in metrics.items() if k.startswith("eval_")})
+                ev = evaluate(policy, ref, score_fn, eval_prompts, cfg, s)
+                log(done, ev)  # the policy after `done` iterations
+                metrics.update(ev)
             if s.master:
                 save(ckpt_path, policy, critic, optimizer, kl_ctl, done, cfg, init_from)
 

@@ -50,7 +50,7 @@ from scoring import score_tokens
 @dataclass
 class Config:
     # model
-    init_from: str = "out-sft-hh/ckpt.pt"  # an SFT .pt | gpt2..gpt2-xl | HF folder | hub id | scratch | resume
+    init_from: str = "out-sft/ckpt.pt"  # an SFT .pt | gpt2..gpt2-xl | HF folder | hub id | scratch | resume
     n_layer: int = 12  # scratch only (default: GPT-2 124M's shape)
     n_head: int = 12  # scratch only
     n_embd: int = 768  # scratch only

@@ -3,15 +3,15 @@ Sample from a trained model (nanoGPT's sample.py, for every stage's checkpoint),
 uses: `sample_responses` turns prompt strings into responses (tokens, masks, logprobs and texts), and
 `ilql_logits_fn` decodes with ILQL's heads.
 
-init_from: one of our checkpoints (out/sft/ckpt.pt, a PPO, reward or ILQL ckpt.pt: the policy/LM head is used), an
-exported HF folder (out/sft/hf), or a hub id (gpt2, gpt2-medium, ...). ILQL checkpoints can decode with their Q and
+init_from: one of our checkpoints (out-sft/ckpt.pt, a PPO, reward or ILQL ckpt.pt: the policy/LM head is used), an
+exported HF folder (out-sft/hf), or a hub id (gpt2, gpt2-medium, ...). ILQL checkpoints can decode with their Q and
 V heads: --beta=B samples from log_softmax(logits) + B * (min target Q - V), then temperature and top-k/top-p. All
 samples of one prompt come from one batched `generate` call; a completion ends at the first <|endoftext|>. Logits
 (and ILQL's Q and V) are computed in fp32 also under bf16 autocast (model.fp32_heads), as ppo.py and ilql.py train.
 
     python sample.py --init_from=gpt2 --start="The meaning of life is" --num_samples=3
-    python sample.py --init_from=out/ppo/ckpt.pt --start=FILE:prompts.txt --temperature=0   # one prompt per line
-    python sample.py --init_from=out/ilql/ckpt.pt --beta=4 --start="Human: hi" --dtype=bfloat16
+    python sample.py --init_from=out-ppo/ckpt.pt --start=FILE:prompts.txt --temperature=0   # one prompt per line
+    python sample.py --init_from=out-ilql/ckpt.pt --beta=4 --start="Human: hi" --dtype=bfloat16
 """
 
 import os

@@ -2,7 +2,7 @@
 # every rejected one a row with reward -1 (z-scoring leaves +-1 as they are: mean 0, std 1).
 #   python ilql.py config/ilql_hh_gpt2.py                                    # one GPU
 #   torchrun --standalone --nproc_per_node=8 ilql.py config/ilql_hh_gpt2.py --grad_accum=1
-#   add --reward_model=out-reward-hh/ckpt.pt to score the evaluation samples, --init_from=out-sft-hh/ckpt.pt to
+#   add --reward_model=out-rm-hh/ckpt.pt to score the evaluation samples, --init_from=out-sft-hh/ckpt.pt to
 #   start from our SFT model instead of plain gpt2.
 init_from = "gpt2"
 out_dir = "out-ilql-hh"
@@ -22,7 +22,7 @@ learning_rate = 2e-5
 warmup_iters = 100
 min_lr_ratio = 0.1
 
-# ILQL: trlx's HH values (tau 0.6 there), except alpha: ours moves the targets every step; trlx's GPT-J run used
+# ILQL: trlx's HH values (tau 0.6 there), except tau and alpha: ours moves the targets every step; trlx's GPT-J run used
 # 1e-4 at lr 1e-6. 1 / alpha = 200 steps is the targets' time constant.
 gamma = 0.99
 tau = 0.7

@@ -213,7 +213,7 @@ def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
     again = demo.main(replace(cfg, only="ilql", ilql_iters=2))
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     log = [json.loads(line) for line in (out / "ilql" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [0, 1, 2]  # a fresh log: steps 0 and 1, then the evaluation after 2
+    assert [r["step"] for r in log] == [0, 0, 1, 2]  # a fresh log: evaluation, steps 0 and 1, evaluation after 2
     for name in ("SFT", "PPO"):
         assert again["methods"][name]["gold_scores"] == methods[name]["gold_scores"], name
     assert again["rm_accuracy"] == results["rm_accuracy"]

@@ -324,8 +324,9 @@ def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ilql_test_rewards", module)
     m = ilql.main(run_cfg(tmp_path, "fn", max_iters=1, grad_accum=1, reward_fn="ilql_test_rewards:count"))
     held_out = data.load_preferences(str(FIX / "prefs.jsonl"), "train[:1]")[0].prompt
-    assert [c[0] for c in calls] == [[held_out], [held_out]]  # one prompt, two betas
-    assert m["score_beta0"] == 1.0 + len(calls[0][1][0]) and m["score_beta2"] == 1.0 + len(calls[1][1][0])
+    # one prompt, two betas, at the evaluation before training and after the last step
+    assert [c[0] for c in calls] == [[held_out]] * 4
+    assert m["score_beta0"] == 1.0 + len(calls[2][1][0]) and m["score_beta2"] == 1.0 + len(calls[3][1][0])
 
     # a reward model is read through scoring.load_reward_model / score_tokens on prompt + response tokens and mask
     monkeypatch.setattr(scoring, "load_reward_model", lambda path, device: path)
@@ -353,7 +354,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
         assert abs(x["loss"] / y["loss"] - 1) < 1e-5 and abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-4, (x, y)
     two_eval = [r for r in map(json.loads, (tmp_path / "two" / "log.jsonl").read_text().splitlines())
                 if "eval_loss" in r]
-    assert [r["step"] for r in two_eval] == [2] and abs(two_eval[0]["eval_loss"] / one["eval_loss"] - 1) < 1e-5
+    assert [r["step"] for r in two_eval] == [0, 2] and abs(two_eval[-1]["eval_loss"] / one["eval_loss"] - 1) < 1e-5
 
 
 def test_compile_trains_like_eager(tmp_path, monkeypatch):
@@ -378,6 +379,8 @@ def test_bf16_decodes_from_fp32_heads(tmp_path, monkeypatch):
         fn = ilql_logits_fn(model, beta)
         return lambda h: seen.append((h.detach().clone(), fn(h))) or seen[-1][1]
     monkeypatch.setattr(ilql, "ilql_logits_fn", recording_logits_fn)
+    real_evaluate = ilql.evaluate  # keep only the last evaluation's steps: the checkpoint's weights made them
+    monkeypatch.setattr(ilql, "evaluate", lambda *a, **kw: seen.clear() or real_evaluate(*a, **kw))
     ilql.main(ilql.Config(**{**TINY, "dtype": "bfloat16"}, data=str(FIX / "offline.jsonl"),
                           out_dir=str(tmp_path / "out"), max_iters=1, batch_size=3, eval_prompts=1,
                           eval_betas=(2.0,), max_new_tokens=3))
