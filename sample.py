@@ -8,12 +8,16 @@ exported HF folder (out-sft/hf), or a hub id (gpt2, gpt2-medium, ...). ILQL chec
 V heads: --beta=B samples from log_softmax(logits) + B * (min target Q - V), then temperature and top-k/top-p. All
 samples of one prompt come from one batched `generate` call; a completion ends at the first <|endoftext|>. Logits
 (and ILQL's Q and V) are computed in fp32 also under bf16 autocast (model.fp32_heads), as ppo.py and ilql.py train.
+Best-of-n (rejection sampling, the baseline RLHF must beat): --best_of=N draws N candidates per completion and keeps
+the one a reward model (or a Python reward_fn) scores highest; its KL to the policy is at most log N - (N - 1) / N.
 
     python sample.py --init_from=gpt2 --start="The meaning of life is" --num_samples=3
     python sample.py --init_from=out-ppo/ckpt.pt --start=FILE:prompts.txt --temperature=0   # one prompt per line
     python sample.py --init_from=out-ilql/ckpt.pt --beta=4 --start="Human: hi" --dtype=bfloat16
+    python sample.py --init_from=out-sft/ckpt.pt --best_of=16 --reward_model=out-rm/ckpt.pt --start="Human: hi"
 """
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,6 +26,7 @@ import torch
 from common import ConfigError, load_model, print_config, run_main, setup
 from data import decode_responses, pad_left, tokenize_prompt
 from model import fp32_heads, generate
+from scoring import make_scorer
 
 
 @dataclass
@@ -34,6 +39,9 @@ class Config:
     top_k: int = 200  # sample from the k most likely tokens only (0 = all)
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much mass (1.0 = off)
     beta: float = 0.0  # ILQL checkpoints: weight of the advantage (min Q - V) added to the logprobs (0 = plain policy)
+    best_of: int = 1  # best-of-n: draw this many candidates per completion, keep the highest-scored one
+    reward_model: str = ""  # best_of > 1: score the candidates with this reward.py checkpoint ...
+    reward_fn: str = ""  # ... or with this "module:function", f(prompts, responses) -> list of floats
     seed: int = 1337  # prompt i samples with a generator seeded seed + i
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
     dtype: str = "float32"  # "float32" | "bfloat16" (autocast)
@@ -82,16 +90,27 @@ def ilql_logits_fn(model, beta):
     return logits_fn
 
 
-def sample(model, prompts, cfg, logits_fn=None):
-    """num_samples completions (texts) for each prompt, prompt i sampled with a generator seeded seed + i."""
-    block_size = model.config.block_size
+def sample(model, prompts, cfg, logits_fn=None, score_fn=None, block_size=None):
+    """num_samples completions (texts) for each prompt, prompt i sampled with a generator seeded seed + i. With
+    best_of = n > 1, each completion is the highest-scored (score_fn) of n candidates, the candidates being the
+    num_samples * n completions best_of=1 would draw (rejection sampling). block_size: the context the prompt and
+    completion must fit (default the model's; a reward model may have a shorter one)."""
+    block_size = block_size or model.config.block_size
     if cfg.max_new_tokens >= block_size:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in block_size {block_size}")
     device = next(model.parameters()).device
-    return [sample_responses(model, [prompt] * cfg.num_samples, block_size - cfg.max_new_tokens, cfg.max_new_tokens,
-                             cfg.temperature, cfg.top_k or None, cfg.top_p,
-                             torch.Generator(device).manual_seed(cfg.seed + i), logits_fn)["texts"]
-            for i, prompt in enumerate(prompts)]
+    completions = []
+    for i, prompt in enumerate(prompts):
+        n = cfg.num_samples * cfg.best_of
+        r = sample_responses(model, [prompt] * n, block_size - cfg.max_new_tokens, cfg.max_new_tokens, cfg.temperature,
+                             cfg.top_k or None, cfg.top_p, torch.Generator(device).manual_seed(cfg.seed + i), logits_fn)
+        if cfg.best_of == 1:
+            completions.append(r["texts"])
+            continue
+        scores = score_fn([prompt] * n, r["texts"], r["tokens"], r["mask"]).view(cfg.num_samples, cfg.best_of)
+        best = scores.argmax(1) + torch.arange(cfg.num_samples, device=scores.device) * cfg.best_of  # first if tied
+        completions.append([r["texts"][j] for j in best.tolist()])
+    return completions
 
 
 def main(cfg):
@@ -105,9 +124,17 @@ def main(cfg):
                               f"ilql checkpoint")
         logits_fn = ilql_logits_fn(model, cfg.beta)  # load_model kept the checkpoint's Q and V heads
     fp32_heads(model).to(s.device).eval()
+    score_fn, block_size = None, model.config.block_size
+    if cfg.best_of < 1:
+        raise ConfigError(f"best_of must be >= 1, not {cfg.best_of}")
+    if cfg.best_of > 1:
+        score_fn, rm = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast)
+        block_size = min(block_size, rm.config.block_size) if rm is not None else block_size
+        n = cfg.best_of  # the best of n samples is at most this far from the policy (Stiennon et al. 2020)
+        print(f"best-of-{n}: KL(best-of-{n} || policy) <= log {n} - {n - 1}/{n} = {math.log(n) - (n - 1) / n:.3f} nats")
     prompts = read_prompts(cfg.start)
     with s.autocast():
-        completions = sample(model, prompts, cfg, logits_fn)
+        completions = sample(model, prompts, cfg, logits_fn, score_fn, block_size)
     for prompt, texts in zip(prompts, completions):
         print(f"=== prompt: {prompt!r}")
         for text in texts:

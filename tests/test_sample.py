@@ -155,3 +155,27 @@ def test_cli_unknown_key():
     assert r.returncode == 2
     assert "error:" in r.stderr and "init_frm" in r.stderr and "init_from" in r.stderr  # names it, suggests the fix
     assert "Traceback" not in r.stderr
+
+
+def response_length(prompts, responses):  # best-of-n's reward_fn in the tests: "tests.test_sample:response_length"
+    return [float(len(r)) for r in responses]
+
+
+def test_best_of_n_keeps_the_highest_scored_candidate(hf_folder, capsys):
+    """--best_of=4: each completion is the highest-scored of the 4 candidates that best_of=1 with 4x the samples
+    draws from the same generator (rejection sampling), and the analytic KL bound is printed."""
+    base = dict(init_from=hf_folder, start="Once upon a time", max_new_tokens=6, temperature=1.0, top_k=0, seed=3,
+                device="cpu")
+    candidates = S.main(S.Config(**base, num_samples=8))["completions"][0]
+    best = S.main(S.Config(**base, num_samples=2, best_of=4,
+                           reward_fn="tests.test_sample:response_length"))["completions"][0]
+    expected = [max(candidates[k:k + 4], key=len) for k in (0, 4)]  # max: the first of equal scores, as argmax
+    assert best == expected and len(set(candidates)) > 2  # the candidates differ: the pick can be wrong
+    assert "best-of-4: KL(best-of-4 || policy) <= log 4 - 3/4 = 0.636 nats" in capsys.readouterr().out
+
+
+def test_best_of_n_needs_a_scorer(hf_folder):
+    with pytest.raises(ConfigError, match="exactly one of reward_model"):
+        S.main(S.Config(init_from=hf_folder, best_of=2, device="cpu"))
+    with pytest.raises(ConfigError, match="best_of must be >= 1"):
+        S.main(S.Config(init_from=hf_folder, best_of=0, device="cpu"))
