@@ -416,6 +416,12 @@ def rank_batch(step, cfg, n, s):
     return idx[s.rank * per_rank:(s.rank + 1) * per_rank], idx
 
 
+def micro_batches(items, step, cfg, s):
+    """This rank's grad_accum micro-batches (lists of batch_size items) of optimizer step `step` (rank_batch)."""
+    mine, _ = rank_batch(step, cfg, len(items), s)
+    return [[items[i] for i in mine[j:j + cfg.batch_size]] for j in range(0, len(mine), cfg.batch_size)]
+
+
 @contextmanager
 def rank0_first(s):
     """Rank 0 runs the block first (datasets writes its cache), the other ranks after (they read it)."""

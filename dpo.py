@@ -23,15 +23,13 @@ Our choices, where public implementations differ:
   preference is taken as flipped with probability eps, loss = (1 - eps) * -log sigmoid(beta h) + eps *
   -log sigmoid(-beta h). loss_type="ipo" is IPO (Azar et al. 2023, their Eq. 17): (h - 1 / (2 beta))^2, which pulls h
   to a finite target instead of pushing it to infinity. The IPO paper writes h with sequence probabilities pi(y|x),
-  i.e. summed token log-probs; TRL (and torchtune) average the log-probs over the response tokens for IPO instead,
-  which the IPO authors told TRL's maintainers is what they meant. We average for IPO, as TRL: with sums the
-  target 1 / (2 beta) would be a margin for the whole response, so what beta means would change with response
-  length, and long responses would dominate the squared loss. Under IPO every logged log-prob and reward is
-  therefore a per-token mean.
+  i.e. summed token log-probs; TRL averages the log-probs over the response tokens for IPO instead, which the IPO
+  authors told TRL's maintainers is what they meant. We average for IPO, as TRL: with sums the target 1 / (2 beta)
+  would be a margin for the whole response, so what beta means would change with response length, and long
+  responses would dominate the squared loss. Under IPO every logged log-prob and reward is a per-token mean.
 - Watch logp_chosen: it often goes DOWN during DPO, the rejected one faster. The loss only sees the margin between
   the two log-ratios, and lowering both (probability moving to responses in neither set) raises the margin as well
-  as raising the chosen one would. A rising margin with a falling logp_chosen is expected, not a bug; a fast fall
-  of both is a sign of too high a learning rate or too low a beta.
+  as raising the chosen one would. A rising margin with a falling logp_chosen is expected, not a bug.
 - Accuracy counts ties as wrong (reward.py's convention), so it is 0 at step 0, where every implicit reward is 0.
 - The loss is the mean over the pairs of the whole global batch (all micro-batches, all ranks); the data order is a
   pure function of (seed, step) and each rank takes a contiguous block of it (common.rank_batch): a torchrun run
@@ -57,11 +55,10 @@ import torch
 import torch.nn.functional as F
 
 from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_checkpoint, load_model,
-                    make_optimizer, optimizer_step, print0, print_config, rank0_first, restore, rng_state, run_main,
-                    save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+                    make_optimizer, micro_batches, optimizer_step, print0, print_config, rank0_first, restore,
+                    rng_state, run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
 from data import EOS, DataError, collate_sft, load_preferences, tokenize_example
 from model import GPTConfig, fp32_heads, token_logprobs
-from reward import micro_batches
 
 
 @dataclass
@@ -104,7 +101,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 (autocast; weights, optimizer, LM head and log-probs stay fp32)
     seed: int = 1337  # seeds a scratch init and the data order
-    compile: bool = False  # torch.compile the policy
+    compile: bool = False  # torch.compile the policy (the reference stays eager: first log-ratios ~rounding, not 0)
     grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
 
 
@@ -132,8 +129,8 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss_type="
     return losses, beta * r_chosen.detach(), beta * r_rejected.detach()
 
 
-# The per-step and held-out metrics: means over pairs (acc: ties wrong); the margin is reward_chosen - reward_rejected.
-STATS = ("loss", "reward_chosen", "reward_rejected", "acc", "logp_chosen", "logp_rejected")
+# The per-step and held-out metrics, means over pairs (acc: ties count as wrong; margin: reward_chosen - rejected)
+STATS = ("loss", "acc", "margin", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected")
 
 
 def dpo_forward(model, lm_head, ref, pairs, cfg, s):
@@ -147,8 +144,8 @@ def dpo_forward(model, lm_head, ref, pairs, cfg, s):
         logps = sequence_logprobs(model, lm_head, **b, average=ipo)  # (2B,)
     losses, r_chosen, r_rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta,
                                             cfg.loss_type, cfg.label_smoothing)
-    sums = [losses.sum(), r_chosen.sum(), r_rejected.sum(), (r_chosen > r_rejected).sum(), logps[:n].sum(),
-            logps[n:].sum(), b["mask"].sum()]
+    sums = [losses.sum(), (r_chosen > r_rejected).sum(), (r_chosen - r_rejected).sum(), r_chosen.sum(),
+            r_rejected.sum(), logps[:n].sum(), logps[n:].sum(), b["mask"].sum()]
     return losses, torch.stack([x.detach().double() for x in sums])
 
 
@@ -168,10 +165,8 @@ def forward_backward(model, lm_head, ref, batches, cfg, s):
 
 
 def mean_stats(sums, n_pairs, prefix=""):
-    """Sums of STATS over n_pairs pairs -> their means, and the margin."""
-    m = {prefix + k: v / n_pairs for k, v in zip(STATS, sums.tolist())}
-    m[prefix + "margin"] = m[prefix + "reward_chosen"] - m[prefix + "reward_rejected"]
-    return m
+    """Sums of STATS over n_pairs pairs -> their means, by name."""
+    return {prefix + k: v / n_pairs for k, v in zip(STATS, sums.tolist())}
 
 
 # ----------------------------------------------------------------------------- data, models, evaluation
@@ -228,7 +223,7 @@ def build_models(cfg, s, init_from, ckpt):
 
 @torch.no_grad()
 def evaluate(policy, ref, pairs, cfg, s):
-    """STATS and the margin over the held-out pairs of all ranks, as eval_*."""
+    """STATS over the held-out pairs of all ranks, as eval_*."""
     total = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=s.device)
     mine = pairs[s.rank::s.world_size]
     for j in range(0, len(mine), cfg.eval_batch_size):

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, rank_batch,
+from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, micro_batches,
                     make_optimizer, optimizer_step, print0, print_config, rank0_first, restore, rng_state, run_main,
                     save_checkpoint, set_lr, setup, start_log, wrap_ddp)
 from data import EOS, DataError, load_preferences, load_sft, pad_right, tokenize_example
@@ -107,14 +107,6 @@ def fold_normalization(weight, bias, mean, std=1.0):
     """In place: a linear head (weight, bias) that gave r now gives (r - mean) / std."""
     weight.div_(std)
     bias.sub_(mean).div_(std)
-
-
-def micro_batches(pairs, step, cfg, s):
-    """This rank's micro-batches of optimizer step `step`, each a list of batch_size pairs. The global batch is cut
-    into world_size * grad_accum micro-batches and rank r takes the r-th run of grad_accum of them: a torchrun run
-    does the very forwards and backwards of one process with world_size * grad_accum micro-batches."""
-    mine, _ = rank_batch(step, cfg, len(pairs), s)
-    return [[pairs[i] for i in mine[j:j + cfg.batch_size]] for j in range(0, len(mine), cfg.batch_size)]
 
 
 def forward_backward(model, batches, s):

@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model,
-                    make_optimizer, optimizer_step, print0, print_config, rank0_first, rank_batch, restore, rng_state,
-                    run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, make_optimizer,
+                    micro_batches, optimizer_step, print0, print_config, rank0_first, restore, rng_state, run_main,
+                    save_checkpoint, set_lr, setup, start_log, wrap_ddp)
 from data import EOS, SFTExample, collate_sft, load_preferences, load_sft, tokenize_example
 from model import GPTConfig, token_logprobs
 from sample import sample_responses
@@ -97,12 +97,10 @@ def sft_loss(lm_head, h, tokens, loss_mask, n_targets):
     return -logprobs.sum() / n_targets
 
 
-def micro_batches(examples, step, cfg, s):
-    """This rank's grad_accum micro-batches of batch_size examples for optimizer step `step` (common.rank_batch).
-    Any split of the same global batch gives the same gradient."""
-    mine, _ = rank_batch(step, cfg, len(examples), s)
-    return [collate_sft([examples[i] for i in mine[j:j + cfg.batch_size]])
-            for j in range(0, len(mine), cfg.batch_size)]
+def collated_micro_batches(examples, step, cfg, s):
+    """This rank's grad_accum micro-batches of optimizer step `step` (common.micro_batches), collated. Any split of
+    the same global batch gives the same gradient."""
+    return [collate_sft(b) for b in micro_batches(examples, step, cfg, s)]
 
 
 def forward_backward(model, lm_head, batches, s):
@@ -231,7 +229,7 @@ def main(cfg):
         t0 = time.time()
         lr = set_lr(optimizer, step, cfg)
         # 1. forward and backward: the mean loss over the target tokens of this step's global batch
-        loss, n_tokens = forward_backward(model, raw_model.lm_head, micro_batches(train_ids, step, cfg, s), s)
+        loss, n_tokens = forward_backward(model, raw_model.lm_head, collated_micro_batches(train_ids, step, cfg, s), s)
         check_finite(loss.item(), "loss", step)  # before the weights or any checkpoint see it
         # 2. clip, step
         grad_norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, step)

@@ -6,6 +6,7 @@ ends bit for bit where an uninterrupted run does; a 2-process torchrun run equal
 import copy
 import dataclasses
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 import dpo
-from common import Setup, load_checkpoint, parse_config, save_checkpoint
-from data import EOS, PrefExample, collate_sft, pad_left
+from common import Setup, load_checkpoint, load_model, parse_config, save_checkpoint
+from data import EOS, PrefExample, collate_sft, load_preferences, pad_left, tokenize_example
 from model import GPT, GPTConfig
 from tests.helpers import assert_same_weights, torchrun, train_log
 from tests.test_reward import marker_prefs
@@ -85,35 +86,39 @@ def test_loss_and_gradient_equal_a_naive_fp64_computation(loss_type, label_smoot
     and reference differ, so the log-ratios are not 0. One response is cut at max_len (no EOS)."""
     cfg = dpo.Config(max_prompt_len=8, max_len=20, beta=0.5, loss_type=loss_type, label_smoothing=label_smoothing)
     pairs, dropped = dpo.tokenize_prefs(PREFS, cfg)
-    assert dropped == 0 and [len(p) + len(c) == cfg.max_len and c[-1] != EOS for (p, c), _ in pairs][3]
+    (long_prompt, _), _ = pairs[2]
+    (prompt, cut), _ = pairs[3]
+    assert dropped == 0 and len(long_prompt) == cfg.max_prompt_len
+    assert len(prompt) + len(cut) == cfg.max_len and cut[-1] != EOS
     policy, ref = tiny_model(0).eval(), tiny_model(1).eval()
     sums = dpo.forward_backward(policy, policy.lm_head, ref, [pairs[:3], pairs[3:]], cfg, CPU)
     out = dpo.mean_stats(sums[:-1], len(pairs))
 
     policy64, ref64 = copy.deepcopy(policy).double(), ref.double()
-    ipo = loss_type == "ipo"
-    losses, rewards = [], []
+    ipo, beta, eps = loss_type == "ipo", cfg.beta, label_smoothing
+    losses, rows = [], []  # rows: (reward_chosen, reward_rejected, logp_chosen, logp_rejected) per pair
     for (p, c), (_, r) in pairs:
         with torch.no_grad():
             ref_c, ref_r = naive_logp(ref64, p, c, ipo), naive_logp(ref64, p, r, ipo)
         pi_c, pi_r = naive_logp(policy64, p, c, ipo), naive_logp(policy64, p, r, ipo)
         h = (pi_c - ref_c) - (pi_r - ref_r)
         if ipo:
-            losses.append((h - 1 / (2 * cfg.beta)) ** 2)
+            losses.append((h - 1 / (2 * beta)) ** 2)
         else:
-            eps = label_smoothing
-            losses.append(-(1 - eps) * torch.log(torch.sigmoid(cfg.beta * h)) - eps * torch.log(torch.sigmoid(-cfg.beta * h)))
-        rewards.append((cfg.beta * (pi_c - ref_c).item(), cfg.beta * (pi_r - ref_r).item(), pi_c.item(), pi_r.item()))
+            losses.append(-(1 - eps) * torch.log(torch.sigmoid(beta * h)) - eps * torch.log(torch.sigmoid(-beta * h)))
+        rows.append([beta * (pi_c - ref_c).item(), beta * (pi_r - ref_r).item(), pi_c.item(), pi_r.item()])
     loss = torch.stack(losses).mean()
     loss.backward()
 
+    # fp32 against fp64: the loss and the gradient agree to ~1e-6 (relative), the tolerances leave 10x room
     assert out["loss"] == pytest.approx(loss.item(), abs=1e-5)
-    n = len(pairs)
-    assert out["reward_chosen"] == pytest.approx(sum(x[0] for x in rewards) / n, abs=1e-5)
-    assert out["reward_rejected"] == pytest.approx(sum(x[1] for x in rewards) / n, abs=1e-5)
-    assert out["acc"] == sum(x[0] > x[1] for x in rewards) / n
-    assert out["logp_chosen"] == pytest.approx(sum(x[2] for x in rewards) / n, rel=1e-5)
-    assert out["logp_rejected"] == pytest.approx(sum(x[3] for x in rewards) / n, rel=1e-5)
+    means = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
+    for k, v in zip(("reward_chosen", "reward_rejected"), means[:2]):
+        assert out[k] == pytest.approx(v, abs=1e-5), k
+    for k, v in zip(("logp_chosen", "logp_rejected"), means[2:]):
+        assert out[k] == pytest.approx(v, rel=1e-5), k
+    assert out["acc"] == sum(rc > rr for rc, rr, _, _ in rows) / len(rows)
+    assert out["margin"] == pytest.approx(means[0] - means[1], abs=1e-5)
     g = torch.cat([p.grad.flatten() for p in policy.parameters()])
     g64 = torch.cat([p.grad.flatten() for p in policy64.parameters()])
     assert ((g.double() - g64).norm() / g64.norm()).item() < 1e-5
@@ -128,30 +133,33 @@ def test_log_probs_ignore_left_and_right_padding():
     model = tiny_model(0).eval()
     model64 = copy.deepcopy(model).double()
     with torch.no_grad():
-        naive = torch.stack([naive_logp(model64, p, r, False) for p, r in rows]).float()
+        naive = torch.stack([naive_logp(model64, p, r, False) for p, r in rows])  # fp64
         b = collate_sft(rows)
         right = dpo.sequence_logprobs(model, model.lm_head, b["tokens"], b["mask"], b["loss_mask"])
         tokens, mask = pad_left([p + r for p, r in rows])
         loss_mask, _ = pad_left([[0] * len(p) + [1] * len(r) for p, r in rows], pad_id=0)
         left = dpo.sequence_logprobs(model, model.lm_head, tokens, mask, loss_mask)
     assert b["mask"].sum(-1).min() < b["mask"].shape[1]  # some rows are padded
-    assert torch.allclose(right, naive, atol=1e-4, rtol=0), (right, naive)
-    assert torch.allclose(left, naive, atol=1e-4, rtol=0), (left, naive)
+    # fp32 sums of up to 20 log-probs of about -10 each: a few units of 2^-24 x 200 apart from fp64
+    assert torch.allclose(right.double(), naive, atol=1e-4, rtol=0), (right, naive)
+    assert torch.allclose(left.double(), naive, atol=1e-4, rtol=0), (left, naive)
 
 
 # ----------------------------------------------------------------------------- end to end, through main
-def test_first_loss_is_ln2_while_policy_is_reference_and_dropout_is_off(tmp_path):
-    """The reference is a copy of the policy and both run in eval mode, so until the first update every log-ratio is
-    exactly 0: the held-out loss at the start and the first step's loss are -log sigmoid(0) = ln 2 to the last bit,
-    every implicit reward 0, and the accuracy 0 (ties count as wrong). The start checkpoint has dropout 0.1: in
-    train mode the policy's log-probs would be noisy and none of this would hold."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_loss_is_ln2_while_policy_is_reference_and_dropout_is_off(tmp_path, dtype):
+    """The reference is a copy of the policy, both run in eval mode and the same kernels on the same shapes (bf16:
+    both LM heads in fp32), so until the first update every log-ratio is exactly 0: the held-out loss at the start
+    and the first step's loss are -log sigmoid(0) = ln 2 to the last bit, every implicit reward 0, and the accuracy
+    0 (ties count as wrong). The start checkpoint has dropout 0.1: in train mode the policy's log-probs would be
+    noisy and none of this would hold."""
     data = marker_prefs(tmp_path / "marker.jsonl", n=20)
     cfg = tiny_cfg(tmp_path, data, init_from=save_start(tmp_path / "start_dropout.pt", dropout=0.1), max_iters=1,
-                   batch_size=4, grad_accum=2)
+                   batch_size=4, grad_accum=2, dtype=dtype)
     out = dpo.main(cfg)
     (first,) = train_log(cfg.out_dir)
     assert first["loss"] == LN2 and out["eval_loss_start"] == LN2
-    for k in ("reward_chosen", "reward_rejected", "margin", "acc"):
+    for k in ("acc", "margin", "reward_chosen", "reward_rejected"):
         assert first[k] == 0 and out[f"eval_{k}_start"] == 0, k
     assert first["logp_chosen"] < -1  # real log-probs: the ratios are 0 because policy == reference, not because
     assert first["grad_norm"] > 1e-3  # the log-probs or their gradient vanish
@@ -167,6 +175,17 @@ def test_short_run_learns_an_easy_preference(tmp_path):
     assert out["eval_loss_start"] == LN2 and out["eval_acc_start"] == 0
     assert out["eval_acc"] >= 0.9 and out["eval_loss"] < 0.2, out
     assert out["eval_margin"] > 3, out
+    # and checked outside dpo.py: the trained policy's log-ratio to the start model is higher on the chosen response
+    # of each held-out pair than on the rejected one (the logged metrics could not see chosen and rejected swapped)
+    policy, _ = load_model(os.path.join(cfg.out_dir, "ckpt.pt"), kind="dpo")
+    start, _ = load_model(cfg.init_from)
+    wins = []
+    with torch.no_grad():
+        for p in load_preferences(data, "train[80%:]"):
+            ratio = lambda y: sum(naive_logp(m, *tokenize_example(p.prompt, y, cfg.max_prompt_len, cfg.max_len),
+                                             False) * sign for m, sign in ((policy, 1), (start, -1)))
+            wins.append(ratio(p.chosen) > ratio(p.rejected))
+    assert sum(wins) >= 0.9 * len(wins), wins
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -181,7 +200,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     rows = list(zip(train_log(tmp_path / "a" / "out"), train_log(tmp_path / "b" / "out"), strict=True))
     assert [x["step"] for x, _ in rows] == list(range(6))
     for x, y in rows:
-        assert all(x[k] == y[k] for k in (*dpo.STATS, "margin", "lr", "grad_norm")), (x, y)
+        assert all(x[k] == y[k] for k in (*dpo.STATS, "lr", "grad_norm")), (x, y)
     assert load_checkpoint(str(tmp_path / "b" / "out" / "ckpt.pt"), "dpo")["config"]["init_from"].endswith("start.pt")
 
 
@@ -199,5 +218,5 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     rows = list(zip(train_log(tmp_path / "ddp"), train_log(tmp_path / "one"), strict=True))
     assert len(rows) == 3
     for x, y in rows:
-        assert all(x[k] == y[k] for k in ("step", *dpo.STATS, "margin", "lr", "grad_norm")), (x, y)
+        assert all(x[k] == y[k] for k in ("step", *dpo.STATS, "lr", "grad_norm")), (x, y)
     assert_same_weights(tmp_path / "ddp" / "ckpt.pt", tmp_path / "one" / "ckpt.pt", step=3, atol=0)
