@@ -281,23 +281,10 @@ def load_checkpoint(path, kind=None):
     return ckpt
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def restore(ckpt, optimizer):
-    """A resumed run's optimizer and RNG state from its checkpoint; returns the step to continue from."""
+    """A resumed run's optimizer state from its checkpoint; returns the step to continue from. (Random numbers need no
+    state: begin_step seeds each step.)"""
     optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
     print0(f"resuming at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -347,8 +334,12 @@ def make_optimizer(model, cfg, eps=1e-8):
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=True)
 
 
-def set_lr(optimizer, step, cfg):
-    """The Config's schedule (lr_at over lr_decay_iters, default max_iters) at `step`, set on every group."""
+def begin_step(optimizer, step, cfg, s):
+    """The start of optimizer step `step`: the Config's learning rate (lr_at over lr_decay_iters, default max_iters)
+    on every group, and torch's random numbers (dropout) seeded from (seed, step, rank). Seeding every step makes a
+    resumed run draw what an uninterrupted one draws, on any number of GPUs, with no RNG state in the checkpoint,
+    and every rank draws its own. Returns the learning rate."""
+    torch.manual_seed(mix_seed(cfg.seed, step, s.rank))
     lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -54,9 +54,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_checkpoint, load_model,
-                    make_optimizer, micro_batches, optimizer_step, print0, print_config, rank0_first, restore,
-                    rng_state, run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, cleanup, load_checkpoint, load_model,
+                    make_optimizer, micro_batches, optimizer_step, print0, print_config, rank0_first, restore, run_main,
+                    save_checkpoint, setup, start_log, wrap_ddp)
 from data import EOS, DataError, collate_sft, load_preferences, tokenize_example
 from model import GPTConfig, fp32_heads, token_logprobs
 
@@ -233,7 +233,7 @@ def evaluate(policy, ref, pairs, cfg, s):
 
 def save(path, policy, optimizer, step, cfg, init_from):
     save_checkpoint(path, kind="dpo", model_config=asdict(policy.config), model=policy.state_dict(), step=step,
-                    optimizer=optimizer.state_dict(), rng=rng_state(),
+                    optimizer=optimizer.state_dict(),
                     # the SFT model, also when this run was itself a resume: the next resume rebuilds the reference
                     config=asdict(replace(cfg, init_from=init_from)))
 
@@ -262,7 +262,7 @@ def main(cfg):
     timer, metrics = Timer(cfg.max_iters, start), {}
     for step in range(start, cfg.max_iters):
         t0 = time.time()
-        lr = set_lr(optimizer, step, cfg)
+        lr = begin_step(optimizer, step, cfg, s)
         # 1. policy and reference log-probs of chosen and rejected, the DPO loss of this step's global batch, backward
         sums = forward_backward(model, raw_model.lm_head, ref, micro_batches(train_pairs, step, cfg, s), cfg, s)
         metrics = mean_stats(sums, n_pairs)

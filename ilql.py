@@ -56,9 +56,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, rank_batch,
-                    make_optimizer, mix_seed, optimizer_step, print0, print_config, rank0_first, restore, rng_state,
-                    run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, cleanup, load_model, make_optimizer,
+                    mix_seed, optimizer_step, print0, print_config, rank0_first, rank_batch, restore, run_main,
+                    save_checkpoint, setup, start_log, wrap_ddp)
 from model import GPTConfig, fp32_heads
 from scoring import make_scorer
 from sample import ilql_logits_fn, sample_responses
@@ -422,7 +422,7 @@ def evaluate(raw_model, eval_items, prompts, score_fn, step, cfg, s):
 
 def save(path, model, optimizer, step, reward_stats, cfg):
     save_checkpoint(path, kind="ilql", model_config=asdict(model.config), model=model.state_dict(),
-                    optimizer=optimizer.state_dict(), step=step, config=asdict(cfg), rng=rng_state(),
+                    optimizer=optimizer.state_dict(), step=step, config=asdict(cfg),
                     reward_mean=reward_stats[0], reward_std=reward_stats[1])
 
 
@@ -452,7 +452,7 @@ def main(cfg):
     model.train()
     for step in range(start, cfg.max_iters):
         t0 = time.time()
-        lr = set_lr(optimizer, step, cfg)
+        lr = begin_step(optimizer, step, cfg, s)
         # 1. forward and backward of L_Q + L_V + cql_scale * L_CQL + awac_scale * L_AWAC: one mean over the actions
         # of this step's global batch, accumulated over this rank's micro-batches
         batches, n_actions = micro_batches(train_items, step, cfg, s)

@@ -63,9 +63,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, batch_indices, check_finite, cleanup,
-                    load_checkpoint, load_model, make_optimizer, mix_seed, optimizer_step, print0, print_config,
-                    rank0_first, restore, rng_state, run_main, save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, batch_indices, begin_step, check_finite,
+                    cleanup, load_checkpoint, load_model, make_optimizer, mix_seed, optimizer_step, print0,
+                    print_config, rank0_first, restore, run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from data import EOS, load_prompts
 from model import GPTConfig, fp32_heads, token_logprobs
 from scoring import make_scorer
@@ -450,7 +450,7 @@ def save(path, policy, critic, optimizer, kl_ctl, step, cfg, init_from):
     save_checkpoint(path, kind="ppo", model_config=asdict(policy.config), model=policy.state_dict(),
                     critic_config=asdict(critic.config) if critic else None,
                     critic=critic.state_dict() if critic else None, optimizer=optimizer.state_dict(),
-                    kl_ctl=kl_ctl.state_dict(), step=step, rng=rng_state(),
+                    kl_ctl=kl_ctl.state_dict(), step=step,
                     # the SFT model in init_from, also when this run was itself a resume: the next resume
                     # rebuilds the reference from it
                     config=asdict(replace(cfg, init_from=init_from)))
@@ -509,7 +509,7 @@ def main(cfg):
     timer_eta, metrics, micro = Timer(cfg.max_iters, start), {}, cfg.minibatch_size // cfg.grad_accum
     for step in range(start, cfg.max_iters):
         t0, timer = time.perf_counter(), PhaseTimer(s.device)
-        lr = set_lr(optimizer, step, cfg)
+        lr = begin_step(optimizer, step, cfg, s)
         # the global batch's prompts and one generator seed on every rank; each rank samples its rows rank::world_size
         batch_prompts = [prompts[i] for i in batch_indices(step, cfg.batch_size * s.world_size, len(prompts), cfg.seed)]
         generator = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, step))

@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, micro_batches,
-                    make_optimizer, optimizer_step, print0, print_config, rank0_first, restore, rng_state, run_main,
-                    save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, cleanup, load_model, make_optimizer,
+                    micro_batches, optimizer_step, print0, print_config, rank0_first, restore, run_main,
+                    save_checkpoint, setup, start_log, wrap_ddp)
 from data import EOS, DataError, load_preferences, load_sft, pad_right, tokenize_example
 from model import GPTConfig
 from scoring import score_tokens
@@ -232,7 +232,7 @@ def save(path, model, optimizer, step, ev, best_eval_acc, cfg):
     head, sd = model.heads["reward"], model.state_dict()
     sd["heads.reward.weight"], sd["heads.reward.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
     fold_normalization(sd["heads.reward.weight"], sd["heads.reward.bias"], ev["ref_mean"], std)
-    extra = dict(optimizer=optimizer.state_dict(), rng=rng_state(), train_head=head.state_dict()) if optimizer else {}
+    extra = dict(optimizer=optimizer.state_dict(), train_head=head.state_dict()) if optimizer else {}
     save_checkpoint(path, kind="reward", model_config=asdict(model.config), model=sd, step=step, config=asdict(cfg),
                     best_eval_acc=best_eval_acc, reward_norm={"mean": ev["ref_mean"], "std": ev["ref_std"],
                                                               "scaled_by": std}, **extra)
@@ -261,7 +261,7 @@ def main(cfg):
     model.train()
     for step in range(start, cfg.max_iters):
         t0 = time.time()
-        lr = set_lr(optimizer, step, cfg)
+        lr = begin_step(optimizer, step, cfg, s)
         # 1. chosen and rejected in one forward, the Bradley-Terry loss of this step's global batch, backward
         loss, acc, n_tokens = forward_backward(model, micro_batches(train_pairs, step, cfg, s), s)
         check_finite(loss, "loss", step)  # before the weights or any checkpoint see it

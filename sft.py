@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (ConfigError, Timer, all_reduce_sum, check_finite, cleanup, load_model, make_optimizer,
-                    micro_batches, optimizer_step, print0, print_config, rank0_first, restore, rng_state, run_main,
-                    save_checkpoint, set_lr, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, cleanup, load_model, make_optimizer,
+                    micro_batches, optimizer_step, print0, print_config, rank0_first, restore, run_main,
+                    save_checkpoint, setup, start_log, wrap_ddp)
 from data import EOS, SFTExample, collate_sft, load_preferences, load_sft, tokenize_example
 from model import GPTConfig, token_logprobs
 from sample import sample_responses
@@ -199,7 +199,7 @@ def print_samples(model, eval_data, cfg, s):
 
 def save(path, model, optimizer, step, best_eval_loss, cfg):
     """A checkpoint; with the optimizer (ckpt.pt, for resume) or without (best.pt, weights only)."""
-    extra = dict(optimizer=optimizer.state_dict(), rng=rng_state()) if optimizer else {}
+    extra = dict(optimizer=optimizer.state_dict()) if optimizer else {}
     save_checkpoint(path, kind="sft", model_config=asdict(model.config), model=model.state_dict(), step=step,
                     config=asdict(cfg), best_eval_loss=best_eval_loss, **extra)
 
@@ -227,7 +227,7 @@ def main(cfg):
     model.train()
     for step in range(start, cfg.max_iters):
         t0 = time.time()
-        lr = set_lr(optimizer, step, cfg)
+        lr = begin_step(optimizer, step, cfg, s)
         # 1. forward and backward: the mean loss over the target tokens of this step's global batch
         loss, n_tokens = forward_backward(model, raw_model.lm_head, collated_micro_batches(train_ids, step, cfg, s), s)
         check_finite(loss.item(), "loss", step)  # before the weights or any checkpoint see it
