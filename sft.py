@@ -212,7 +212,7 @@ def main(cfg):
     train_ids, eval_ids, eval_data = load_data(cfg, s)
     raw_model, ckpt = build_model(cfg, s)
     optimizer = make_optimizer(raw_model, cfg)
-    resume = ckpt is not None and cfg.init_from == "resume"
+    resume = cfg.init_from == "resume"  # then build_model loaded out_dir/ckpt.pt
     start, best_eval_loss = (restore(ckpt, optimizer), ckpt["best_eval_loss"]) if resume else (0, math.inf)
     ckpt = None  # free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(raw_model) if cfg.compile else raw_model, s)  # what trains: compiled, DDP
