@@ -14,9 +14,11 @@ import inspect
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
+import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, fields
 
@@ -92,11 +94,12 @@ def _check_key(cls, key, where):
 
 def run_main(main, config_cls):
     """A script's command line: main(parse_config(config_cls)). A bad key, value, path or data row (ConfigError,
-    data.DataError) prints one `error: ...` line naming it and exits with status 2, no traceback."""
+    data.DataError), or a run stopped before a bad value reached the weights (RunError), prints one `error: ...` line
+    naming it and exits with status 2, no traceback."""
     from data import DataError
     try:
         main(parse_config(config_cls))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -149,6 +152,30 @@ def print_config(cfg):
     print0("config: " + " ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
 
 
+# The fields the trainers share (most of them read here: make_optimizer, begin_step, rank_batch) and their ranges,
+# checked by check_numbers in every Config that has them
+SHARED_NUMBERS = dict(positive=("batch_size", "grad_accum", "eval_interval", "learning_rate", "n_layer", "n_head",
+                                "n_embd", "block_size"),
+                      non_negative=("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"),
+                      fraction=("min_lr_ratio",), below_one=("beta1", "beta2", "dropout"))
+
+
+def check_numbers(cfg, positive=(), non_negative=(), fraction=()):
+    """A ConfigError naming the first field out of its range: `positive` fields must be > 0 (an int: >= 1),
+    `non_negative` >= 0, `fraction` in [0, 1]; the SHARED_NUMBERS too, for every field cfg has. NaN and inf are out of
+    every range. Each script's check_config calls it first, so a bad size or rate stops the run before any work."""
+    tests = {"> 0": lambda x: x > 0, ">= 0": lambda x: x >= 0, "in [0, 1]": lambda x: 0 <= x <= 1,
+             "in [0, 1)": lambda x: 0 <= x < 1}
+    names = {"> 0": positive + SHARED_NUMBERS["positive"], ">= 0": non_negative + SHARED_NUMBERS["non_negative"],
+             "in [0, 1]": fraction + SHARED_NUMBERS["fraction"], "in [0, 1)": SHARED_NUMBERS["below_one"]}
+    for rule, fields_ in names.items():
+        for name in fields_:
+            value = getattr(cfg, name, None)
+            if value is not None and not (math.isfinite(value) and tests[rule](value)):
+                rule = ">= 1" if rule == "> 0" and isinstance(value, int) else rule  # a count
+                raise ConfigError(f"{name} must be {rule}, not {value!r}")
+
+
 # ---------------------------------------------------------------------------- device, DDP, precision
 @dataclass
 class Setup:
@@ -164,35 +191,84 @@ class Setup:
 _MASTER = True
 
 
-def setup(device="auto", dtype="float32", seed=1337):
-    """Single process or torchrun, CPU or CUDA, fp32 or bf16 autocast. Seeds torch with seed + rank."""
+def setup(device="auto", dtype="float32", seed=1337, out_dir=None):
+    """Single process or torchrun, CPU or CUDA, fp32, TF32 or bf16 autocast. Seeds torch with seed + rank. Under
+    torchrun, `out_dir` (where rank 0 writes what every rank reads) must be shared by every rank: check_shared_dir."""
     global _MASTER
+    _RUN.update(step=None, saved=None)
+    if dtype not in ("float32", "tf32", "bfloat16"):
+        raise ConfigError(f"dtype must be 'float32', 'tf32' or 'bfloat16', not {dtype!r}")
     ddp = "RANK" in os.environ
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         speedups.enable()  # CPU kernels (speedups.py): the results of the plain code in model.py, faster
+    rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    else:
-        rank, local_rank, world_size = 0, 0, 1
     _MASTER = rank == 0
-    torch.manual_seed(seed + rank)
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"dtype must be 'float32' or 'bfloat16', not {dtype!r}")
+        # every process on its own GPU, also a single one given cuda:1: CUDA calls without a device (synchronize,
+        # barriers, new tensors) go to the current one, GPU 0 unless set
+        device = f"cuda:{local_rank}" if ddp else "cuda:0" if device == "cuda" else device
+        torch.cuda.set_device(device)
+        # TF32 rounds matmul inputs to 10 mantissa bits: only when asked for (dtype="tf32"); model.Head turns it off
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+        if dtype == "bfloat16" and not native_bf16():
+            print0(f"warning: {torch.cuda.get_device_name(device)} has no native bf16 (it is emulated, slowly): "
+                   f"use dtype='float32' or 'tf32' on this GPU")
+    if ddp:
+        # device_id binds the process group to this rank's GPU (without it, some torch versions guess the GPU of
+        # the first barrier as global rank % GPUs per node)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                device_id=torch.device(device) if device.startswith("cuda") else None)
+    torch.manual_seed(seed + rank)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     # Master weights stay fp32; autocast runs matmuls in bf16 (also fast on modern CPUs). No GradScaler: bf16 has
     # fp32's exponent range.
     def autocast():
         return torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    return Setup(ddp, rank, local_rank, world_size, device, rank == 0, autocast)
+    s = Setup(ddp, rank, local_rank, world_size, device, rank == 0, autocast)
+    if out_dir is not None:
+        check_shared_dir(out_dir, s)
+    return s
+
+
+def native_bf16():
+    """Does the current GPU compute bf16 natively (Ampere and later)? Older ones emulate it, many times slower."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch versions without that argument
+        return torch.cuda.get_device_capability()[0] >= 8
+
+
+def check_shared_dir(out_dir, s):
+    """Under torchrun: can every rank read what rank 0 writes in out_dir? Rank 0 alone writes the checkpoints and
+    every rank reads them (resume), so on several nodes out_dir must be on a filesystem they share. Rank 0 writes a
+    random token there and every rank reads it back; if any rank cannot, every rank raises the same ConfigError
+    (a rank stopping alone would leave the others waiting in a collective until the timeout). One process: nothing."""
+    if not s.ddp:
+        return
+    path = os.path.join(out_dir, ".shared_check")
+    token = torch.zeros(1, dtype=torch.int64, device=s.device)
+    if s.master:
+        token += int.from_bytes(os.urandom(7), "little")  # not the file an earlier run left on another node
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(str(token.item()))
+    dist.broadcast(token, 0)  # after the write: every rank looks once the file is there
+    try:
+        with open(path) as f:
+            unreadable = int(f.read() != str(token.item()))
+    except OSError:
+        unreadable = 1
+    unreadable = all_reduce_sum(torch.tensor([unreadable], device=s.device), s).item()  # also: all have read it
+    if s.master:
+        os.remove(path)
+    if unreadable:
+        raise ConfigError(f"out_dir {out_dir!r}: {unreadable} of {s.world_size} ranks cannot read the file rank 0 "
+                          f"wrote there; with several nodes out_dir must be on a filesystem every node shares "
+                          f"(rank 0 writes the checkpoints, every rank reads them)")
 
 
 def wrap_ddp(model, s):
@@ -241,11 +317,31 @@ def log_line(step, metrics):
     print0(" | ".join(parts))
 
 
+class RunError(RuntimeError):
+    """A run stopped before a bad value reached the weights or a checkpoint: a NaN loss or gradient, a reward_fn that
+    failed. run_main prints it as one `error:` line."""
+
+
+_RUN = dict(step=None, saved=None)  # the step under way (begin_step), the step of the last checkpoint saved/resumed
+
+
+def run_error(message, step=None):
+    """RunError("step N: <message>; the last checkpoint, at step M, is intact"), from what this process knows (step:
+    default, the one under way; the checkpoint: rank 0 wrote it or every rank resumed from it)."""
+    step = _RUN["step"] if step is None else step
+    where = "" if step is None else f"step {step}: "
+    if _RUN["saved"] is not None:
+        message += f"; the last checkpoint, at step {_RUN['saved']}, is intact"
+    elif step is not None and _MASTER:
+        message += "; no checkpoint was written yet"
+    return RunError(where + message)
+
+
 def check_finite(value, what, step):
     """Stop before a NaN/inf reaches the weights or a checkpoint; the last good checkpoint stays as it is."""
     if not math.isfinite(float(value)):
-        raise RuntimeError(f"step {step}: {what} is {float(value)}; stopping before it corrupts the model "
-                           f"(the last checkpoint written is untouched). Lower learning_rate or check the data.")
+        raise run_error(f"{what} is {float(value)}, stopping before it reaches the weights (lower learning_rate or "
+                        f"check the data)", step)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -263,16 +359,23 @@ def save_checkpoint(path, **obj):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _RUN["saved"] = obj.get("step")
 
 
 def load_checkpoint(path, kind=None):
     """Load one of our checkpoints; `kind` ("sft", "reward", "ppo", "ilql") or a tuple of kinds it must be."""
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path!r} not found")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path}: not a readable checkpoint (not the zip archive torch.save writes; cut short?)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors are read from the file as they are used, not copied into memory by every rank at once
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # torch's message ends with advice to load it unsafely: not for us to give
+        raise ConfigError(f"{path}: not a checkpoint of this codebase (it holds Python objects other than tensors "
+                          f"and plain containers; not loaded, as that could run code from the file)") from e
     except Exception as e:
-        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "kind" not in ckpt:
         raise ConfigError(f"{path}: not a checkpoint written by this codebase")
     kinds = (kind,) if isinstance(kind, str) else kind
@@ -286,7 +389,13 @@ def restore(ckpt, optimizer):
     state: begin_step seeds each step.)"""
     optimizer.load_state_dict(ckpt["optimizer"])
     print0(f"resuming at step {ckpt['step']}")
+    _RUN["saved"] = ckpt["step"]
     return ckpt["step"]
+
+
+def first_line(e):
+    """An exception's message, first line only (an `error:` line is one line)."""
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def is_checkpoint_path(init_from):
@@ -338,18 +447,25 @@ def begin_step(optimizer, step, cfg, s):
     """The start of optimizer step `step`: the Config's learning rate (lr_at over lr_decay_iters, default max_iters)
     on every group, and torch's random numbers (dropout) seeded from (seed, step, rank). Seeding every step makes a
     resumed run draw what an uninterrupted one draws, on any number of GPUs, with no RNG state in the checkpoint,
-    and every rank draws its own. Returns the learning rate."""
+    and every rank draws its own (so a resume is bit-exact on CPU; on GPUs, up to nondeterministic kernels).
+    Returns the learning rate."""
     torch.manual_seed(mix_seed(cfg.seed, step, s.rank))
+    _RUN["step"] = step
     lr = lr_at(step, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.min_lr_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
 
 
-def optimizer_step(optimizer, params, grad_clip, step):
-    """Clip the global gradient norm (grad_clip 0 = no clip), check it is finite, step, zero the gradients.
-    Returns the norm before clipping. A NaN/inf gradient stops the run before it reaches the weights."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf")).item()
+def optimizer_step(optimizer, params, grad_clip, step, loss=None):
+    """Clip the global gradient norm (grad_clip 0 = no clip), check it (and `loss`, a tensor, if given) is finite,
+    step, zero the gradients. Returns the norm before clipping. A NaN/inf stops the run before it reaches the
+    weights. Reads both numbers in one host sync (on a GPU, each read waits for the queued kernels)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if loss is not None:
+        loss, norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
+        check_finite(loss, "loss", step)
+    grad_norm = float(norm)
     check_finite(grad_norm, "grad_norm", step)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -401,7 +517,8 @@ def batch_indices(step, batch_size, n, seed):
 def rank_batch(step, cfg, n, s):
     """The data of optimizer step `step` out of n examples: (this rank's indices, the whole global batch's). Each rank
     takes a contiguous block of batch_size * grad_accum, so rank r runs exactly the micro-batches r * grad_accum ...
-    of one process with world_size times the grad_accum: a torchrun run computes what that process computes."""
+    of one process with world_size times the grad_accum: a torchrun run computes what that process computes (bit for
+    bit on CPU; on GPUs up to the rounding of kernels whose order of additions varies from run to run)."""
     per_rank = cfg.batch_size * cfg.grad_accum
     idx = batch_indices(step, per_rank * s.world_size, n, cfg.seed)
     return idx[s.rank * per_rank:(s.rank + 1) * per_rank], idx
@@ -415,11 +532,13 @@ def micro_batches(items, step, cfg, s):
 
 @contextmanager
 def rank0_first(s):
-    """Rank 0 runs the block first (datasets writes its cache), the other ranks after (they read it)."""
-    if s.ddp and not s.master:
+    """The first rank of each node (local rank 0) runs the block first (datasets writes its cache, one per node), the
+    other ranks after (they read it)."""
+    first = s.local_rank == 0
+    if s.ddp and not first:
         dist.barrier()
     yield
-    if s.ddp and s.master:
+    if s.ddp and first:
         dist.barrier()
 
 

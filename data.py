@@ -364,6 +364,9 @@ def tokenize_example(prompt: str, response: str, max_prompt_len: int, max_len: i
 
 
 def pad_right(seqs: list[list[int]], pad_id: int = EOS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: a real token never attends to the padding after it, so plain causal attention (model(tokens),
+    no mask) gives every real position the values the masked forward gives, up to rounding, and lets SDPA take its
+    fastest (flash) kernels. The trainers forward right-padded batches that way when they read no padding output."""
     T = max((len(s) for s in seqs), default=0)
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B, T)

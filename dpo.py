@@ -34,7 +34,7 @@ Our choices, where public implementations differ:
 - The loss is the mean over the pairs of the whole global batch (all micro-batches, all ranks); the data order is a
   pure function of (seed, step) and each rank takes a contiguous block of it (common.rank_batch): a torchrun run
   computes what one process with world_size x grad_accum micro-batches does, and a resume ends where an
-  uninterrupted run does.
+  uninterrupted run does (bit for bit on CPU; on GPUs, up to nondeterministic kernels).
 - Reads every preference format of data.py: prompt/chosen/rejected, Anthropic HH dialogues, TL;DR comparisons.
 Outputs in out_dir: ckpt.pt (the last step's policy, for resume), hf/ (the final policy as a Hugging Face folder),
 log.jsonl.
@@ -54,9 +54,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, cleanup, load_checkpoint, load_model,
-                    make_optimizer, micro_batches, optimizer_step, print0, print_config, rank0_first, restore, run_main,
-                    save_checkpoint, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, check_numbers, cleanup,
+                    load_checkpoint, load_model, make_optimizer, micro_batches, optimizer_step, print0, print_config,
+                    rank0_first, restore, run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from data import EOS, DataError, collate_sft, load_preferences, tokenize_example
 from model import GPTConfig, fp32_heads, token_logprobs
 
@@ -99,7 +99,7 @@ class Config:
     eval_batch_size: int = 8  # pairs per eval forward, per rank (2 * eval_batch_size sequences)
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights, optimizer, LM head and log-probs stay fp32)
+    dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; weights, optimizer, LM head, log-probs: fp32)
     seed: int = 1337  # seeds a scratch init and the data order
     compile: bool = False  # torch.compile the policy (the reference stays eager: first log-ratios ~rounding, not 0)
     grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
@@ -133,15 +133,21 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss_type="
 STATS = ("loss", "acc", "margin", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected")
 
 
-def dpo_forward(model, lm_head, ref, pairs, cfg, s):
-    """The pairs' chosen and rejected rows in one forward of the policy and one no-grad forward of the reference.
-    Returns the per-pair losses (B,) and (fp64) the sums over the pairs of STATS, then the real tokens of the batch."""
-    b = {k: v.to(s.device) for k, v in collate_sft([c for c, _ in pairs] + [r for _, r in pairs]).items()}
-    n, ipo = len(pairs), cfg.loss_type == "ipo"
+def collate_pairs(pairs, device):
+    """B pairs -> one right-padded batch of 2B rows on the device (collate_sft): all chosen rows, then all rejected."""
+    return {k: v.to(device) for k, v in collate_sft([c for c, _ in pairs] + [r for _, r in pairs]).items()}
+
+
+def dpo_forward(model, lm_head, ref, b, cfg, s):
+    """The chosen and rejected rows of the pairs of `b` (collate_pairs) in one forward of the policy and one no-grad
+    forward of the reference. Returns the per-pair losses (B,) and (fp64) the sums over the pairs of STATS, then the
+    real tokens of the batch. Right-padded rows: the forwards need no mask (data.pad_right)."""
+    n, ipo = len(b["tokens"]) // 2, cfg.loss_type == "ipo"
+    tokens, loss_mask = b["tokens"], b["loss_mask"]
     with s.autocast():
         with torch.no_grad():
-            ref_logps = sequence_logprobs(ref, ref.lm_head, **b, average=ipo)  # (2B,): chosen rows, then rejected
-        logps = sequence_logprobs(model, lm_head, **b, average=ipo)  # (2B,)
+            ref_logps = sequence_logprobs(ref, ref.lm_head, tokens, None, loss_mask, ipo)  # (2B,): chosen, rejected
+        logps = sequence_logprobs(model, lm_head, tokens, None, loss_mask, ipo)  # (2B,)
     losses, r_chosen, r_rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta,
                                             cfg.loss_type, cfg.label_smoothing)
     sums = [losses.sum(), (r_chosen > r_rejected).sum(), (r_chosen - r_rejected).sum(), r_chosen.sum(),
@@ -153,10 +159,12 @@ def forward_backward(model, lm_head, ref, batches, cfg, s):
     """Accumulate into .grad the gradient of the mean DPO loss over the pairs of `batches` of every rank.
     Returns the sums of STATS and the real tokens over those pairs, all ranks (fp64, identical on every rank)."""
     total = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=s.device)
-    for i, pairs in enumerate(batches):
+    # on the device up front: a copy to the GPU inside the loop would wait for the kernels queued before it
+    batches = [collate_pairs(pairs, s.device) for pairs in batches]
+    for i, b in enumerate(batches):
         # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
         with model.no_sync() if s.ddp and i < len(batches) - 1 else nullcontext():
-            losses, sums = dpo_forward(model, lm_head, ref, pairs, cfg, s)
+            losses, sums = dpo_forward(model, lm_head, ref, b, cfg, s)
             # Every micro-batch holds batch_size pairs, so the mean over the rank's pairs is the sum of the
             # grad_accum micro-batch means / grad_accum; DDP averages the ranks: the mean over the global batch.
             (losses.mean() / len(batches)).backward()
@@ -171,14 +179,11 @@ def mean_stats(sums, n_pairs, prefix=""):
 
 # ----------------------------------------------------------------------------- data, models, evaluation
 def check_config(cfg):
+    check_numbers(cfg, positive=("max_prompt_len", "max_len", "eval_batch_size", "beta"))
     if cfg.loss_type not in ("sigmoid", "ipo"):
         raise ConfigError(f"loss_type must be 'sigmoid' or 'ipo', not {cfg.loss_type!r}")
-    if cfg.beta <= 0:
-        raise ConfigError(f"beta must be > 0, not {cfg.beta}")
     if not 0 <= cfg.label_smoothing < 0.5 or (cfg.label_smoothing and cfg.loss_type != "sigmoid"):
         raise ConfigError("label_smoothing must be in [0, 0.5), and only with loss_type='sigmoid'")
-    if cfg.eval_interval < 1:
-        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
 
 
 def tokenize_prefs(prefs, cfg):
@@ -227,7 +232,8 @@ def evaluate(policy, ref, pairs, cfg, s):
     total = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=s.device)
     mine = pairs[s.rank::s.world_size]
     for j in range(0, len(mine), cfg.eval_batch_size):
-        total += dpo_forward(policy, policy.lm_head, ref, mine[j:j + cfg.eval_batch_size], cfg, s)[1]
+        total += dpo_forward(policy, policy.lm_head, ref, collate_pairs(mine[j:j + cfg.eval_batch_size], s.device),
+                             cfg, s)[1]
     return mean_stats(all_reduce_sum(total, s), len(pairs), "eval_")
 
 
@@ -240,7 +246,7 @@ def save(path, policy, optimizer, step, cfg, init_from):
 
 # ----------------------------------------------------------------------------- training
 def main(cfg):
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    s = setup(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir)
     print_config(cfg)
     check_config(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")

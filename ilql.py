@@ -56,9 +56,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, cleanup, load_model, make_optimizer,
-                    mix_seed, optimizer_step, print0, print_config, rank0_first, rank_batch, restore, run_main,
-                    save_checkpoint, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, check_numbers, cleanup, load_model,
+                    make_optimizer, mix_seed, optimizer_step, print0, print_config, rank0_first, rank_batch, restore,
+                    run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from model import GPTConfig, fp32_heads
 from scoring import make_scorer
 from sample import ilql_logits_fn, sample_responses
@@ -114,7 +114,7 @@ class Config:
     reward_fn: str = ""  # or "module:function", f(prompts, responses) -> list of floats
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights, optimizer and the loss math stay fp32)
+    dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; weights, optimizer, loss math stay fp32)
     seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
     compile: bool = False  # torch.compile the trunk
     grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
@@ -266,7 +266,7 @@ def polyak_update(raw_model, alpha):
 def batch_loss(model, raw_model, b, n, cfg):
     """ILQL's loss and stats on one collated batch (on the device): the trunk through `model` (compiled, DDP), the
     heads of `raw_model`; every term divided by n."""
-    out = ilql_outputs(raw_model, model(b["tokens"], b["mask"]), b)
+    out = ilql_outputs(raw_model, model(b["tokens"]), b)  # right-padded: no mask needed (data.pad_right)
     return ilql_loss(**out, tau=cfg.tau, cql_scale=cfg.cql_scale, awac_scale=cfg.awac_scale,
                      beta_awac=cfg.beta_awac, n=n)
 
@@ -285,8 +285,9 @@ def forward_backward(model, raw_model, batches, n_actions, cfg, s):
     """Accumulate into .grad the gradient of ILQL's loss over `batches` of every rank, divided by n_actions (the global
     batch's). Returns (loss and STATS as floats, identical on every rank; real tokens processed by all ranks)."""
     total = torch.zeros(len(STATS) + 2, dtype=torch.float64, device=s.device)  # loss, STATS..., real tokens
+    # on the device up front: a copy to the GPU inside the loop would wait for the kernels queued before it
+    batches = [{k: v.to(s.device) for k, v in b.items()} for b in batches]
     for i, b in enumerate(batches):
-        b = {k: v.to(s.device) for k, v in b.items()}
         # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
         with model.no_sync() if s.ddp and i < len(batches) - 1 else nullcontext():
             with s.autocast():
@@ -301,14 +302,13 @@ def forward_backward(model, raw_model, batches, n_actions, cfg, s):
 
 # ----------------------------------------------------------------------------- data, model, evaluation
 def check_config(cfg):
+    check_numbers(cfg, positive=("max_prompt_len", "max_len", "n_step", "max_new_tokens"),
+                  non_negative=("cql_scale", "awac_scale", "beta_awac", "eval_prompts", "temperature", "top_k"),
+                  fraction=("gamma", "tau", "alpha"))
     if cfg.data_format not in ("offline", "preferences"):
         raise ConfigError(f"data_format must be 'offline' or 'preferences', not {cfg.data_format!r}")
     if cfg.max_len <= cfg.max_prompt_len:
         raise ConfigError(f"max_len ({cfg.max_len}) must exceed max_prompt_len ({cfg.max_prompt_len})")
-    if cfg.n_step < 1:
-        raise ConfigError(f"n_step must be >= 1 (1 = ILQL's one-step target), not {cfg.n_step}")
-    if cfg.eval_interval < 1:
-        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
     if cfg.reward_model and cfg.reward_fn:
         raise ConfigError("set at most one of reward_model and reward_fn (they score the evaluation samples)")
 
@@ -428,7 +428,7 @@ def save(path, model, optimizer, step, reward_stats, cfg):
 
 # ----------------------------------------------------------------------------- training
 def main(cfg):
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    s = setup(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir)
     print_config(cfg)
     check_config(cfg)
     train_items, eval_items, prompts, reward_stats = load_data(cfg, s)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import data
-from common import ConfigError, load_model, print_config, run_main, setup
+from common import ConfigError, check_numbers, load_model, print_config, run_main, setup
 from scoring import load_reward_model, score
 from sample import read_prompts, sample_responses
 
@@ -80,11 +80,14 @@ def answered(paths, prompts):
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:  # a session killed mid-write may leave a cut line
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}: line {line_no} is not valid JSON ({e.msg}); remove it") from e
                 i = row.get("prompt_id")
-                if not isinstance(i, int) or i >= len(prompts) or prompts[i] != row["prompt"]:
-                    raise ValueError(f"{path}: line {line_no} (prompt_id {i!r}) does not match this prompt list; "
-                                     f"use another --out or the prompts it was labeled from")
+                if not isinstance(i, int) or i >= len(prompts) or prompts[i] != row.get("prompt"):
+                    raise ConfigError(f"{path}: line {line_no} (prompt_id {i!r}) does not match this prompt list; "
+                                      f"use another --out or the prompts it was labeled from")
                 done.add(i)
     return done
 
@@ -139,6 +142,8 @@ def append_jsonl(path, row):
 def main(cfg):
     s = setup(cfg.device, cfg.dtype, cfg.seed)
     print_config(cfg)
+    check_numbers(cfg, positive=("num_samples", "n_candidates", "max_new_tokens", "max_prompt_len"),
+                  non_negative=("max_prompts", "temperature", "top_k"))
     if cfg.active and not cfg.reward_model:
         raise ConfigError("active=True needs --reward_model=<reward checkpoint>")
     prompts = load_prompt_list(cfg)

@@ -17,6 +17,8 @@ Everything here is plain PyTorch. On CPU, speedups.py swaps in faster versions o
 import json
 import math
 import os
+import pickle
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -111,18 +113,29 @@ class MLP(nn.Module):
 
 class Head(nn.Linear):
     """The linear layers that make the model's outputs: lm_head and the `heads`. With `fp32 = True` (fp32_heads) they
-    compute in fp32 even under bf16 autocast. Why: a bf16 matmul rounds its output, and GPT-2's logits are large
-    (about -50 to -150), where bf16's spacing is 0.25-0.5. Each token's log-prob is then off by up to half of that, and
-    not smoothly: a tiny update moves a logit across a rounding step or not at all, so PPO's ratios and KL penalty
-    jump, and a sampler on such logits samples another policy than the one trained. The price is speed: lm_head is
-    the largest matrix of a small GPT-2."""
+    compute in fp32 even under bf16 autocast, and without TF32 when it is on (dtype="tf32" on CUDA). Why: a bf16
+    matmul rounds its output, and GPT-2's logits are large (about -50 to -150), where bf16's spacing is 0.25-0.5. Each
+    token's log-prob is then off by up to half of that, and not smoothly: a tiny update moves a logit across a
+    rounding step or not at all, so PPO's ratios and KL penalty jump, and a sampler on such logits samples another
+    policy than the one trained. The price is speed: lm_head is the largest matrix of a small GPT-2."""
     fp32 = False
 
     def forward(self, x):
-        if self.fp32 and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
+        if self.fp32 and (torch.is_autocast_enabled(x.device.type) or torch.backends.cuda.matmul.allow_tf32):
+            with torch.autocast(x.device.type, enabled=False), no_tf32():
                 return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         return super().forward(x)
+
+
+@contextmanager
+def no_tf32():
+    """CUDA matmuls in full fp32 inside the block (TF32 rounds their inputs to 10 mantissa bits)."""
+    on = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = on
 
 
 def fp32_heads(model, on=True):
@@ -301,23 +314,57 @@ GPT2_FIXED = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "sc
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # an HF folder's weights: one file, or shards and an .index.json
+
+
 def _download(repo_id):
+    """The config and the weights of a hub repository: safetensors if it has them, else PyTorch's pickle files."""
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"])
+        for name in WEIGHTS:  # shards: model-00001-of-00002.safetensors, pytorch_model-00001-of-00002.bin
+            folder = snapshot_download(repo_id, allow_patterns=["config.json", name + "*", name.replace(".", "-*.")])
+            if any(os.path.exists(os.path.join(folder, f)) for w in WEIGHTS for f in (w, w + ".index.json")):
+                return folder
+        return folder  # no weights: _load_weights says so
     except Exception as e:  # no network, unknown id, ...: say what was asked for
         raise ValueError(f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
                          f"({type(e).__name__}: {e})") from e
 
 
 def _load_weights(folder):
-    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-        return load_file(st)
-    if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise ValueError(f"{folder}: neither model.safetensors nor pytorch_model.bin found")
+    """The state dict of an HF folder: model.safetensors or pytorch_model.bin, whole or in shards listed by an
+    .index.json. A .bin file is a pickle: loaded with weights_only=True, which reads tensors and plain containers
+    only, never code."""
+    for name in WEIGHTS:
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.exists(os.path.join(folder, name)):
+            files = [name]
+        elif os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            continue
+        sd = {}
+        for file in files:
+            sd.update(_load_file(os.path.join(folder, file)))
+        return sd
+    raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin (nor shards of either with their "
+                     f".index.json); the folder holds {sorted(os.listdir(folder))[:10]}")
+
+
+def _load_file(path):
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        # mmap: read as used, not copied into memory by every rank at once (old non-zip files cannot be mapped)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:  # torch's message advises loading it unsafely: not advice to pass on
+        raise ValueError(f"{path}: holds Python objects other than tensors; not loaded, as that could run code from "
+                         f"the file") from e
+    except Exception as e:  # a missing shard, a file cut short, ...
+        message = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {message})") from e
 
 
 # ---------------------------------------------------------------------- logprobs and sampling
@@ -373,6 +420,9 @@ def prepared_for_decoding(model, batch_size):
     yield
 
 
+CHECK_DONE_EVERY = {"cpu": 1}  # generate's early stop looks every this many tokens (other devices: 16)
+
+
 @torch.no_grad()  # not inference_mode: under it, autocast casts every weight again at every step
 def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
              eos_id=EOS, logits_fn=None, shard=None):
@@ -389,6 +439,8 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, t
     B, P = tokens.shape
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    # Reading `done` on the host waits for the GPU's queue to drain: off the CPU, only every few tokens
+    check_every = CHECK_DONE_EVERY.get(tokens.device.type, 16)
     cache = KVCache(B, P + max_new_tokens, tokens.device)
     done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     out, logprobs, resp_mask = [], [], []
@@ -401,11 +453,14 @@ def generate(model, tokens, mask, max_new_tokens, temperature=1.0, top_k=None, t
             logprobs.append(lp.masked_fill(done, 0.0))
             resp_mask.append(~done)
             done = done | (tok == eos_id)
-            if bool(done.all()) or len(out) == max_new_tokens:
+            if len(out) == max_new_tokens or len(out) % check_every == 0 and bool(done.all()):
                 break
             h = raw(tok[:, None], cache=cache)[:, -1]
-    logprobs = torch.stack(logprobs, 1)
-    if not bool(torch.isfinite(logprobs).all()):  # one check per call; NaN weights would otherwise sample garbage
+    logprobs, resp_mask = torch.stack(logprobs, 1), torch.stack(resp_mask, 1)
+    # one host sync per call: the finite check (NaN weights would otherwise sample garbage), and N = the steps until
+    # every row was done (later steps, sampled before the loop looked, hold only EOS padding: dropped)
+    finite, N = torch.stack([torch.isfinite(logprobs).all(), resp_mask.any(0).sum()]).tolist()
+    if not finite:
         raise ValueError("generate: the model's logits are not finite (NaN/inf in the weights or activations, or a "
                          "temperature so small that logits / temperature overflows)")
-    return torch.cat([tokens, torch.stack(out, 1)], 1), logprobs, torch.stack(resp_mask, 1).long()
+    return torch.cat([tokens, torch.stack(out[:N], 1)], 1), logprobs[:, :N], resp_mask[:, :N].long()

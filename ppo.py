@@ -46,6 +46,8 @@ Choices where public implementations differ:
   Minibatches are shuffled per rank (a global shuffle would need every rank to hold every rollout), so with several
   minibatches per epoch a DDP minibatch is a stratified draw of the same size: equal in distribution to one
   process's, and equal in fact with one minibatch per epoch.
+- "Exactly" above (first ratio 1, first KL 0, resume, N ranks == 1 process) is bit for bit on CPU, where the tests
+  check it; on GPUs it holds up to kernels whose order of additions varies between runs (some backward passes).
 
   python ppo.py config/ppo_tiny.py                                    # after sft.py / reward.py tiny presets
   python ppo.py config/ppo_tiny.py --reward_model= --reward_fn=tests.test_ppo:count_the
@@ -63,7 +65,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 
-from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, batch_indices, begin_step, check_finite,
+from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, batch_indices, begin_step, check_numbers,
                     cleanup, load_checkpoint, load_model, make_optimizer, mix_seed, optimizer_step, print0,
                     print_config, rank0_first, restore, run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from data import EOS, load_prompts
@@ -127,7 +129,7 @@ class Config:
     eval_samples: int = 2  # sample texts printed per evaluation
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # "bfloat16": autocast; logprob/KL/GAE math stays fp32
+    dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; logprob/KL/GAE math stays fp32)
     seed: int = 1337  # prompts and rollouts are seeded by (seed, step), minibatch shuffles by (seed, step, rank)
     compile: bool = False  # torch.compile the policy+critic forward (rollout and update; the reference stays eager)
     grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, +1 forward
@@ -268,16 +270,18 @@ class PhaseTimer:
     """Wall time per phase of an iteration (CUDA-synchronised, so each phase is charged its own kernels)."""
 
     def __init__(self, device):
-        self.cuda, self.times = str(device).startswith("cuda"), collections.Counter()
+        self.device, self.times = torch.device(device), collections.Counter()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # this process's GPU, not the current one
 
     @contextmanager
     def __call__(self, name):
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.sync()
         t0 = time.perf_counter()
         yield
-        if self.cuda:
-            torch.cuda.synchronize()
+        self.sync()
         self.times[name] += time.perf_counter() - t0
 
 
@@ -316,15 +320,16 @@ def forward_rollout(model, ref, tokens, mask, P, temperature, micro_batch_size, 
 
 def ppo_update(model, optimizer, batch, P, cfg, s, generator, step=0):
     """Step 6: cfg.ppo_epochs passes over the rollout batch in shuffled minibatches, one optimizer step each.
-    `model` is the ActorCritic (DDP-wrapped under torchrun). Returns one dict of stats per minibatch."""
+    `model` is the ActorCritic (DDP-wrapped under torchrun). Returns one dict of stats per minibatch. The stats stay
+    on the device until the end: the host reads the GPU once per optimizer step (optimizer_step), not per stat."""
     B, micro = batch["tokens"].shape[0], cfg.minibatch_size // cfg.grad_accum
-    stats = []
+    stats, grad_norms = [], []
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=generator).to(batch["tokens"].device)
         for start in range(0, B, cfg.minibatch_size):
             mb_idx = perm[start:start + cfg.minibatch_size]
             n_tokens = all_reduce_sum(batch["response_mask"][mb_idx].sum().float(), s)  # all ranks' minibatch
-            chunks, mb_stats = mb_idx.split(micro), collections.Counter()
+            chunks, mb_loss, mb_stats = mb_idx.split(micro), 0, 0
             for i, idx in enumerate(chunks):
                 mb = {k: v[idx] for k, v in batch.items()}
                 with model.no_sync() if s.ddp and i < len(chunks) - 1 else nullcontext():  # sync grads once
@@ -334,19 +339,25 @@ def ppo_update(model, optimizer, batch, P, cfg, s, generator, step=0):
                                                       mb["values"], mb["returns"], mb["response_mask"],
                                                       cfg.cliprange, cfg.cliprange_value, n_tokens)
                     loss = (pg_loss + cfg.vf_coef * vf_loss) * s.world_size  # DDP averages grads over ranks
-                    check_finite(loss.item(), "loss", step)
                     loss.backward()
+                mb_loss = mb_loss + loss.detach()
                 # x world_size: this rank's share of the global token mean -> ~its own mean (all_reduce_mean later)
-                for k, v in dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), **st).items():
-                    mb_stats[k] += v.item() * s.world_size
-            grad_norm = optimizer_step(optimizer, model.parameters(), cfg.grad_clip, step)
-            stats.append({**mb_stats, "grad_norm": grad_norm})
-    return stats
+                st = dict(pg_loss=pg_loss, vf_loss=vf_loss, **st)
+                mb_stats = mb_stats + torch.stack(list(st.values())).detach().double() * s.world_size
+            # a NaN/inf loss stops the run here, before the weights see it
+            grad_norms.append(optimizer_step(optimizer, model.parameters(), cfg.grad_clip, step, loss=mb_loss))
+            stats.append(mb_stats)
+    return [dict(zip(st, row), grad_norm=g)  # st: the names of the stats
+            for row, g in zip(torch.stack(stats).tolist(), grad_norms)]
 
 
 # ----------------------------------------------------------------------------- set-up, evaluation, checkpoints
 def check_config(cfg):
-    """The config's cross-field rules; returns the critic kind ("separate" or "shared")."""
+    """The config's ranges and cross-field rules; returns the critic kind ("separate" or "shared")."""
+    check_numbers(cfg, positive=("max_prompt_len", "max_new_tokens", "minibatch_size", "ppo_epochs", "temperature",
+                                 "kl_horizon"),
+                  non_negative=("cliprange", "cliprange_value", "vf_coef", "init_kl_coef", "target_kl", "eval_size",
+                                "eval_samples"), fraction=("gamma", "lam"))
     if bool(cfg.reward_model) == bool(cfg.reward_fn):
         raise ConfigError("set exactly one of reward_model (a reward.py checkpoint) and reward_fn ('module:function')")
     critic = cfg.critic or ("separate" if cfg.reward_model or cfg.critic_init_from else "shared")
@@ -359,12 +370,6 @@ def check_config(cfg):
     if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.grad_accum:
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
                           f"({cfg.minibatch_size}), itself a multiple of grad_accum ({cfg.grad_accum})")
-    if cfg.eval_interval < 1:
-        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
-    if cfg.ppo_epochs < 1:
-        raise ConfigError(f"ppo_epochs must be >= 1, not {cfg.ppo_epochs}")
-    if cfg.temperature <= 0:
-        raise ConfigError("temperature must be > 0 (PPO needs the sampling distribution's logprobs)")
     if cfg.frozen_bf16 and cfg.dtype != "bfloat16":
         raise ConfigError("frozen_bf16 needs dtype='bfloat16' (fp32 activations would meet bf16 weights)")
     return critic
@@ -463,15 +468,13 @@ def iteration_metrics(r, f, kl, returns, stats, s):
     response_mask = r["response_mask"]
     _, ret_var = masked_mean_var(returns, response_mask, s)
     _, err_var = masked_mean_var(returns - f["values"], response_mask, s)
-    metrics = dict(score=r["scores"].mean().item(), kl=kl.sum(1).mean().item(),
-                   **{k: sum(st[k] for st in stats) / len(stats) for k in stats[0]},
-                   explained_var=(1 - err_var / ret_var.clamp(min=1e-8)).item(),
-                   entropy=((f["entropy"] * response_mask).sum() / response_mask.sum().clamp(min=1)).item(),
-                   response_len=response_mask.sum(1).float().mean().item(),
-                   no_eos=1 - r["has_eos"].float().mean().item(),
-                   lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max().item(),
-                   tok_per_s=float(response_mask.sum().item()))
-    metrics = all_reduce_mean(metrics, s)
+    batch = dict(score=r["scores"].mean(), kl=kl.sum(1).mean(), explained_var=1 - err_var / ret_var.clamp(min=1e-8),
+                 entropy=(f["entropy"] * response_mask).sum() / response_mask.sum().clamp(min=1),
+                 response_len=response_mask.sum(1).float().mean(), no_eos=1 - r["has_eos"].float().mean(),
+                 lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max(), tok_per_s=response_mask.sum())
+    batch = dict(zip(batch, torch.stack([v.double() for v in batch.values()]).tolist()))  # one host sync
+    update = {k: sum(st[k] for st in stats) / len(stats) for k in stats[0]}  # means over the minibatches
+    metrics = all_reduce_mean({**batch, **update}, s)
     metrics["tok_per_s"] *= s.world_size
     return metrics
 
@@ -482,7 +485,7 @@ SHOWN = ("score", "kl", "beta", "approx_kl", "clipfrac", "vf_loss", "explained_v
 
 # ----------------------------------------------------------------------------- training
 def main(cfg):
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    s = setup(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir)
     print_config(cfg)
     critic_kind = check_config(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")

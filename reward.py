@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, cleanup, load_model, make_optimizer,
-                    micro_batches, optimizer_step, print0, print_config, rank0_first, restore, run_main,
-                    save_checkpoint, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, check_numbers, cleanup, load_model,
+                    make_optimizer, micro_batches, optimizer_step, print0, print_config, rank0_first, restore,
+                    run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from data import EOS, DataError, load_preferences, load_sft, pad_right, tokenize_example
 from model import GPTConfig
 from scoring import score_tokens
@@ -84,7 +84,7 @@ class Config:
     eval_batch_size: int = 16  # sequences per eval forward, per rank
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights, optimizer, the reward head and the loss stay fp32)
+    dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; weights, optimizer, reward head, loss: fp32)
     seed: int = 1337  # seeds the init and the data order (torch gets seed + rank)
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
@@ -113,12 +113,13 @@ def forward_backward(model, batches, s):
     """Accumulate into .grad the gradient of the mean Bradley-Terry loss over the pairs of `batches` of every rank.
     Returns (loss, accuracy, n_tokens) of those pairs: floats, identical on every rank."""
     total = torch.zeros(3, device=s.device)  # (summed loss, correct pairs, real tokens) of this rank
-    for i, pairs in enumerate(batches):
-        tokens, mask = (t.to(s.device) for t in pairs_to_batch(pairs))
+    # on the device up front: a copy to the GPU inside the loop would wait for the kernels queued before it
+    collated = [tuple(t.to(s.device) for t in pairs_to_batch(pairs)) for pairs in batches]
+    for i, (pairs, (tokens, mask)) in enumerate(zip(batches, collated)):
         # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
         with model.no_sync() if s.ddp and i < len(batches) - 1 else nullcontext():
             with s.autocast():
-                rewards = score_tokens(model, tokens, mask)  # (2B,): chosen rows, then rejected rows
+                rewards = score_tokens(model, tokens, mask, right_padded=True)  # (2B,): chosen rows, then rejected
             loss, acc = bt_loss(rewards[:len(pairs)], rewards[len(pairs):])
             # Every micro-batch holds batch_size pairs, so the step's mean is the sum of the grad_accum micro-batch
             # means / grad_accum. DDP then averages over ranks, which hold as many pairs each: the global mean.
@@ -131,8 +132,7 @@ def forward_backward(model, batches, s):
 
 # ----------------------------------------------------------------------------- data, model, evaluation
 def check_config(cfg):
-    if cfg.eval_interval < 1:
-        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
+    check_numbers(cfg, positive=("max_prompt_len", "max_len", "eval_batch_size"))
 
 
 def tokenize_pairs(prefs, cfg):
@@ -189,7 +189,7 @@ def score_seqs(model, seqs, cfg, s):
     for j in range(0, len(seqs), cfg.eval_batch_size):
         tokens, mask = pad_right(seqs[j:j + cfg.eval_batch_size])
         with s.autocast():
-            out.append(score_tokens(model, tokens.to(s.device), mask.to(s.device)))
+            out.append(score_tokens(model, tokens.to(s.device), mask.to(s.device), right_padded=True))
     return torch.cat(out)
 
 
@@ -240,7 +240,7 @@ def save(path, model, optimizer, step, ev, best_eval_acc, cfg):
 
 # ----------------------------------------------------------------------------- training
 def main(cfg):
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    s = setup(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir)
     print_config(cfg)
     check_config(cfg)
     train_pairs, eval_pairs, norm_seqs = load_data(cfg, s)

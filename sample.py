@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import ConfigError, load_model, print_config, run_main, setup
+from common import ConfigError, check_numbers, load_model, print_config, run_main, setup
 from data import decode_responses, pad_left, tokenize_prompt
 from model import fp32_heads, generate
 from scoring import make_scorer
@@ -44,7 +44,7 @@ class Config:
     reward_fn: str = ""  # ... or with this "module:function", f(prompts, responses) -> list of floats
     seed: int = 1337  # prompt i samples with a generator seeded seed + i
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
-    dtype: str = "float32"  # "float32" | "bfloat16" (autocast)
+    dtype: str = "float32"  # "float32" | "tf32" (CUDA) | "bfloat16" (autocast)
 
 
 def read_prompts(start):
@@ -116,6 +116,8 @@ def sample(model, prompts, cfg, logits_fn=None, score_fn=None, block_size=None):
 def main(cfg):
     s = setup(cfg.device, cfg.dtype, cfg.seed)
     print_config(cfg)
+    check_numbers(cfg, positive=("num_samples", "max_new_tokens", "best_of"), non_negative=("temperature", "top_k"),
+                  fraction=("top_p",))
     model, ckpt = load_model(cfg.init_from)
     logits_fn = None
     if cfg.beta != 0:
@@ -125,8 +127,6 @@ def main(cfg):
         logits_fn = ilql_logits_fn(model, cfg.beta)  # load_model kept the checkpoint's Q and V heads
     fp32_heads(model).to(s.device).eval()
     score_fn, block_size = None, model.config.block_size
-    if cfg.best_of < 1:
-        raise ConfigError(f"best_of must be >= 1, not {cfg.best_of}")
     if cfg.best_of > 1:
         score_fn, rm = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast)
         block_size = min(block_size, rm.config.block_size) if rm is not None else block_size

@@ -16,15 +16,17 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from common import ConfigError, load_model
+from common import ConfigError, first_line, load_model, run_error
 from data import pad_right, tokenize_example
 
 
-def score_tokens(model, tokens, mask):
+def score_tokens(model, tokens, mask, right_padded=False):
     """The "reward" head at the last real token of each row (the last position where mask == 1, so right- and
-    left-padded rows alike), in fp32. tokens, mask (B, T) -> (B,) fp32. Gradients flow (training uses it too)."""
+    left-padded rows alike), in fp32. tokens, mask (B, T) -> (B,) fp32. Gradients flow (training uses it too).
+    right_padded=True: the rows are right-padded, so plain causal attention (no mask: SDPA's fastest kernels) gives
+    every real position the same values, up to rounding; the padding's outputs are never read."""
     raw = getattr(model, "module", model)
-    h = model(tokens, mask)  # (B, T, C)
+    h = model(tokens, None if right_padded else mask)  # (B, T, C)
     last = (torch.arange(tokens.shape[1], device=tokens.device) * mask).argmax(-1)  # (B,) index of last 1
     h_last = h[torch.arange(tokens.shape[0], device=tokens.device), last].float()  # (B, C)
     head = raw.heads["reward"]
@@ -101,7 +103,15 @@ def make_scorer(reward_model="", reward_fn="", device="cpu", autocast=nullcontex
         fn = load_reward_fn(reward_fn)
 
         def score_fn(prompts, texts, tokens, mask):
-            return check_scores(fn(list(prompts), list(texts)), len(texts), reward_fn).to(tokens.device)
+            # the user's code failing, or returning a wrong answer, ends the run with one line naming it and the step
+            try:
+                scores = fn(list(prompts), list(texts))
+            except Exception as e:
+                raise run_error(f"reward_fn {reward_fn!r} raised {type(e).__name__}: {first_line(e)}") from e
+            try:
+                return check_scores(scores, len(texts), reward_fn).to(tokens.device)
+            except ValueError as e:
+                raise run_error(str(e)) from e
         return score_fn, None
     rm = load_reward_model(reward_model, device)
 

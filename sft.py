@@ -10,8 +10,9 @@ Our choices, where public implementations differ:
   mean of per-micro-batch means, which overweights short completions and makes the result depend on how a batch is
   split. Gradient accumulation and DDP therefore give the gradient of one big batch.
 - The data order is a pure function of (seed, step): `init_from="resume"` ends with the weights of an
-  uninterrupted run. The LR schedule decays over `lr_decay_iters` (default max_iters), nanoGPT style, so a run can
-  be stopped early and resumed with the same schedule.
+  uninterrupted run (bit for bit on CPU; on GPUs, up to nondeterministic kernels). The LR schedule decays over
+  `lr_decay_iters` (default max_iters), nanoGPT style, so a run can be stopped early and resumed with the same
+  schedule.
 - A preference set (Anthropic HH, prompt/chosen/rejected, TL;DR) is SFT data too: data_format="chosen" trains on
   its chosen responses, with the prompt split off by data.load_preferences.
 Outputs in out_dir: ckpt.pt (always the last step, for resume), best.pt (best held-out loss), hf/ (the final
@@ -31,9 +32,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, cleanup, load_model, make_optimizer,
-                    micro_batches, optimizer_step, print0, print_config, rank0_first, restore, run_main,
-                    save_checkpoint, setup, start_log, wrap_ddp)
+from common import (ConfigError, Timer, all_reduce_sum, begin_step, check_finite, check_numbers, cleanup, load_model,
+                    make_optimizer, micro_batches, optimizer_step, print0, print_config, rank0_first, restore,
+                    run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from data import EOS, SFTExample, collate_sft, load_preferences, load_sft, tokenize_example
 from model import GPTConfig, token_logprobs
 from sample import sample_responses
@@ -77,7 +78,7 @@ class Config:
     sample_tokens: int = 48  # new tokens per sample
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; weights, optimizer and log-softmax stay fp32)
+    dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; weights, optimizer, log-softmax stay fp32)
     seed: int = 1337  # seeds the init, the data order and the samples (torch gets seed + rank)
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute blocks in backward: +1 forward, activations of 1 block not all
@@ -105,31 +106,33 @@ def collated_micro_batches(examples, step, cfg, s):
 
 def forward_backward(model, lm_head, batches, s):
     """Accumulate into .grad the gradient of the mean target-token loss over `batches` of every rank.
-    Returns (loss: that mean, a 0-dim tensor identical on every rank, n_tokens: real tokens processed, all ranks)."""
+    Returns (loss: that mean, n_tokens: real tokens processed, all ranks), floats identical on every rank."""
     # Count the targets of the whole step first, over all micro-batches and all ranks.
     n_targets = all_reduce_sum(torch.tensor(float(sum(b["loss_mask"][:, 1:].sum() for b in batches)),
                                             device=s.device), s)
+    # on the device up front: a copy to the GPU inside the loop would wait for the kernels queued before it
+    batches = [{k: v.to(s.device) for k, v in b.items()} for b in batches]
     total = torch.zeros(2, device=s.device)  # (summed loss of this rank, real tokens of this rank)
     for i, b in enumerate(batches):
-        tokens, mask, loss_mask = (b[k].to(s.device) for k in ("tokens", "mask", "loss_mask"))
         # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
         with model.no_sync() if s.ddp and i < len(batches) - 1 else nullcontext():
             with s.autocast():
-                h = model(tokens, mask)  # (B, T, C)
-                loss = sft_loss(lm_head, h, tokens, loss_mask, n_targets)  # this micro-batch's share of the mean
+                h = model(b["tokens"])  # (B, T, C); right-padded: no mask needed (data.pad_right)
+                loss = sft_loss(lm_head, h, b["tokens"], b["loss_mask"], n_targets)  # this micro-batch's share
             # DDP AVERAGES gradients over ranks, i.e. divides their sum by world_size. Every rank's loss is already
             # its part of the global sum / n_targets, so we want the plain sum: multiply by world_size to undo it.
             (loss * s.world_size).backward()
-        total += torch.stack([loss.detach(), mask.sum().float()])
-    return tuple(all_reduce_sum(total, s))
+        total += torch.stack([loss.detach(), b["mask"].sum().float()])
+    loss, n_tokens = all_reduce_sum(total, s).tolist()
+    return loss, n_tokens
 
 
 # ----------------------------------------------------------------------------- data, model, evaluation
 def check_config(cfg):
+    check_numbers(cfg, positive=("max_prompt_len", "max_len", "eval_batch_size", "sample_tokens"),
+                  non_negative=("n_samples",))
     if cfg.data_format not in ("sft", "chosen"):
         raise ConfigError(f"data_format must be 'sft' or 'chosen', not {cfg.data_format!r}")
-    if cfg.eval_interval < 1:
-        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
 
 
 def load_examples(cfg, split):
@@ -173,7 +176,7 @@ def evaluate(model, eval_ids, cfg, s):
     for j in range(0, len(mine), cfg.eval_batch_size):
         b = {k: v.to(s.device) for k, v in collate_sft(mine[j:j + cfg.eval_batch_size]).items()}
         with s.autocast():
-            loss = sft_loss(model.lm_head, model(b["tokens"], b["mask"]), b["tokens"], b["loss_mask"], 1.0)
+            loss = sft_loss(model.lm_head, model(b["tokens"]), b["tokens"], b["loss_mask"], 1.0)  # right-padded
         total += torch.stack([loss, b["loss_mask"][:, 1:].sum()])
     all_reduce_sum(total, s)
     model.train()
@@ -206,7 +209,7 @@ def save(path, model, optimizer, step, best_eval_loss, cfg):
 
 # ----------------------------------------------------------------------------- training
 def main(cfg):
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    s = setup(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir)
     print_config(cfg)
     check_config(cfg)
     train_ids, eval_ids, eval_data = load_data(cfg, s)
@@ -230,11 +233,10 @@ def main(cfg):
         lr = begin_step(optimizer, step, cfg, s)
         # 1. forward and backward: the mean loss over the target tokens of this step's global batch
         loss, n_tokens = forward_backward(model, raw_model.lm_head, collated_micro_batches(train_ids, step, cfg, s), s)
-        check_finite(loss.item(), "loss", step)  # before the weights or any checkpoint see it
+        check_finite(loss, "loss", step)  # before the weights or any checkpoint see it
         # 2. clip, step
         grad_norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, step)
-        metrics = {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm,
-                   "tok_per_s": n_tokens.item() / (time.time() - t0)}
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tok_per_s": n_tokens / (time.time() - t0)}
         log(step, {**metrics, "eta": timer.eta(step)})
 
         done = step + 1  # the next step to run: where a resume starts

@@ -36,12 +36,12 @@ MUTATIONS = [
     ("sft-loss-per-rank-not-global", "sft.py", "(loss * s.world_size).backward()", "loss.backward()",
      "tests/test_sft.py -k torchrun"),
     ("sft-mean-of-micro-batch-means", "sft.py",
-     "loss = sft_loss(lm_head, h, tokens, loss_mask, n_targets)",
-     "loss = sft_loss(lm_head, h, tokens, loss_mask, loss_mask[:, 1:].sum() * len(batches))",
+     'loss = sft_loss(lm_head, h, b["tokens"], b["loss_mask"], n_targets)',
+     'loss = sft_loss(lm_head, h, b["tokens"], b["loss_mask"], b["loss_mask"][:, 1:].sum() * len(batches))',
      "tests/test_sft.py -k grad_accumulation"),
     ("steps-not-seeded", "common.py", "    torch.manual_seed(mix_seed(cfg.seed, step, s.rank))\n", "",
      "tests/test_sft.py -k resume"),
-    ("rm-score-one-token-early", "reward.py", "last = (torch.arange(tokens.shape[1], device=tokens.device) * mask)"
+    ("rm-score-one-token-early", "scoring.py", "last = (torch.arange(tokens.shape[1], device=tokens.device) * mask)"
      ".argmax(-1)", "last = (torch.arange(tokens.shape[1], device=tokens.device) * mask).argmax(-1) - 1",
      "tests/test_reward.py"),
     ("gae-without-lambda", "ppo.py", "lastgaelam = delta + gamma * lam * lastgaelam",
@@ -74,13 +74,22 @@ MUTATIONS = [
      "tests/test_reliability.py -k failed_save"),
     ("prompt-keeps-its-start", "data.py", "    return ids[-max_prompt_len:]", "    return ids[:max_prompt_len]",
      "tests/test_reliability.py -k prompt_longer"),
+    ("out-dir-not-checked", "common.py",
+     "unreadable = all_reduce_sum(torch.tensor([unreadable], device=s.device), s).item()", "unreadable = 0",
+     "tests/test_gpu_paths.py -k out_dir"),
+    ("grad-clip-zero-clips-everything", "common.py", "clip_grad_norm_(params, grad_clip or float(\"inf\"))",
+     "clip_grad_norm_(params, grad_clip)", "tests/test_gpu_paths.py -k grad_clip_zero"),
+    ("run-error-is-a-traceback", "common.py", "except (ConfigError, DataError, RunError) as e:",
+     "except (ConfigError, DataError) as e:", "tests/test_reliability.py -k reward_fn_on_the_command_line"),
 ]
 
 
 def run(name, file, old, new, tests):
     with tempfile.TemporaryDirectory() as tmp:
-        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        for f in files.split():
+        # the working tree as it is: tracked files and new ones not yet committed (not the ignored ones)
+        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout
+        for f in (f for f in files.split() if os.path.exists(ROOT / f)):
             os.makedirs(os.path.join(tmp, os.path.dirname(f)), exist_ok=True)
             shutil.copy2(ROOT / f, os.path.join(tmp, f))
         path = Path(tmp) / file

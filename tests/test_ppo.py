@@ -15,7 +15,7 @@ import torch
 
 import ppo
 
-from common import Setup, load_checkpoint, save_checkpoint
+from common import RunError, Setup, load_checkpoint, save_checkpoint
 from data import EOS
 from model import GPT, GPTConfig, fp32_heads
 from ppo import (ActorCritic, AdaptiveKLController, Config, build_models, compute_rewards, forward_rollout, gae, main,
@@ -345,9 +345,9 @@ def test_bad_reward_fn_paths():
 
 
 def test_bad_reward_fn_stops_training(tmp_path, prompts_file):
-    with pytest.raises(ValueError, match="reward_fn 'tests.test_ppo:nan_score': score 0 is nan"):
+    with pytest.raises(RunError, match="step 0: reward_fn 'tests.test_ppo:nan_score': score 0 is nan"):
         main(run_cfg(tmp_path, prompts_file, reward_fn="tests.test_ppo:nan_score", max_iters=1))
-    with pytest.raises(ValueError, match="reward_fn 'tests.test_ppo:wrong_length' returned 17 scores for 16"):
+    with pytest.raises(RunError, match="step 0: reward_fn 'tests.test_ppo:wrong_length' returned 17 scores for 16"):
         main(run_cfg(tmp_path, prompts_file, reward_fn="tests.test_ppo:wrong_length", max_iters=1))
 
 

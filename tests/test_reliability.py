@@ -4,9 +4,11 @@
 - a non-finite loss or gradient stops ppo.py and ilql.py (and sft.py, reward.py on the gradient) before the
   optimizer or a checkpoint sees it;
 - determinism: the same seed gives bit-identical weights, logs and samples (PPO: identical rollouts) on CPU;
-- bad input: every entry point answers a broken data row, model folder, checkpoint, config key or value, or
-  reward_fn path with a ConfigError/DataError naming the culprit (the scripts print it as one `error:` line and exit
-  2, no traceback) and leaves no checkpoint behind.
+- bad input: every entry point answers a broken data row, model folder, checkpoint (also a pickle holding other
+  objects than tensors, without torch's advice to load it unsafely), config key or value (sizes, counts and rates out
+  of range included), or reward_fn path with a ConfigError/DataError naming the culprit (the scripts print it as one
+  `error:` line and exit 2, no traceback) and leaves no checkpoint behind; a reward_fn that raises or returns NaN, too
+  few scores or strings stops the run the same way, naming the function and the step, the checkpoint intact.
 Every run uses a 1-layer, 32-wide scratch GPT and 1-3 steps."""
 
 import errno
@@ -25,13 +27,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from fractions import Fraction
+
 import data
+import dpo
 import ilql
+import label
 import ppo
 import reward
 import sample
 import sft
-from common import ConfigError, load_checkpoint, parse_config, save_checkpoint
+from common import ConfigError, RunError, load_checkpoint, parse_config, save_checkpoint
 from data import DataError
 from model import GPT, GPTConfig
 from tests.helpers import ROOT, assert_same_weights, file_digest, write_jsonl
@@ -68,10 +74,12 @@ def art(tmp_path_factory):
         m = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, heads=heads))
         save_checkpoint(str(d / f"{kind}.pt"), kind=kind, model_config=asdict(m.config), model=m.state_dict(), step=1)
     (d / "broken.pt").write_bytes((d / "sft.pt").read_bytes()[:20_000])  # a copy cut short
+    torch.save({"kind": "sft", "model": {}, "note": Fraction(1, 3)}, d / "objects.pt")  # unpickling runs its code
     (d / "llama").mkdir()
     (d / "llama" / "config.json").write_text('{"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1}')
     (d / "badtype.py").write_text('max_iters = "3"  # a string where an int belongs\n')
     return {"sft_ckpt": str(d / "sft.pt"), "rm_ckpt": str(d / "reward.pt"), "broken_ckpt": str(d / "broken.pt"),
+            "objects_ckpt": str(d / "objects.pt"),
             "llama": str(d / "llama"), "badtype": str(d / "badtype.py"), "missing": str(d / "nosuchfile.jsonl"),
             "missing_txt": str(d / "nosuchfile.txt")}
 
@@ -368,6 +376,8 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
     **{f"{s}-unknown-key": (s, ["--lerning_rate=1"], r"command line: unknown config key 'lerning_rate'", {})
        for s in SCRIPTS},
     "sft-value-of-wrong-type": ("sft", ["--max_iters=three"], r"--max_iters='three' is not a valid int", {}),
+    "sft-batch-size-zero": ("sft", ["--batch_size=0"], r"^batch_size must be >= 1, not 0$", {}),
+    "sft-max-iters-negative": ("sft", ["--max_iters=-1"], r"^max_iters must be >= 0, not -1$", {}),
     "reward-config-file-value-of-wrong-type": ("reward", ["{badtype}"], r"badtype\.py: max_iters = '3' is a str, "
                                                r"expected int", {}),
     "sft-missing-data-file": ("sft", ["--data={missing}"], r"nosuchfile\.jsonl: no such file", {}),
@@ -389,6 +399,8 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
     "sft-truncated-checkpoint": ("sft", ["--init_from={broken_ckpt}"], r"broken\.pt: not a readable checkpoint", {}),
     "sample-truncated-checkpoint": ("sample", ["--init_from={broken_ckpt}"], r"broken\.pt: not a readable "
                                     r"checkpoint", {}),
+    "sample-pickle-with-other-objects": ("sample", ["--init_from={objects_ckpt}"], r"objects\.pt: not a checkpoint "
+                                         r"of this codebase \(it holds Python objects other than tensors", {}),
     # one script's checkpoint where another's belongs
     "ppo-sft-checkpoint-as-reward-model": ("ppo", ["--reward_fn=", "--reward_model={sft_ckpt}"],
                                            r"sft\.pt: is a 'sft' checkpoint, expected 'reward'", {}),
@@ -415,7 +427,8 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
            ("no-function", "ppo:nosuchfn", r"reward_fn 'ppo:nosuchfn': module 'ppo' has no function 'nosuchfn'"))},
 }
 CLI_CASES = ["sft-unknown-key", "reward-config-file-value-of-wrong-type", "ppo-reward-fn-no-module",
-             "ilql-llama-folder", "sample-truncated-checkpoint"]
+             "ilql-llama-folder", "sample-truncated-checkpoint", "sft-batch-size-zero", "sft-max-iters-negative",
+             "sample-pickle-with-other-objects"]
 
 
 def prepare(case, tmp_path, art):
@@ -443,16 +456,97 @@ def test_bad_input_is_named(tmp_path, art, case):
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_bad_input_on_the_command_line_is_one_error_line(tmp_path, art, case):
     """`python script.py ...` with bad input exits with status 2 and a last stderr line `error: <message>`, no
-    traceback, and writes or changes no checkpoint: one case per entry point."""
+    traceback (nor torch's advice to load a file with weights_only=False), and writes or changes no checkpoint: one
+    case per entry point."""
     script, argv, message, out = prepare(case, tmp_path, art)
     before = checkpoint_files(out)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    r = subprocess.run([sys.executable, f"{script}.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = run_cli(script, argv, tmp_path)
     last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert last.startswith("error: ") and re.search(message, last), last
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "weights_only" not in r.stderr, r.stderr[-3000:]
+    assert last.startswith("error: ") and re.search(message, last.removeprefix("error: ")), last
     assert checkpoint_files(out) == before
+
+
+def run_cli(script, argv, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    return subprocess.run([sys.executable, f"{script}.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+RANGES = [  # script, field, value, the rule the error states: every script checks its sizes, counts and rates first
+    ("sft", "batch_size", 0, ">= 1"), ("sft", "eval_batch_size", 0, ">= 1"), ("sft", "max_iters", -1, ">= 0"),
+    ("reward", "learning_rate", 0.0, "> 0"), ("reward", "grad_accum", 0, ">= 1"), ("reward", "beta2", 1.0, "in [0, 1)"),
+    ("ppo", "minibatch_size", 0, ">= 1"), ("ppo", "temperature", 0.0, "> 0"), ("ppo", "gamma", 1.5, "in [0, 1]"),
+    ("ilql", "eval_interval", 0, ">= 1"), ("ilql", "learning_rate", float("nan"), "> 0"), ("ilql", "top_k", -1, ">= 0"),
+    ("dpo", "batch_size", 0, ">= 1"), ("dpo", "grad_clip", -1.0, ">= 0"), ("dpo", "min_lr_ratio", 2.0, "in [0, 1]"),
+    ("sample", "num_samples", 0, ">= 1"), ("sample", "temperature", -1.0, ">= 0"), ("sample", "top_p", 1.5, "in [0, 1]"),
+    ("label", "n_candidates", 0, ">= 1"), ("label", "max_new_tokens", 0, ">= 1"), ("label", "max_prompts", -1, ">= 0")]
+
+
+@pytest.mark.parametrize("script,field,value,rule", RANGES)
+def test_sizes_counts_and_rates_out_of_range_are_named(tmp_path, script, field, value, rule):
+    """main() with a size, count or rate out of range raises a ConfigError "<field> must be <rule>, not <value>"
+    before it loads any data or model (the defaults point at files that do not exist here)."""
+    mod = {**SCRIPTS, "dpo": dpo, "label": label}[script]
+    cfg = mod.Config(**{field: value, "device": "cpu"})
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{field} must be {rule}, not {value!r}')}$"):
+        mod.main(cfg)
+
+
+def nan_reward(prompts, responses):  # the failing reward_fns: "tests.test_reliability:<name>"
+    return [float("nan")] * len(responses)
+
+
+def too_few_rewards(prompts, responses):
+    return [1.0] * (len(responses) - 1)
+
+
+def text_rewards(prompts, responses):
+    return ["good"] * len(responses)
+
+
+def broken_reward(prompts, responses):
+    raise KeyError("score")
+
+
+REWARD_FN_FAULTS = {  # reward_fn -> what the error says after its name
+    "nan_reward": r": score 0 is nan, not a finite number",
+    "too_few_rewards": r" returned 1 scores for 2 responses",
+    "text_rewards": r": score 0 is 'good' \(str\), not a number",
+    "broken_reward": r" raised KeyError: 'score'",
+}
+
+
+@pytest.mark.parametrize("fn", REWARD_FN_FAULTS)
+def test_failing_reward_fn_names_itself_and_the_step_and_keeps_the_checkpoint(tmp_path, art, fn):
+    """A PPO run resumed from its step-1 checkpoint with a reward_fn that returns NaN, too few scores or strings, or
+    raises: one RunError naming the function, what went wrong and the step, and saying the step-1 checkpoint is
+    intact, which it is, byte for byte. (`python ppo.py` prints it as one error line: the next test.)"""
+    base = write_base("ppo", tmp_path, art)
+    run("ppo", [base])
+    path = tmp_path / "out" / "ckpt.pt"
+    digest = file_digest(path)
+    message = (rf"^step 1: reward_fn 'tests\.test_reliability:{fn}'{REWARD_FN_FAULTS[fn]}; the last checkpoint, at "
+               rf"step 1, is intact$")
+    with pytest.raises(RunError, match=message):
+        run("ppo", [base, "--init_from=resume", "--max_iters=3", f"--reward_fn=tests.test_reliability:{fn}"])
+    assert file_digest(path) == digest
+
+
+def test_failing_reward_fn_on_the_command_line_is_one_error_line(tmp_path, art):
+    """`python ppo.py ... --reward_fn=<one that raises>` resuming from a checkpoint: exit 2, the last stderr line
+    `error: step 1: reward_fn ... raised KeyError: 'score'; the last checkpoint, at step 1, is intact`, no
+    traceback, the checkpoint byte for byte as it was."""
+    base = write_base("ppo", tmp_path, art)
+    run("ppo", [base])
+    path = tmp_path / "out" / "ckpt.pt"
+    digest = file_digest(path)
+    r = run_cli("ppo", [base, "--init_from=resume", "--max_iters=3",
+                        "--reward_fn=tests.test_reliability:broken_reward"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == ("error: step 1: reward_fn 'tests.test_reliability:broken_reward' "
+                                                 "raised KeyError: 'score'; the last checkpoint, at step 1, is intact")
+    assert file_digest(path) == digest
 
 
 @pytest.mark.parametrize("script,arg,message", [("demo", "--nope=1", r"unknown config key 'nope'"),
