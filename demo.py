@@ -2,7 +2,7 @@
 The whole RLHF pipeline, offline, on a built-in task: teach a small GPT-2 to write *positive* movie reviews.
 
 No network and no human: a seeded generator writes a review corpus of mixed sentiment, and a documented Python
-"gold labeler" (`gold_score`) stands in for the human. The reward model and the policy never see it; they only see
+"gold labeler" (`gold_score`) stands in for the human. The reward model and the policies never see it; they only see
 preference pairs it labeled through Bradley-Terry noise, as a human would label them. Because the gold is known,
 the report can say what RLHF optimizes for real (gold score) and what it only makes the reward model believe.
 
@@ -12,10 +12,20 @@ the report can say what RLHF optimizes for real (gold score) and what it only ma
                (+ held-out pairs labeled by the noiseless gold -> data/prefs/test.jsonl: RM accuracy vs gold)
     4 reward   a reward model trained on the labeled pairs
     5 PPO      the SFT policy optimized against the reward model, KL-penalized to the SFT model
-    6 ILQL     offline RL on the same labeled pairs (its Q targets: each response's return, n_step spanning it)
-    7 eval     gold score, RM score, KL to SFT and gold win rate vs SFT per method, best-of-n; report.md + PNGs
+    6 GRPO     the same without a critic: each response's score relative to its group of samples of one prompt
+    7 DPO      the labeled pairs straight into the policy: no reward model, no sampling
+    8 ILQL     offline RL on the same labeled pairs (its Q targets: each response's return, n_step spanning it)
+    9 eval     gold score, RM score, KL to SFT and gold win rate vs SFT per method, best-of-n; the
+               over-optimisation curves (gold and RM vs sqrt(KL): best-of-n, PPO and GRPO along training);
+               report.md + PNGs
+
+PPO and GRPO train in five chunks, each resuming the last (exact), and the policy is probed between chunks.
+--task=summarize runs the same pipeline on the second task, summarize.py: short posts and their summaries (the TL;DR
+task of Stiennon et al. 2020 and the TRLx article, offline), with ROUGE against reference summaries in the report.
 
     python demo.py                       # make demo: the full run
+    python demo.py --seed=1              # the same with other seeds everywhere (the README's spread over seeds)
+    python demo.py --task=summarize      # the summarization task
     python demo.py --quick=True          # tiny sizes and budgets: a smoke test of the wiring (~1 min on CPU)
     python demo.py --only=ilql           # rerun ILQL and the evaluation on a finished run's SFT model, labels, RM
 
@@ -34,9 +44,10 @@ import torch
 
 import data
 import scoring
-from common import ConfigError, Timer, load_model, print0, print_config, run_main, setup
-from model import fp32_heads, token_logprobs
-from sample import ilql_logits_fn, sample_responses
+from common import ConfigError, check_numbers, load_model, print0, print_config, run_main, setup
+from model import fp32_heads
+from eval import evaluate, kl_to_ref, sample_policy, write_results
+from sample import ilql_logits_fn
 
 # ----------------------------------------------------------------------------- the task: a review corpus
 POSITIVE = "good great wonderful excellent brilliant beautiful moving funny clever charming fantastic nice".split()
@@ -169,14 +180,14 @@ def bt_label(score_a, score_b, rng, temperature=1.0):
     return int(rng.random() < bt_prob(score_a, score_b, temperature))
 
 
-def label_pairs(prompts, responses_a, responses_b, seed, temperature=1.0, path=None):
-    """Label (prompt, a, b) triples with gold_score through BT noise -> rows {"prompt", "chosen", "rejected"}, the
-    format reward.py reads (written to `path` as JSONL if given). Skipped: identical responses (no preference) and
+def label_pairs(prompts, responses_a, responses_b, seed, temperature=1.0, path=None, gold=gold_score):
+    """Label (prompt, a, b) triples with the `gold` labeler through BT noise -> rows {"prompt", "chosen", "rejected"},
+    the format reward.py reads (written to `path` as JSONL if given). Skipped: identical responses (no preference) and
     empty ones (data.load_preferences rejects them); with temperature 0, also pairs of equal gold score."""
     assert len(prompts) == len(responses_a) == len(responses_b)
     rng, rows = random.Random(seed), []
     for prompt, a, b in zip(prompts, responses_a, responses_b):
-        gold_a, gold_b = gold_score(prompt, a), gold_score(prompt, b)
+        gold_a, gold_b = gold(prompt, a), gold(prompt, b)
         if a == b or not a or not b or (temperature == 0 and gold_a == gold_b):
             continue
         chosen, rejected = (a, b) if bt_label(gold_a, gold_b, rng, temperature) else (b, a)
@@ -185,29 +196,11 @@ def label_pairs(prompts, responses_a, responses_b, seed, temperature=1.0, path=N
         write_jsonl(path, rows)
     return rows
 
-# ----------------------------------------------------------------------------- sampling and evaluation
-@torch.no_grad()
-def sample(model, prompts, max_new_tokens=40, temperature=1.0, seed=0, batch_size=64, max_prompt_len=32,
-           logits_fn=None, progress=False):
-    """One completion per prompt (repeat a prompt for more). Returns (texts without the EOS, batches): per batch
-    (tokens (B, P+N), mask (B, P+N), response_mask (B, N)), what kl_to_ref needs. Seeded: same seed, same texts."""
-    model.eval()
-    device = next(model.parameters()).device
-    g = torch.Generator(device).manual_seed(seed)
-    texts, batches, timer = [], [], Timer(math.ceil(len(prompts) / batch_size))
-    for step, i in enumerate(range(0, len(prompts), batch_size)):
-        r = sample_responses(model, prompts[i:i + batch_size], max_prompt_len, max_new_tokens, temperature,
-                             generator=g, logits_fn=logits_fn)
-        texts += r["texts"]
-        batches.append((r["tokens"], r["mask"], r["response_mask"]))
-        if progress:
-            print0(f"  sampled {len(texts)}/{len(prompts)} | ETA {timer.eta(step)}")
-    return texts, batches
-
-
-def sample_pairs(model, prompts, **kwargs):
+# ----------------------------------------------------------------------------- sampling and scoring
+# (eval.py samples, measures KL and win rates; these are the demo's own uses of it)
+def sample_pairs(model, prompts, seed, progress=False, **sampling):
     """Two independent completions per prompt -> (responses_a, responses_b)."""
-    texts, _ = sample(model, [p for p in prompts for _ in range(2)], **kwargs)
+    texts, _ = sample_policy(model, [p for p in prompts for _ in range(2)], seed, progress=progress, **sampling)
     return texts[0::2], texts[1::2]
 
 
@@ -224,44 +217,14 @@ def rm_accuracy(rm, rows, **kwargs):
     return sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
 
 
-def best_of_n(model, rm, prompts, n, seed=0, **kwargs):
+def best_of_n(model, rm, prompts, n, seed, **sampling):
     """Rejection sampling, the baseline every RLHF method must beat: per prompt, n samples, keep the RM's favourite.
     Returns (best texts, their RM scores). Its KL to the sampler is at most log n - (n - 1) / n."""
-    texts, _ = sample(model, [p for p in prompts for _ in range(n)], seed=seed, **kwargs)
-    scores = rm_scores(rm, [p for p in prompts for _ in range(n)], texts, kwargs.get("max_prompt_len", 32))
+    texts, _ = sample_policy(model, [p for p in prompts for _ in range(n)], seed, **sampling)
+    scores = rm_scores(rm, [p for p in prompts for _ in range(n)], texts, sampling["max_prompt_len"])
     best = [max(range(i * n, i * n + n), key=scores.__getitem__) for i in range(len(prompts))]
     return [texts[j] for j in best], [scores[j] for j in best]
 
-
-@torch.no_grad()
-def kl_to_ref(policy, ref, tokens, mask, response_mask, temperature=1.0, logits_fn=None):
-    """KL(policy || ref) estimated on the policy's own samples: per sample the sum over response tokens of
-    logprobs - ref_logprobs (fp32), averaged over samples. tokens/mask (B, P+N) and response_mask (B, N) as
-    returned by generate / sample. The hidden state at t predicts token t+1, hence the shift."""
-    N = response_mask.shape[1]
-    targets = tokens[:, -N:]
-
-    def logprobs(model, head):
-        h = model(tokens[:, :-1], mask[:, :-1])[:, -N:]  # (B, N, C): the positions that predict each response token
-        return token_logprobs(head(h), targets, temperature)
-    kl = (logprobs(policy, logits_fn or policy.lm_head) - logprobs(ref, ref.lm_head)) * response_mask
-    return kl.sum(-1).mean().item()
-
-
-def evaluate(policy, ref, rm, prompts, seed, temperature=1.0, logits_fn=None, n_shown=4, **sampling):
-    """One method's row of the report: one sample per prompt, then its gold scores, mean RM score and KL to ref."""
-    texts, batches = sample(policy, prompts, temperature=temperature, seed=seed, logits_fn=logits_fn, **sampling)
-    gold = [gold_score(p, t) for p, t in zip(prompts, texts)]
-    rm_s = rm_scores(rm, prompts, texts, sampling.get("max_prompt_len", 32))
-    kl = sum(kl_to_ref(policy, ref, *b, temperature, logits_fn) * len(b[0]) for b in batches) / len(prompts)
-    return dict(gold=sum(gold) / len(gold), rm=sum(rm_s) / len(rm_s), kl=kl, gold_scores=gold,
-                samples=list(zip(prompts, texts))[:n_shown])
-
-
-def gold_win_rate(gold_a, gold_b):
-    """Fraction of prompts where a's gold score beats b's (same prompts, same order); ties count half."""
-    assert len(gold_a) == len(gold_b) and gold_a
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold_a, gold_b)) / len(gold_a)
 
 # ----------------------------------------------------------------------------- the report
 def read_log(path):
@@ -269,44 +232,57 @@ def read_log(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_report(out_dir, results, curves):
-    """out_dir/report.md and PNG plots.
-    results: {"methods": {name: {"gold", "rm", "kl", "win_rate", "samples": [(prompt, text), ...]}},
-              "rm_accuracy": RM accuracy on held-out pairs labeled by the noiseless gold (optional)}
-    curves:  {"ppo": rows of ppo's log.jsonl (plotted: "score" and "kl" vs "step"),
-              "gold_vs_rm": {"step": [...], "gold": [...], "rm": [...]}}   (each optional)"""
+def write_report(out_dir, results, curves, ppo_log):
+    """out_dir/report.md and two PNG plots.
+    results: {"title", "methods": {name: {"gold", "rm", "kl", "win_rate", "samples": [(prompt, text), ...]}},
+              "rm_accuracy": RM accuracy on held-out pairs labeled by the noiseless gold (or None),
+              "target_kl": PPO's KL target}
+    curves:  {method: [{"kl", "gold", "rm", ...}, ...]}: the over-optimisation plot, gold and RM vs sqrt(KL)
+    ppo_log: the rows of ppo's log.jsonl: the training plot of score, KL (and its target) and beta"""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    lines = ["# RLHF demo: positive movie reviews", "",
-             "Gold score: the hidden labeler (demo.gold_score). RM score: the learned reward model. "
-             "KL: to the SFT model, nats per response, estimated on the method's samples (best-of-n: the analytic "
-             "bound log n - (n - 1) / n). Win rate: gold score vs SFT's sample on the same prompt.", "",
-             "| method | gold score | RM score | KL | gold win rate vs SFT |", "|---|---|---|---|---|"]
+    rouge = all("rouge1" in m for m in results["methods"].values())  # ROUGE against the task's reference completions
+    lines = [f"# RLHF demo: {results.get('title', '')}", "",
+             "Gold score: the hidden labeler. RM score: the learned reward model. KL: to the SFT model, nats per "
+             "response, estimated on the method's samples (best-of-n: the analytic bound log n - (n - 1) / n). "
+             "Win rate: gold score vs SFT's sample on the same prompt, ties count half." + " ROUGE: F1 x 100 against "
+             "the reference completions." * rouge, "",
+             "| method | gold score | RM score | KL | gold win rate vs SFT |"
+             + " ROUGE-1 | ROUGE-2 | ROUGE-L |" * rouge,
+             "|---|---|---|---|---|" + "---|---|---|" * rouge]
     for name, m in results["methods"].items():
         lines.append(f"| {name} | {fmt(m.get('gold'))} | {fmt(m.get('rm'))} | {fmt(m.get('kl'))} | "
-                     f"{fmt(m.get('win_rate'))} |")
+                     f"{fmt(m.get('win_rate'))} |" + "".join(f" {m[k]:.1f} |" for k in ("rouge1", "rouge2", "rougeL")
+                                                             if rouge))
+    lines += ["", "Every statistic with its standard error, response lengths, diversity and the win-rate matrix: "
+              "[eval.md](eval.md)."]
     if results.get("rm_accuracy") is not None:
         lines += ["", f"Reward model accuracy vs the noiseless gold on held-out pairs: {results['rm_accuracy']:.3f}"]
     figures = []
-    ppo_rows = curves.get("ppo") or []
-    keys = [k for k in ("score", "kl") if any(k in r for r in ppo_rows)]
-    if keys:
-        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            rows = [r for r in ppo_rows if k in r]
-            ax.plot([r["step"] for r in rows], [r[k] for r in rows])
-            ax.set(title=f"PPO: {k}", xlabel="step")
+    rows = [r for r in ppo_log if "kl" in r and "beta" in r]
+    if rows:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+        steps = [r["step"] for r in rows]
+        axes[0].plot(steps, [r["score"] for r in rows])
+        axes[1].plot(steps, [r["kl"] for r in rows], label="KL")
+        if results.get("target_kl"):
+            axes[1].axhline(results["target_kl"], color="gray", linestyle="--", label="target")
+            axes[1].legend()
+        axes[2].plot(steps, [r["beta"] for r in rows])
+        for ax, title in zip(axes, ("PPO: RM score of the rollouts", "PPO: KL to SFT (nats)", "PPO: beta")):
+            ax.set(title=title, xlabel="step")
         figures.append(("ppo_training", fig))
-    if curves.get("gold_vs_rm"):
-        c = curves["gold_vs_rm"]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(c["step"], c["gold"], label="gold score")
-        ax.plot(c["step"], c["rm"], label="RM score")
-        ax.set(title="PPO: gold vs reward model", xlabel="step")
-        ax.legend()
-        figures.append(("gold_vs_rm", fig))
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (name, curve) in enumerate(curves.items()):
+            x = [math.sqrt(max(0.0, c["kl"])) for c in curve]
+            ax.plot(x, [c["gold"] for c in curve], "o-", color=f"C{i}", label=f"{name}: gold")
+            ax.plot(x, [c["rm"] for c in curve], "x--", color=f"C{i}", label=f"{name}: RM")
+        ax.set(title="Over-optimisation: gold and RM score vs KL to SFT", xlabel="sqrt(KL)", ylabel="score")
+        ax.legend(fontsize=7)
+        figures.append(("over_optimisation", fig))
     os.makedirs(out_dir, exist_ok=True)
     for name, fig in figures:
         fig.tight_layout()
@@ -319,168 +295,287 @@ def write_report(out_dir, results, curves):
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
+# ----------------------------------------------------------------------------- the tasks
+@dataclass
+class Task:
+    """What the pipeline needs from a task: a corpus of prompts with good completions, and the hidden human."""
+    title: str
+    make_corpus: object  # (n, seed) -> rows {"prompt", "completion"}: SFT's data, and every later stage's prompts
+    gold_score: object  # (prompt, response) -> float: labels the preference pairs, and judges the final policies
+    sizes: dict  # the Config sizes this task needs (they replace the defaults, not what you set)
+    quick: dict  # the same for --quick
+    references: bool = False  # the corpus completions are references to score against (ROUGE, BLEU)
+
+
+def load_task(name):
+    if name == "reviews":
+        return Task("positive movie reviews", make_corpus, gold_score, {}, QUICK)
+    if name == "summarize":
+        import summarize  # the TL;DR task of the TRLx article, offline: generated posts, a gold labeler of summaries
+        return Task(summarize.TITLE, summarize.make_corpus, summarize.gold_score, summarize.CONFIG, summarize.QUICK,
+                    references=True)
+    raise ConfigError(f"task must be 'reviews' or 'summarize', not {name!r}")
+
 # ----------------------------------------------------------------------------- the pipeline
 @dataclass
 class Config:
-    out_dir: str = "out/demo"  # everything goes here: data/, sft/, reward/, ppo/, ilql/, report.md
+    out_dir: str = "out/demo"  # everything goes here: data/, sft/, reward/, ppo/, grpo/, dpo/, ilql/, report.md
+    task: str = "reviews"  # reviews: write positive movie reviews | summarize: summarize short posts (TL;DR)
     seed: int = 1337  # every seed of the run derives from it
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast: faster on CPU too; the numerics that matter stay fp32)
-    quick: bool = False  # tiny sizes and budgets (tests, smoke runs): overrides the sizes below
-    only: str = ""  # "ppo" | "ilql" | "eval": rerun that stage (+ eval) on the other stages' outputs in out_dir
+    quick: bool = False  # tiny sizes and budgets (tests, smoke runs) for the sizes you leave at their defaults
+    only: str = ""  # ppo | grpo | dpo | ilql | eval: rerun that stage (+ eval) on the other stages' outputs in out_dir
+    # sizes and budgets (a task replaces the defaults of those it names)
     n_train: int = 20000  # SFT corpus rows
-    n_eval: int = 500  # held-out corpus rows (SFT eval loss, PPO eval prompts)
-    n_pref_prompts: int = 2000  # prompts sampled twice by the SFT model and labeled: RM and ILQL training pairs
+    n_eval: int = 500  # held-out corpus rows (SFT eval loss, PPO/GRPO eval prompts)
+    n_pref_prompts: int = 2000  # prompts sampled twice by the SFT model and labeled: RM, DPO and ILQL training pairs
     n_heldout_prompts: int = 300  # prompts for pairs labeled by the noiseless gold: RM accuracy vs gold
     n_eval_prompts: int = 200  # prompts of the final evaluation
+    n_probe_prompts: int = 64  # prompts of the over-optimisation curves (PPO/GRPO along training, best-of-n)
     bt_temperature: float = 1.0  # labeler noise: P(a preferred) = sigmoid((gold_a - gold_b) / bt_temperature)
+    max_prompt_len: int = 32  # prompt tokens (longer prompts are left-truncated)
     max_new_tokens: int = 40  # response length budget (the longest corpus completion is ~20 tokens)
     n_layer: int = 4  # the SFT model, trained from scratch
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 96  # prompt (<= 32 tokens) + response (<= max_new_tokens)
-    batch_size: int = 32  # sequences (SFT), pairs (RM, ILQL) or prompts (PPO) per step
+    block_size: int = 96  # max_prompt_len + max_new_tokens, at least
+    batch_size: int = 32  # sequences (SFT), pairs (RM, DPO, ILQL) or prompts (PPO, GRPO) per step
     sft_iters: int = 400  # the stage times of a run are in the README's results
     rm_iters: int = 400
     ppo_iters: int = 60
+    grpo_iters: int = 80
+    dpo_iters: int = 120  # two epochs of the labeled pairs
     ilql_iters: int = 120
+    target_kl: float = 6.0  # PPO's KL target (nats per response); the controller's horizon is a tenth of the run
+    group_size: int = 4  # GRPO: samples per prompt
     ilql_betas: tuple = (4.0, 8.0)  # ILQL decoding: log_softmax(logits) + beta * (Q - V), each one evaluated
     best_of_n: int = 8  # n of the best-of-n baseline
+    curve_n: int = 64  # best-of-n in the over-optimisation plot: n = 1, 2, 4, ..., curve_n
 
 
-QUICK = dict(n_train=200, n_eval=20, n_pref_prompts=16, n_heldout_prompts=16, n_eval_prompts=8, max_new_tokens=12,
-             n_layer=2, n_head=2, n_embd=32, block_size=48, batch_size=4, sft_iters=4, rm_iters=3, ppo_iters=2,
-             ilql_iters=3, best_of_n=2)
+QUICK = dict(n_train=200, n_eval=20, n_pref_prompts=16, n_heldout_prompts=16, n_eval_prompts=8, n_probe_prompts=4,
+             max_new_tokens=12, n_layer=2, n_head=2, n_embd=32, block_size=48, batch_size=4, sft_iters=4, rm_iters=3,
+             ppo_iters=2, grpo_iters=2, dpo_iters=2, ilql_iters=3, best_of_n=2, curve_n=4)
+STAGES = ("corpus", "SFT", "label", "reward model", "PPO", "GRPO", "DPO", "ILQL", "evaluation")
+
+
+def with_sizes(cfg, sizes):
+    """cfg with `sizes` in place of the fields still at their defaults (what you set on the command line stays)."""
+    defaults = Config()
+    return replace(cfg, **{k: v for k, v in sizes.items() if getattr(cfg, k) == getattr(defaults, k)})
+
+
+def write_corpus(task, cfg, path):
+    train, evals = task.make_corpus(cfg.n_train, cfg.seed), task.make_corpus(cfg.n_eval, cfg.seed + 1)
+    write_jsonl(path("data", "corpus", "train.jsonl"), train)
+    write_jsonl(path("data", "corpus", "test.jsonl"), evals)
+    print0(f"{len(train)} train / {len(evals)} test rows -> {path('data', 'corpus')}; mean gold score "
+           f"{sum(task.gold_score(r['prompt'], r['completion']) for r in train) / len(train):.3f}")
+
+
+def write_labels(task, policy, cfg, s, path, sampling):
+    """Two SFT samples per prompt, labeled by the gold through BT noise; held-out pairs labeled by the noiseless gold
+    (reward.py's eval accuracy is then the accuracy vs the gold)."""
+    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_pref_prompts, cfg.seed + 2)]
+    heldout = [r["prompt"] for r in task.make_corpus(cfg.n_heldout_prompts, cfg.seed + 3)]
+    with s.autocast():
+        a, b = sample_pairs(policy, prompts, seed=cfg.seed + 2, progress=True, **sampling)
+        heldout_a, heldout_b = sample_pairs(policy, heldout, seed=cfg.seed + 3, **sampling)
+    prefs = label_pairs(prompts, a, b, cfg.seed, cfg.bt_temperature, path("data", "prefs", "train.jsonl"),
+                        task.gold_score)
+    n_heldout = len(label_pairs(heldout, heldout_a, heldout_b, cfg.seed, 0, path("data", "prefs", "test.jsonl"),
+                                task.gold_score))
+    agree = sum(task.gold_score(r["prompt"], r["chosen"]) > task.gold_score(r["prompt"], r["rejected"]) for r in prefs)
+    print0(f"{len(prefs)} labeled pairs of {len(prompts)} prompts ({agree / max(1, len(prefs)):.1%} agree with the "
+           f"noiseless gold), {n_heldout} held-out pairs")
+
+
+def probe(model, ref, rm, task, prompts, seed, s, sampling):
+    """Gold score, RM score and KL to ref of a policy's samples: one point of an over-optimisation curve."""
+    with s.autocast():
+        texts, batches = sample_policy(model, prompts, seed, **sampling)
+        rm_s, kl = rm_scores(rm, prompts, texts, sampling["max_prompt_len"]), kl_to_ref(model, ref, batches)
+    gold = [task.gold_score(p, t) for p, t in zip(prompts, texts)]
+    return dict(gold=sum(gold) / len(gold), rm=sum(rm_s) / len(rm_s), kl=sum(kl) / len(kl))
+
+
+def train_in_chunks(name, train, iters, load, ref, rm, task, cfg, s, path, sampling):
+    """Train in five chunks, each resuming the last (exact: a constant LR, and the checkpoint holds all other state);
+    the policy before and after each chunk is probed (gold, RM, KL to SFT): the method's over-optimisation curve.
+    train(max_iters, init_from) runs the trainer; load() returns its policy."""
+    chunk, curve = max(1, iters // 5), []
+    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_probe_prompts, cfg.seed + 6)]
+    for step in sorted({0, *range(chunk, iters, chunk), iters}):
+        if step:
+            train(step, "resume" if curve[-1]["step"] else path("sft", "ckpt.pt"))
+        curve.append(dict(step=step, **probe(load() if step else ref, ref, rm, task, prompts, cfg.seed + 6, s,
+                                             sampling)))
+        print0(f"{name} step {step}: gold {curve[-1]['gold']:.3f} | RM {curve[-1]['rm']:.3f} | "
+               f"KL {curve[-1]['kl']:.2f}")
+    write_jsonl(path(name.lower(), "curve.jsonl"), curve)  # for the report of a later --only run
+
+
+def best_of_n_curve(policy, rm, task, cfg, s, sampling):
+    """Best-of-n for n = 1, 2, 4, ..., curve_n from one pool of curve_n samples per probe prompt (the first n of
+    them), with the analytic KL bound: the over-optimisation curve of rejection sampling (Gao et al. 2022)."""
+    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_probe_prompts, cfg.seed + 6)]
+    N, curve = cfg.curve_n, []
+    with s.autocast():
+        texts, _ = sample_policy(policy, [p for p in prompts for _ in range(N)], cfg.seed + 7, **sampling)
+        scores = rm_scores(rm, [p for p in prompts for _ in range(N)], texts, cfg.max_prompt_len)
+    n = 1
+    while n <= N:
+        best = [max(range(i * N, i * N + n), key=scores.__getitem__) for i in range(len(prompts))]
+        gold = [task.gold_score(prompts[j // N], texts[j]) for j in best]
+        curve.append(dict(n=n, kl=math.log(n) - (n - 1) / n, gold=sum(gold) / len(gold),
+                          rm=sum(scores[j] for j in best) / len(best)))
+        n *= 2
+    return curve
+
+
+def load_policy(ckpt, kind, s, heads=None):
+    """A trained policy for sampling and KL, with fp32 logits as ppo.py's policy has (model.Head)."""
+    return fp32_heads(load_model(ckpt, heads=heads, kind=kind)[0]).to(s.device)
+
+
+def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
+    """Every method's row, through eval.py: one sample per evaluation prompt, every policy with the same seed (paired
+    samples: differences are the methods'), judged by the gold and by the RM, KL to SFT; best-of-n from its own
+    samples with its analytic KL. Writes eval.md (scores with standard errors, length, diversity, the win-rate
+    matrix) and eval.json; returns the report's rows {name: gold, rm, kl, win_rate (gold, vs SFT), samples}."""
+    import ilql
+    rows = task.make_corpus(cfg.n_eval_prompts, cfg.seed + 4)
+    prompts = [r["prompt"] for r in rows]
+    policies = {"SFT": (policy, None)}
+    for name in ("PPO", "GRPO", "DPO"):
+        if os.path.exists(path(name.lower(), "ckpt.pt")):  # (a --only run in an out_dir from before a method existed)
+            policies[name] = (load_policy(path(name.lower(), "ckpt.pt"), name.lower(), s), None)
+    ilql_model = load_policy(path("ilql", "ckpt.pt"), "ilql", s, heads=ilql.ilql_heads(policy.config.vocab_size))
+    for beta in cfg.ilql_betas:
+        policies[f"ILQL (beta {beta:g})"] = (ilql_model, ilql_logits_fn(ilql_model, beta))
+    judges = {"gold": lambda ps, ts: [task.gold_score(p, t) for p, t in zip(ps, ts)],
+              "RM": lambda ps, ts: rm_scores(rm, ps, ts, cfg.max_prompt_len)}
+    n = cfg.best_of_n
+    with s.autocast():
+        best, _ = best_of_n(policy, rm, prompts, n, cfg.seed + 5, **sampling)
+        results = evaluate(policies, prompts, judges, ref=policy, seed=cfg.seed + 4, **sampling,
+                           references=[r["completion"].strip() for r in rows] if task.references else None,
+                           extra={f"best-of-{n} (SFT + RM)": dict(texts=best, kl=math.log(n) - (n - 1) / n)})
+    write_results(results, cfg.out_dir)
+    return {name: dict(gold=r["score"]["gold"], rm=r["score"]["RM"], kl=r["kl"], win_rate=results["win_rates"][name]
+                       ["SFT"][0], samples=list(zip(prompts, r["texts"]))[:4], gold_scores=r["scores"]["gold"],
+                       **{k: r[k] for k in ("rouge1", "rouge2", "rougeL") if k in r})
+            for name, r in results["policies"].items()}
 
 
 def main(cfg):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline by design: fail fast, never reach for a hub
-    cfg = replace(cfg, **QUICK) if cfg.quick else cfg
-    if cfg.only not in ("", "ppo", "ilql", "eval"):
-        raise ConfigError(f"only must be '', 'ppo', 'ilql' or 'eval', not {cfg.only!r}")
+    task = load_task(cfg.task)
+    cfg = with_sizes(cfg, {**task.sizes, **task.quick} if cfg.quick else task.sizes)
+    if cfg.only not in ("", "ppo", "grpo", "dpo", "ilql", "eval"):
+        raise ConfigError(f"only must be '', 'ppo', 'grpo', 'dpo', 'ilql' or 'eval', not {cfg.only!r}")
+    check_numbers(cfg, positive=("n_train", "n_eval", "n_pref_prompts", "n_eval_prompts", "n_probe_prompts",
+                                 "max_prompt_len", "max_new_tokens", "sft_iters", "rm_iters", "ppo_iters",
+                                 "grpo_iters", "dpo_iters", "ilql_iters", "target_kl", "group_size", "best_of_n",
+                                 "curve_n"), non_negative=("n_heldout_prompts", "bt_temperature"))
     run = lambda name: cfg.only in ("", name)  # --only: the earlier stages' files in out_dir are reused as they are
     s = setup(cfg.device, cfg.dtype, cfg.seed)
     print_config(cfg)
     path = lambda *parts: os.path.join(cfg.out_dir, *parts)
     t0 = time.time()
-    stage = lambda i, name: print0(f"\n=== [{i}/7] {name} | {(time.time() - t0) / 60:.1f} min elapsed "
-                                   f"(the training stages print their own ETA) ===")
-    sampling = dict(max_new_tokens=cfg.max_new_tokens, max_prompt_len=32)
+    stage = lambda name, what: print0(f"\n=== [{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what} | "
+                                      f"{(time.time() - t0) / 60:.1f} min elapsed ===")
+    sampling = dict(max_new_tokens=cfg.max_new_tokens, max_prompt_len=cfg.max_prompt_len)
     # Shared by the training scripts. Data folders hold train.jsonl and test.jsonl: `datasets` names the splits.
     # beta2 0.95 (nanoGPT's) rather than the scripts' 0.999: these are short runs at high learning rates
-    common = dict(device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, batch_size=cfg.batch_size, beta2=0.95)
-    lengths = dict(max_prompt_len=32, max_len=cfg.block_size)
+    shared = dict(device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, beta2=0.95, max_prompt_len=cfg.max_prompt_len)
     every = lambda iters: max(1, iters // 5)  # eval_interval: five evaluations per run
+    sft_ckpt, rm_ckpt, corpus, prefs = path("sft", "ckpt.pt"), path("reward", "ckpt.pt"), path("data", "corpus"), \
+        path("data", "prefs")
 
-    sft_ckpt, rm_ckpt = path("sft", "ckpt.pt"), path("reward", "ckpt.pt")
     if not cfg.only:
-        stage(1, "corpus")
-        train, evals = make_corpus(cfg.n_train, cfg.seed), make_corpus(cfg.n_eval, cfg.seed + 1)
-        write_jsonl(path("data", "corpus", "train.jsonl"), train)
-        write_jsonl(path("data", "corpus", "test.jsonl"), evals)
-        print0(f"{len(train)} train / {len(evals)} test rows -> {path('data', 'corpus')}; mean gold score "
-               f"{sum(gold_score(r['prompt'], r['completion']) for r in train) / len(train):.3f}")
-
-        stage(2, "SFT: a GPT-2 from scratch learns to write reviews")
+        stage("corpus", f"prompts and good completions ({task.title})")
+        write_corpus(task, cfg, path)
+        stage("SFT", "a GPT-2 from scratch learns the corpus")
         import sft  # here, not at the top: the demo's own helpers import without the training scripts
         sft.main(sft.Config(init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                            block_size=cfg.block_size, data=path("data", "corpus"), out_dir=path("sft"),
-                            max_iters=cfg.sft_iters, learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10),
-                            eval_interval=every(cfg.sft_iters), sample_tokens=cfg.max_new_tokens, **lengths,
-                            **common))
-    # every model the demo samples from or measures KL with has fp32 logits, as ppo.py's policy (model.Head)
-    policy = fp32_heads(load_model(sft_ckpt, kind="sft")[0]).to(s.device)
-    import reward
-
+                            block_size=cfg.block_size, data=corpus, out_dir=path("sft"), max_iters=cfg.sft_iters,
+                            learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10), max_len=cfg.block_size,
+                            batch_size=cfg.batch_size, eval_interval=every(cfg.sft_iters),
+                            sample_tokens=cfg.max_new_tokens, **shared))
+    policy = load_policy(sft_ckpt, "sft", s)
     if not cfg.only:
-        stage(3, "sample pairs from the SFT model, label them with the gold labeler")
-        prompts = [r["prompt"] for r in make_corpus(cfg.n_pref_prompts, cfg.seed + 2)]
-        heldout = [r["prompt"] for r in make_corpus(cfg.n_heldout_prompts, cfg.seed + 3)]
-        with s.autocast():
-            a, b = sample_pairs(policy, prompts, seed=cfg.seed + 2, progress=True, **sampling)
-            heldout_a, heldout_b = sample_pairs(policy, heldout, seed=cfg.seed + 3, **sampling)
-        prefs = label_pairs(prompts, a, b, cfg.seed, cfg.bt_temperature, path=path("data", "prefs", "train.jsonl"))
-        # held-out pairs labeled by the noiseless gold: reward.py's eval accuracy is then the accuracy vs the gold
-        prefs_heldout = label_pairs(heldout, heldout_a, heldout_b, cfg.seed, 0,
-                                    path=path("data", "prefs", "test.jsonl"))
-        agree = sum(gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]) for r in prefs)
-        print0(f"{len(prefs)} labeled pairs of {len(prompts)} prompts ({agree / max(1, len(prefs)):.1%} agree with "
-               f"the noiseless gold), {len(prefs_heldout)} held-out pairs")
-
-        stage(4, "reward model on the labeled pairs")
-        reward.main(reward.Config(init_from=sft_ckpt, data=path("data", "prefs"), out_dir=path("reward"),
-                                  max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),
-                                  eval_interval=every(cfg.rm_iters), **lengths, **common))
+        stage("label", "sample pairs from the SFT model, label them with the gold labeler")
+        write_labels(task, policy, cfg, s, path, sampling)
+        stage("reward model", "Bradley-Terry on the labeled pairs")
+        import reward
+        reward.main(reward.Config(init_from=sft_ckpt, data=prefs, out_dir=path("reward"), max_iters=cfg.rm_iters,
+                                  learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10), max_len=cfg.block_size,
+                                  batch_size=cfg.batch_size, eval_interval=every(cfg.rm_iters), **shared))
     rm = scoring.load_reward_model(rm_ckpt, s.device)
+    chunks = dict(ref=policy, rm=rm, task=task, cfg=cfg, s=s, path=path, sampling=sampling)
 
     if run("ppo"):
-        stage(5, "PPO against the reward model")
+        stage("PPO", "the SFT policy against the reward model, KL-penalized to the SFT model")
         import ppo
-        # PPO runs in chunks, each resuming the last (exact: constant LR, and the checkpoint holds all other state);
-        # between chunks the gold labeler scores the policy's samples, to compare with what the RM believes.
-        probe = [r["prompt"] for r in make_corpus(64, cfg.seed + 6)]
-        gold_vs_rm = {"step": [], "gold": [], "rm": []}
-        chunk = every(cfg.ppo_iters)
-        for step in range(0, cfg.ppo_iters + chunk, chunk):
-            step = min(step, cfg.ppo_iters)
-            if step > 0:
-                ppo.main(ppo.Config(init_from=sft_ckpt if step == chunk else "resume", reward_model=rm_ckpt,
-                                    data=path("data", "corpus"), out_dir=path("ppo"), max_iters=step,
-                                    minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5, min_lr_ratio=1.0,
-                                    max_new_tokens=cfg.max_new_tokens, eval_interval=chunk, max_prompt_len=32,
-                                    **common))
-            model = fp32_heads(load_model(path("ppo", "ckpt.pt"), kind="ppo")[0]).to(s.device) if step else policy
-            with s.autocast():
-                texts, _ = sample(model, probe, seed=cfg.seed + 6, **sampling)
-                rm_s = rm_scores(rm, probe, texts)
-            gold_vs_rm["step"].append(step)
-            gold_vs_rm["gold"].append(sum(gold_score(p, t) for p, t in zip(probe, texts)) / len(probe))
-            gold_vs_rm["rm"].append(sum(rm_s) / len(rm_s))
-            print0(f"PPO step {step}: gold {gold_vs_rm['gold'][-1]:.3f} | RM {gold_vs_rm['rm'][-1]:.3f}")
-        write_jsonl(path("ppo", "gold_vs_rm.jsonl"), [gold_vs_rm])  # for the report of a later --only run
+        # kl_horizon: a tenth of the run's episodes, so beta can follow the target: up to x(1 +- 2 / ppo_iters) a step
+        train = lambda step, init_from: ppo.main(ppo.Config(
+            init_from=init_from, reward_model=rm_ckpt, data=corpus, out_dir=path("ppo"), max_iters=step,
+            batch_size=cfg.batch_size, minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5, min_lr_ratio=1.0,
+            target_kl=cfg.target_kl, kl_horizon=max(1, cfg.ppo_iters * cfg.batch_size // 10),
+            max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.ppo_iters), eval_size=0, **shared))  # eval_size 0: the probes are its evaluation
+        train_in_chunks("PPO", train, cfg.ppo_iters, lambda: load_policy(path("ppo", "ckpt.pt"), "ppo", s), **chunks)
 
-    import ilql
+    if run("grpo"):
+        stage("GRPO", f"{cfg.group_size} samples per prompt, each scored against its group's mean; no critic")
+        import grpo
+        # half PPO's prompts, each sampled group_size times; one pass, four optimizer steps; k3 KL in the loss
+        prompts_per_step = max(1, cfg.batch_size // 2)
+        train = lambda step, init_from: grpo.main(grpo.Config(
+            init_from=init_from, reward_model=rm_ckpt, data=corpus, out_dir=path("grpo"), max_iters=step,
+            batch_size=prompts_per_step, group_size=cfg.group_size, ppo_epochs=1,
+            minibatch_size=max(1, prompts_per_step * cfg.group_size // 4), learning_rate=1e-4, beta=0.1,
+            max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.grpo_iters), eval_size=0, **shared))
+        train_in_chunks("GRPO", train, cfg.grpo_iters, lambda: load_policy(path("grpo", "ckpt.pt"), "grpo", s),
+                        **chunks)
+
+    if run("dpo"):
+        stage("DPO", "the SFT policy on the labeled pairs directly: no reward model, no sampling")
+        import dpo
+        dpo.main(dpo.Config(init_from=sft_ckpt, data=prefs, out_dir=path("dpo"), max_iters=cfg.dpo_iters,
+                            learning_rate=1e-4, beta=0.1, warmup_iters=min(10, cfg.dpo_iters // 10), min_lr_ratio=1.0,
+                            max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=cfg.dpo_iters, **shared))
+
     if run("ilql"):
-        stage(6, "ILQL on the same labeled pairs")
+        stage("ILQL", "offline RL on the same labeled pairs")
+        import ilql
         # n_step = block_size: every Q target is its row's discounted return. With one-step targets the reward,
         # given at the EOS, does not reach the words that earned it within this budget (docs/results.md).
         # alpha 0.05: the target heads trail the online ones by ~1 / alpha = 20 steps of a 120-step run. One ILQL
-        # evaluation, at the end: stage 7 is the real one.
-        ilql.main(ilql.Config(init_from=sft_ckpt, data=path("data", "prefs"), data_format="preferences",
-                              eval_split="test", out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3,
-                              alpha=0.05, n_step=cfg.block_size, warmup_iters=min(10, cfg.ilql_iters // 10),
+        # evaluation, at the end: the demo's evaluation is the real one.
+        ilql.main(ilql.Config(init_from=sft_ckpt, data=prefs, data_format="preferences", eval_split="test",
+                              out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3, alpha=0.05,
+                              n_step=cfg.block_size, warmup_iters=min(10, cfg.ilql_iters // 10),
                               eval_interval=cfg.ilql_iters, max_new_tokens=cfg.max_new_tokens,
-                              eval_betas=(0.0, *cfg.ilql_betas), **lengths, **common))
+                              eval_betas=(0.0, *cfg.ilql_betas), max_len=cfg.block_size, batch_size=cfg.batch_size,
+                              **shared))
 
-    stage(7, "evaluate: gold score, RM score, KL to SFT, gold win rate vs SFT")
-    prompts = [r["prompt"] for r in make_corpus(cfg.n_eval_prompts, cfg.seed + 4)]
-    ppo_policy, _ = load_model(path("ppo", "ckpt.pt"), kind="ppo")
-    ilql_model, _ = load_model(path("ilql", "ckpt.pt"), heads=ilql.ilql_heads(policy.config.vocab_size), kind="ilql")
-    fp32_heads(ppo_policy).to(s.device), fp32_heads(ilql_model).to(s.device)
-    n, methods = cfg.best_of_n, {}
-    with s.autocast():  # every method samples with the same seed: paired samples, so differences are the methods'
-        methods["SFT"] = evaluate(policy, policy, rm, prompts, cfg.seed + 4, **sampling)
-        texts, scores = best_of_n(policy, rm, prompts, n, seed=cfg.seed + 5, **sampling)
-        gold = [gold_score(p, t) for p, t in zip(prompts, texts)]
-        methods[f"best-of-{n} (SFT + RM)"] = dict(gold=sum(gold) / len(gold), rm=sum(scores) / len(scores),
-                                                  kl=math.log(n) - (n - 1) / n,  # the analytic upper bound
-                                                  gold_scores=gold, samples=list(zip(prompts, texts))[:4])
-        methods["PPO"] = evaluate(ppo_policy, policy, rm, prompts, cfg.seed + 4, **sampling)
-        for beta in cfg.ilql_betas:
-            methods[f"ILQL (beta {beta:g})"] = evaluate(ilql_model, policy, rm, prompts, cfg.seed + 4,
-                                                       logits_fn=ilql_logits_fn(ilql_model, beta), **sampling)
-        prefs_heldout = read_log(path("data", "prefs", "test.jsonl"))
-        rm_acc = rm_accuracy(rm, prefs_heldout) if prefs_heldout else None
-    for m in methods.values():
-        m["win_rate"] = gold_win_rate(m["gold_scores"], methods["SFT"]["gold_scores"])
-    results = {"methods": methods, "rm_accuracy": rm_acc}
-    curve_file = path("ppo", "gold_vs_rm.jsonl")
-    gold_vs_rm = read_log(curve_file)[0] if os.path.exists(curve_file) else None  # (runs older than the file)
-    write_report(cfg.out_dir, results, {"ppo": read_log(path("ppo", "log.jsonl")), "gold_vs_rm": gold_vs_rm})
+    stage("evaluation", "gold score, RM score, KL to SFT, gold win rate vs SFT; over-optimisation curves")
+    methods = evaluate_methods(task, cfg, s, policy, rm, path, sampling)
+    heldout = read_log(path("data", "prefs", "test.jsonl"))
+    with s.autocast():
+        rm_acc = rm_accuracy(rm, heldout, max_prompt_len=cfg.max_prompt_len) if heldout else None
+    curves = {name: read_log(path(name, "curve.jsonl")) for name in ("ppo", "grpo")
+              if os.path.exists(path(name, "curve.jsonl"))}
+    curves["best-of-n"] = best_of_n_curve(policy, rm, task, cfg, s, sampling)
+    results = {"methods": methods, "rm_accuracy": rm_acc, "target_kl": cfg.target_kl, "title": task.title}
+    write_report(cfg.out_dir, results, curves, read_log(path("ppo", "log.jsonl")))
     for name, m in methods.items():
         print0(f"{name:>22} | gold {m['gold']:.3f} | RM {m['rm']:.3f} | KL {m['kl']:.2f} | "
                f"win rate {m['win_rate']:.2f}")
-    print0(f"RM accuracy vs gold (held out): {rm_acc} | done in {(time.time() - t0) / 60:.1f} min: {path('report.md')}")
+    print0(f"RM accuracy vs gold (held out): {rm_acc} | done in {(time.time() - t0) / 60:.1f} min: "
+           f"{path('report.md')}")
     return results
 
 

@@ -5,15 +5,15 @@ the whole pipeline end to end, and an --only=ilql rerun on its outputs."""
 import json
 import math
 import random
+from contextlib import nullcontext
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 import demo
-from common import ConfigError
+from common import ConfigError, Setup
 from model import GPT, GPTConfig
 
 
@@ -120,45 +120,18 @@ def test_label_pairs_roundtrip_through_load_preferences(tmp_path):
         assert demo.gold_score(r["prompt"], r["chosen"]) > demo.gold_score(r["prompt"], r["rejected"])
 
 
-def test_gold_win_rate_with_ties():
-    assert demo.gold_win_rate([1.0, 2.0, 3.0, 0.0], [1.0, 1.0, 4.0, -1.0]) == pytest.approx((0.5 + 1 + 0 + 1) / 4)
-    assert demo.gold_win_rate([1.0], [1.0]) == 0.5
-
-# ----------------------------------------------------------------------------- sampling, KL, best-of-n, report
+# ----------------------------------------------------------------------------- sampling, best-of-n, curves, report
+# (sampling, KL and win rates themselves are eval.py's: tests/test_eval.py)
 
 
 def test_sample_pairs_seeded():
     model = tiny_gpt(0)
     prompts = ["The acting in this film was", "This movie", "I watched this movie with my family and"]
-    a, b = demo.sample_pairs(model, prompts, max_new_tokens=6, seed=3, batch_size=2)
+    sampling = dict(max_new_tokens=6, max_prompt_len=32, batch_size=2)
+    a, b = demo.sample_pairs(model, prompts, 3, **sampling)
     assert len(a) == len(b) == 3 and a != b
-    assert (a, b) == demo.sample_pairs(model, prompts, max_new_tokens=6, seed=3, batch_size=2)
-    assert (a, b) != demo.sample_pairs(model, prompts, max_new_tokens=6, seed=4, batch_size=2)
-
-
-def naive_kl(policy, ref, prompt_ids, response_ids):
-    """Per sample, unpadded: sum over response tokens of log p - log q from full log_softmax."""
-    seq = torch.tensor([prompt_ids + response_ids])
-    lp = [F.log_softmax(m.lm_head(m(seq)).float(), -1)[0] for m in (policy, ref)]  # (T, V)
-    P = len(prompt_ids)
-    return sum((lp[0][P - 1 + t, tok] - lp[1][P - 1 + t, tok]).item() for t, tok in enumerate(response_ids))
-
-
-def test_kl_to_ref_matches_naive_and_is_zero_for_the_same_model():
-    policy, ref = tiny_gpt(0), tiny_gpt(1)
-    prompts = ["This movie", "The acting in this film was really", "I"]
-    texts, batches = demo.sample(policy, prompts, max_new_tokens=5, seed=0)
-    tokens, mask, response_mask = batches[0]
-    N = response_mask.shape[1]
-    expected = []
-    for row, m, rm in zip(tokens, mask, response_mask):
-        real = row[m.bool()].tolist()
-        n_resp = int(rm.sum())
-        expected.append(naive_kl(policy, ref, real[:len(real) - n_resp], real[len(real) - n_resp:]))
-    with torch.no_grad():
-        assert demo.kl_to_ref(policy, ref, tokens, mask, response_mask) == pytest.approx(sum(expected) / 3, abs=1e-4)
-        assert demo.kl_to_ref(policy, policy, tokens, mask, response_mask) == 0.0
-    assert N == 5 and 0 < int(response_mask.sum()) <= 15
+    assert (a, b) == demo.sample_pairs(model, prompts, 3, **sampling)
+    assert (a, b) != demo.sample_pairs(model, prompts, 4, **sampling)
 
 
 def test_best_of_n_picks_the_reward_models_favourite(monkeypatch):
@@ -167,25 +140,54 @@ def test_best_of_n_picks_the_reward_models_favourite(monkeypatch):
     monkeypatch.setattr(scoring, "score_tokens", lambda model, tokens, mask: mask.sum(-1).float())
     model = tiny_gpt(0)
     prompts, n = ["This movie", "The remake"], 4
-    best, scores = demo.best_of_n(model, model, prompts, n, seed=5, max_new_tokens=8)
-    texts, _ = demo.sample(model, [p for p in prompts for _ in range(n)], seed=5, max_new_tokens=8)
+    best, scores = demo.best_of_n(model, model, prompts, n, 5, max_new_tokens=8, max_prompt_len=32)
+    texts, _ = demo.sample_policy(model, [p for p in prompts for _ in range(n)], 5, max_new_tokens=8, max_prompt_len=32)
     for i, p in enumerate(prompts):
         lengths = [len(data.encode(p)) + len(data.encode(t)) + 1 for t in texts[i * n:(i + 1) * n]]  # + EOS
         assert scores[i] == max(lengths)
         assert best[i] == texts[i * n + lengths.index(max(lengths))]
 
 
+def test_best_of_n_curve_is_best_of_n_over_one_pool(monkeypatch):
+    """The curve's point n is best-of-n on the first n samples of each prompt's pool (RM: the response's length), with
+    the analytic KL log n - (n - 1) / n; the gold is of the picked texts."""
+    import scoring
+    monkeypatch.setattr(scoring, "score_tokens", lambda model, tokens, mask: mask.sum(-1).float())
+    model = tiny_gpt(0)
+    cfg = demo.Config(n_probe_prompts=3, curve_n=4, seed=0)
+    task = demo.load_task("reviews")
+    sampling = dict(max_new_tokens=8, max_prompt_len=32)
+    s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+    curve = demo.best_of_n_curve(model, model, task, cfg, s, sampling)
+    prompts = [r["prompt"] for r in task.make_corpus(3, cfg.seed + 6)]
+    texts, _ = demo.sample_policy(model, [p for p in prompts for _ in range(4)], cfg.seed + 7, **sampling)
+    assert [c["n"] for c in curve] == [1, 2, 4]
+    for c in curve:
+        n = c["n"]
+        picked = [max(texts[i * 4:i * 4 + n], key=lambda t, p=p: len(data.encode(p + t)))
+                  for i, p in enumerate(prompts)]
+        assert c["gold"] == pytest.approx(sum(demo.gold_score(p, t) for p, t in zip(prompts, picked)) / 3)
+        assert c["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
+    assert curve[0]["rm"] <= curve[1]["rm"] <= curve[2]["rm"]  # best of more is never worse by the RM
+
+
+def test_with_sizes_keeps_what_was_set():
+    cfg = demo.with_sizes(demo.Config(ppo_iters=7), dict(ppo_iters=2, sft_iters=3))
+    assert (cfg.ppo_iters, cfg.sft_iters) == (7, 3)
+
+
 def test_write_report(tmp_path):
     results = {"methods": {"SFT": dict(gold=0.1, rm=0.0, kl=0.0, win_rate=0.5, samples=[("This movie", " is ok.")]),
                            "PPO": dict(gold=1.5, rm=2.0, kl=3.2, win_rate=0.8, samples=[("This film", " is great!")])},
-               "rm_accuracy": 0.85}
-    curves = {"ppo": [{"step": s, "score": 0.1 * s, "kl": 0.05 * s} for s in range(5)],
-              "gold_vs_rm": {"step": [0, 1, 2], "gold": [0.1, 0.5, 0.6], "rm": [0.0, 1.0, 2.0]}}
-    demo.write_report(str(tmp_path), results, curves)
+               "rm_accuracy": 0.85, "target_kl": 6.0, "title": "positive movie reviews"}
+    ppo_log = [{"step": s, "score": 0.1 * s, "kl": 0.05 * s, "beta": 0.05} for s in range(5)]
+    curves = {"PPO": [dict(step=s, kl=s, gold=0.1 * s, rm=0.2 * s) for s in range(3)],
+              "best-of-n": [dict(n=n, kl=math.log(n) - (n - 1) / n, gold=0.1, rm=0.2) for n in (1, 2, 4)]}
+    demo.write_report(str(tmp_path), results, curves, ppo_log)
     report = (tmp_path / "report.md").read_text()
     assert "| method | gold score | RM score | KL | gold win rate vs SFT |" in report
     assert "| PPO | 1.500 | 2.000 | 3.200 | 0.800 |" in report and "0.850" in report and "is great!" in report
-    for png in ("ppo_training.png", "gold_vs_rm.png"):
+    for png in ("ppo_training.png", "over_optimisation.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in report
 
 
@@ -194,16 +196,23 @@ def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
     file formats, and PPO must beat the SFT model on the gold labeler it never saw."""
     cfg = demo.Config(out_dir=str(tmp_path / "demo"), dtype="bfloat16", n_train=4000, n_eval=64, n_pref_prompts=400,
                       n_heldout_prompts=64, n_eval_prompts=96, max_new_tokens=24, n_layer=2, n_head=2, n_embd=64,
-                      block_size=64, batch_size=16, sft_iters=200, rm_iters=120, ppo_iters=25, ilql_iters=4,
-                      best_of_n=2)
+                      block_size=64, batch_size=16, sft_iters=200, rm_iters=120, ppo_iters=25, grpo_iters=3,
+                      dpo_iters=3, ilql_iters=4, best_of_n=2, n_probe_prompts=16, curve_n=4)
     results = demo.main(cfg)
     methods = results["methods"]
     assert methods["PPO"]["gold"] > methods["SFT"]["gold"] + 0.3, {k: m["gold"] for k, m in methods.items()}
     assert methods["PPO"]["win_rate"] > 0.55
     assert methods["SFT"]["kl"] == 0 and methods["PPO"]["kl"] > 0
+    # the adaptive KL controller, its horizon matched to the run, keeps PPO's KL from running away from the target
+    assert methods["PPO"]["kl"] <= 2 * cfg.target_kl
+    betas = [r["beta"] for r in map(json.loads, open(tmp_path / "demo" / "ppo" / "log.jsonl")) if "beta" in r]
+    assert abs(betas[-1] / betas[0] - 1) > 0.1  # beta moved: a horizon of 10,000 episodes would hold it within 1%
+    assert set(methods) >= {"SFT", "PPO", "GRPO", "DPO", "best-of-2 (SFT + RM)"}
     assert results["rm_accuracy"] > 0.6  # the reward model learned the gold's preferences from noisy labels
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "PPO" in report and "ILQL" in report
+    assert "PPO" in report and "ILQL" in report and "(over_optimisation.png)" in report
+    curves = [json.loads(line) for line in open(tmp_path / "demo" / "grpo" / "curve.jsonl")]
+    assert [c["step"] for c in curves] == [0, 1, 2, 3] and curves[0]["kl"] == 0  # the SFT policy starts each curve
 
     # --only=ilql: a new ILQL run on the same out_dir; SFT, labels, RM and PPO are reused, not retrained, and the
     # evaluation (same seeds) scores them exactly as before
@@ -217,6 +226,6 @@ def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
     for name in ("SFT", "PPO"):
         assert again["methods"][name]["gold_scores"] == methods[name]["gold_scores"], name
     assert again["rm_accuracy"] == results["rm_accuracy"]
-    assert "gold_vs_rm.png" in (out / "report.md").read_text()  # PPO's probe curve, kept from the first run
+    assert "over_optimisation.png" in (out / "report.md").read_text()  # with PPO's curve, kept from the first run
     with pytest.raises(ConfigError):
         demo.main(replace(cfg, only="sft"))
