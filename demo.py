@@ -400,17 +400,17 @@ def probe(model, ref, rm, task, prompts, seed, s, sampling):
     return dict(gold=sum(gold) / len(gold), rm=sum(rm_s) / len(rm_s), kl=sum(kl) / len(kl))
 
 
-def train_in_chunks(name, train, iters, load, ref, rm, task, cfg, s, path, sampling):
+def train_in_chunks(name, train, iters, ref, rm, task, cfg, s, path, sampling):
     """Train in five chunks, each resuming the last (exact: a constant LR, and the checkpoint holds all other state);
     the policy before and after each chunk is probed (gold, RM, KL to SFT): the method's over-optimisation curve.
-    train(max_iters, init_from) runs the trainer; load() returns its policy."""
-    chunk, curve = max(1, iters // 5), []
+    train(max_iters, init_from) runs the trainer, which writes out_dir/<name>/ckpt.pt."""
+    chunk, curve, ckpt = max(1, iters // 5), [], path(name.lower(), "ckpt.pt")
     prompts = [r["prompt"] for r in task.make_corpus(cfg.n_probe_prompts, cfg.seed + 6)]
     for step in sorted({0, *range(chunk, iters, chunk), iters}):
         if step:
             train(step, "resume" if curve[-1]["step"] else path("sft", "ckpt.pt"))
-        curve.append(dict(step=step, **probe(load() if step else ref, ref, rm, task, prompts, cfg.seed + 6, s,
-                                             sampling)))
+        model = load_policy(ckpt, name.lower(), s) if step else ref
+        curve.append(dict(step=step, **probe(model, ref, rm, task, prompts, cfg.seed + 6, s, sampling)))
         print0(f"{name} step {step}: gold {curve[-1]['gold']:.3f} | RM {curve[-1]['rm']:.3f} | "
                f"KL {curve[-1]['kl']:.2f}")
     write_jsonl(path(name.lower(), "curve.jsonl"), curve)  # for the report of a later --only run
@@ -469,20 +469,92 @@ def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
             for name, r in results["policies"].items()}
 
 
-def main(cfg):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline by design: fail fast, never reach for a hub
-    task = load_task(cfg.task)
-    cfg = with_sizes(cfg, {**task.sizes, **task.quick} if cfg.quick else task.sizes)
+def every(iters):
+    """eval_interval (and checkpoints) of a training stage: five per run."""
+    return max(1, iters // 5)
+
+
+def train_sft(cfg, path, shared):
+    import sft  # here, not at the top: the demo's own helpers import without the training scripts
+    sft.main(sft.Config(init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                        block_size=cfg.block_size, data=path("data", "corpus"), out_dir=path("sft"),
+                        max_iters=cfg.sft_iters, learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10),
+                        max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=every(cfg.sft_iters),
+                        sample_tokens=cfg.max_new_tokens, **shared))
+
+
+def train_reward(cfg, path, shared):
+    import reward
+    reward.main(reward.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("reward"),
+                              max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),
+                              max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=every(cfg.rm_iters),
+                              **shared))
+
+
+def ppo_trainer(cfg, path, shared):
+    """train(max_iters, init_from) for train_in_chunks. eval_size 0: the probes between chunks are its evaluation.
+    kl_horizon: a tenth of the run's episodes, so beta can follow the target (up to x(1 +- 2 / ppo_iters) a step);
+    a horizon of 10,000 episodes (the usual default) would hold beta nearly fixed over the demo's ~2,000."""
+    import ppo
+    return lambda step, init_from: ppo.main(ppo.Config(
+        init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("ppo"),
+        max_iters=step, batch_size=cfg.batch_size, minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5,
+        min_lr_ratio=1.0, target_kl=cfg.target_kl, kl_horizon=max(1, cfg.ppo_iters * cfg.batch_size // 10),
+        max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.ppo_iters), eval_size=0, **shared))
+
+
+def grpo_trainer(cfg, path, shared):
+    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times;
+    one pass in four optimizer steps; the k3 KL in the loss (GRPO's defaults)."""
+    import grpo
+    prompts = max(1, cfg.batch_size // 2)
+    return lambda step, init_from: grpo.main(grpo.Config(
+        init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("grpo"),
+        max_iters=step, batch_size=prompts, group_size=cfg.group_size, ppo_epochs=1,
+        minibatch_size=max(1, prompts * cfg.group_size // 4), learning_rate=1e-4, beta=0.1,
+        max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.grpo_iters), eval_size=0, **shared))
+
+
+def train_dpo(cfg, path, shared):
+    import dpo
+    dpo.main(dpo.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("dpo"),
+                        max_iters=cfg.dpo_iters, learning_rate=1e-4, beta=0.1,
+                        warmup_iters=min(10, cfg.dpo_iters // 10), min_lr_ratio=1.0, max_len=cfg.block_size,
+                        batch_size=cfg.batch_size, eval_interval=cfg.dpo_iters, **shared))
+
+
+def train_ilql(cfg, path, shared):
+    """n_step = block_size: every Q target is its row's discounted return. With one-step targets the reward, given
+    at the EOS, does not reach the words that earned it within this budget (docs/results.md). alpha 0.05: the
+    target heads trail the online ones by ~1 / alpha = 20 steps of a 120-step run. One ILQL evaluation, at the end:
+    the demo's evaluation is the real one."""
+    import ilql
+    ilql.main(ilql.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), data_format="preferences",
+                          eval_split="test", out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3,
+                          alpha=0.05, n_step=cfg.block_size, warmup_iters=min(10, cfg.ilql_iters // 10),
+                          eval_interval=cfg.ilql_iters, max_new_tokens=cfg.max_new_tokens,
+                          eval_betas=(0.0, *cfg.ilql_betas), max_len=cfg.block_size, batch_size=cfg.batch_size,
+                          **shared))
+
+
+def check_config(cfg):
     if cfg.only not in ("", "ppo", "grpo", "dpo", "ilql", "eval"):
         raise ConfigError(f"only must be '', 'ppo', 'grpo', 'dpo', 'ilql' or 'eval', not {cfg.only!r}")
     check_numbers(cfg, positive=("n_train", "n_eval", "n_pref_prompts", "n_eval_prompts", "n_probe_prompts",
                                  "max_prompt_len", "max_new_tokens", "sft_iters", "rm_iters", "ppo_iters",
                                  "grpo_iters", "dpo_iters", "ilql_iters", "target_kl", "group_size", "best_of_n",
                                  "curve_n"), non_negative=("n_heldout_prompts", "bt_temperature"))
-    run = lambda name: cfg.only in ("", name)  # --only: the earlier stages' files in out_dir are reused as they are
+
+
+def main(cfg):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline by design: fail fast, never reach for a hub
+    task = load_task(cfg.task)
+    cfg = with_sizes(cfg, {**task.sizes, **task.quick} if cfg.quick else task.sizes)
+    check_config(cfg)
     s = setup(cfg.device, cfg.dtype, cfg.seed)
     print_config(cfg)
     path = lambda *parts: os.path.join(cfg.out_dir, *parts)
+    run = lambda name: cfg.only in ("", name)  # --only: the earlier stages' files in out_dir are reused as they are
     t0 = time.time()
     stage = lambda name, what: print0(f"\n=== [{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what} | "
                                       f"{(time.time() - t0) / 60:.1f} min elapsed ===")
@@ -490,84 +562,40 @@ def main(cfg):
     # Shared by the training scripts. Data folders hold train.jsonl and test.jsonl: `datasets` names the splits.
     # beta2 0.95 (nanoGPT's) rather than the scripts' 0.999: these are short runs at high learning rates
     shared = dict(device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, beta2=0.95, max_prompt_len=cfg.max_prompt_len)
-    every = lambda iters: max(1, iters // 5)  # eval_interval: five evaluations per run
-    sft_ckpt, rm_ckpt, corpus, prefs = path("sft", "ckpt.pt"), path("reward", "ckpt.pt"), path("data", "corpus"), \
-        path("data", "prefs")
 
     if not cfg.only:
         stage("corpus", f"prompts and good completions ({task.title})")
         write_corpus(task, cfg, path)
         stage("SFT", "a GPT-2 from scratch learns the corpus")
-        import sft  # here, not at the top: the demo's own helpers import without the training scripts
-        sft.main(sft.Config(init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                            block_size=cfg.block_size, data=corpus, out_dir=path("sft"), max_iters=cfg.sft_iters,
-                            learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10), max_len=cfg.block_size,
-                            batch_size=cfg.batch_size, eval_interval=every(cfg.sft_iters),
-                            sample_tokens=cfg.max_new_tokens, **shared))
-    policy = load_policy(sft_ckpt, "sft", s)
+        train_sft(cfg, path, shared)
+    policy = load_policy(path("sft", "ckpt.pt"), "sft", s)
     if not cfg.only:
         stage("label", "sample pairs from the SFT model, label them with the gold labeler")
         write_labels(task, policy, cfg, s, path, sampling)
         stage("reward model", "Bradley-Terry on the labeled pairs")
-        import reward
-        reward.main(reward.Config(init_from=sft_ckpt, data=prefs, out_dir=path("reward"), max_iters=cfg.rm_iters,
-                                  learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10), max_len=cfg.block_size,
-                                  batch_size=cfg.batch_size, eval_interval=every(cfg.rm_iters), **shared))
-    rm = scoring.load_reward_model(rm_ckpt, s.device)
-    chunks = dict(ref=policy, rm=rm, task=task, cfg=cfg, s=s, path=path, sampling=sampling)
-
+        train_reward(cfg, path, shared)
+    rm = scoring.load_reward_model(path("reward", "ckpt.pt"), s.device)
+    probed = dict(ref=policy, rm=rm, task=task, cfg=cfg, s=s, path=path, sampling=sampling)
     if run("ppo"):
         stage("PPO", "the SFT policy against the reward model, KL-penalized to the SFT model")
-        import ppo
-        # kl_horizon: a tenth of the run's episodes, so beta can follow the target: up to x(1 +- 2 / ppo_iters) a step
-        train = lambda step, init_from: ppo.main(ppo.Config(
-            init_from=init_from, reward_model=rm_ckpt, data=corpus, out_dir=path("ppo"), max_iters=step,
-            batch_size=cfg.batch_size, minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5, min_lr_ratio=1.0,
-            target_kl=cfg.target_kl, kl_horizon=max(1, cfg.ppo_iters * cfg.batch_size // 10),
-            max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.ppo_iters), eval_size=0, **shared))  # eval_size 0: the probes are its evaluation
-        train_in_chunks("PPO", train, cfg.ppo_iters, lambda: load_policy(path("ppo", "ckpt.pt"), "ppo", s), **chunks)
-
+        train_in_chunks("PPO", ppo_trainer(cfg, path, shared), cfg.ppo_iters, **probed)
     if run("grpo"):
         stage("GRPO", f"{cfg.group_size} samples per prompt, each scored against its group's mean; no critic")
-        import grpo
-        # half PPO's prompts, each sampled group_size times; one pass, four optimizer steps; k3 KL in the loss
-        prompts_per_step = max(1, cfg.batch_size // 2)
-        train = lambda step, init_from: grpo.main(grpo.Config(
-            init_from=init_from, reward_model=rm_ckpt, data=corpus, out_dir=path("grpo"), max_iters=step,
-            batch_size=prompts_per_step, group_size=cfg.group_size, ppo_epochs=1,
-            minibatch_size=max(1, prompts_per_step * cfg.group_size // 4), learning_rate=1e-4, beta=0.1,
-            max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.grpo_iters), eval_size=0, **shared))
-        train_in_chunks("GRPO", train, cfg.grpo_iters, lambda: load_policy(path("grpo", "ckpt.pt"), "grpo", s),
-                        **chunks)
-
+        train_in_chunks("GRPO", grpo_trainer(cfg, path, shared), cfg.grpo_iters, **probed)
     if run("dpo"):
         stage("DPO", "the SFT policy on the labeled pairs directly: no reward model, no sampling")
-        import dpo
-        dpo.main(dpo.Config(init_from=sft_ckpt, data=prefs, out_dir=path("dpo"), max_iters=cfg.dpo_iters,
-                            learning_rate=1e-4, beta=0.1, warmup_iters=min(10, cfg.dpo_iters // 10), min_lr_ratio=1.0,
-                            max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=cfg.dpo_iters, **shared))
-
+        train_dpo(cfg, path, shared)
     if run("ilql"):
         stage("ILQL", "offline RL on the same labeled pairs")
-        import ilql
-        # n_step = block_size: every Q target is its row's discounted return. With one-step targets the reward,
-        # given at the EOS, does not reach the words that earned it within this budget (docs/results.md).
-        # alpha 0.05: the target heads trail the online ones by ~1 / alpha = 20 steps of a 120-step run. One ILQL
-        # evaluation, at the end: the demo's evaluation is the real one.
-        ilql.main(ilql.Config(init_from=sft_ckpt, data=prefs, data_format="preferences", eval_split="test",
-                              out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3, alpha=0.05,
-                              n_step=cfg.block_size, warmup_iters=min(10, cfg.ilql_iters // 10),
-                              eval_interval=cfg.ilql_iters, max_new_tokens=cfg.max_new_tokens,
-                              eval_betas=(0.0, *cfg.ilql_betas), max_len=cfg.block_size, batch_size=cfg.batch_size,
-                              **shared))
+        train_ilql(cfg, path, shared)
 
     stage("evaluation", "gold score, RM score, KL to SFT, gold win rate vs SFT; over-optimisation curves")
     methods = evaluate_methods(task, cfg, s, policy, rm, path, sampling)
     heldout = read_log(path("data", "prefs", "test.jsonl"))
     with s.autocast():
         rm_acc = rm_accuracy(rm, heldout, max_prompt_len=cfg.max_prompt_len) if heldout else None
-    curves = {name: read_log(path(name, "curve.jsonl")) for name in ("ppo", "grpo")
-              if os.path.exists(path(name, "curve.jsonl"))}
+    curves = {name: read_log(path(name.lower(), "curve.jsonl")) for name in ("PPO", "GRPO")
+              if os.path.exists(path(name.lower(), "curve.jsonl"))}
     curves["best-of-n"] = best_of_n_curve(policy, rm, task, cfg, s, sampling)
     results = {"methods": methods, "rm_accuracy": rm_acc, "target_kl": cfg.target_kl, "title": task.title}
     write_report(cfg.out_dir, results, curves, read_log(path("ppo", "log.jsonl")))

@@ -60,7 +60,6 @@ Outputs in out_dir: ckpt.pt (kind "grpo": the policy, for load_model and resume)
     torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_hh_gpt2.py
 """
 
-import collections
 import copy
 import os
 import time
@@ -70,7 +69,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 import ppo
-from common import (ConfigError, Timer, all_reduce_mean, batch_indices, begin_step, check_finite, cleanup,
+from common import (ConfigError, Timer, all_reduce_mean, batch_indices, begin_step, check_numbers, cleanup,
                     load_checkpoint, load_model, make_optimizer, mix_seed, optimizer_step, print0, print_config,
                     restore, run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from model import GPTConfig, fp32_heads, token_logprobs
@@ -127,7 +126,7 @@ class Config:
     eval_samples: int = 2  # sample texts printed per evaluation
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"  # "bfloat16": autocast; logprob/KL/advantage math stays fp32
+    dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; logprob/KL/advantage math stays fp32)
     seed: int = 1337  # prompts and rollouts are seeded by (seed, step), minibatch shuffles by (seed, step, rank)
     compile: bool = False  # torch.compile the policy's trunk (rollout forward and update; the reference stays eager)
     grad_checkpointing: bool = False  # the policy recomputes blocks in backward: less memory, +1 forward
@@ -213,27 +212,28 @@ def forward_rollout(model, lm_head, ref, r, temperature, micro_batches, autocast
     each row's old logprobs come from exactly the computation its first training forward repeats (same rows, same
     shapes, same kernels): the first ratio is exactly 1 on any machine."""
     zeros = lambda: torch.zeros(r["response_mask"].shape, device=r["tokens"].device)
-    out = dict(logprobs=zeros(), ref_logprobs=None if ref is None else zeros(), entropy=0.0)
+    out = dict(logprobs=zeros(), ref_logprobs=None if ref is None else zeros(), entropy=0.0)  # entropy: a sum
     for idx in micro_batches:
         rows = [r[k][idx] for k in ("tokens", "mask", "response_mask")]
         with autocast():
             out["logprobs"][idx], logits = policy_logprobs(model, lm_head, *rows, r["P"], temperature)
             if ref is not None:
                 out["ref_logprobs"][idx] = policy_logprobs(ref, ref.lm_head, *rows, r["P"], temperature)[0]
-        out["entropy"] += entropy_from_logits(logits, temperature).sum().item()
+        out["entropy"] = out["entropy"] + entropy_from_logits(logits, temperature).sum()
     return out
 
 
 def grpo_update(model, lm_head, optimizer, batch, P, cfg, s, perms, step=0):
     """Step 5: one pass over the rollout batch per row order in `perms` (cfg.ppo_epochs of them), in minibatches of
     minibatch_size rows (0: all), one optimizer step each. Every rank's loss is the mean over its minibatch's
-    responses; DDP averages over ranks. Returns one dict of stats per minibatch."""
+    responses; DDP averages over ranks. Returns one dict of stats per minibatch. The stats stay on the device until
+    the end: the host reads the GPU once per optimizer step (optimizer_step), not per stat."""
     size = cfg.minibatch_size or len(perms[0])
     k3_beta = cfg.beta if cfg.kl_estimator == "k3" else 0.0
-    stats = []
+    stats, grad_norms = [], []
     for perm in perms:
         for start in range(0, len(perm), size):
-            chunks, mb_stats = perm[start:start + size].split(size // cfg.grad_accum), collections.Counter()
+            chunks, mb_loss, mb_stats = perm[start:start + size].split(size // cfg.grad_accum), 0, 0
             for i, idx in enumerate(chunks):
                 mb = {k: v[idx] for k, v in batch.items() if v is not None}
                 with model.no_sync() if s.ddp and i < len(chunks) - 1 else nullcontext():  # sync grads once
@@ -242,17 +242,21 @@ def grpo_update(model, lm_head, optimizer, batch, P, cfg, s, perms, step=0):
                                                       P, cfg.temperature)
                     loss, st = grpo_loss(logprobs, mb["logprobs"], mb["advantages"], mb["weights"], size,
                                          cfg.cliprange, mb.get("ref_logprobs"), k3_beta)
-                    check_finite(loss.item(), "loss", step)
                     loss.backward()
-                for k, v in st.items():  # each micro-batch's share of the minibatch's means
-                    mb_stats[k] += v.item()
-            grad_norm = optimizer_step(optimizer, model.parameters(), cfg.grad_clip, step)
-            stats.append({**mb_stats, "grad_norm": grad_norm})
-    return stats
+                mb_loss = mb_loss + loss.detach()
+                # each micro-batch's share of the minibatch's means
+                mb_stats = mb_stats + torch.stack(list(st.values())).detach().double()
+            # a NaN/inf loss stops the run here, before the weights see it
+            grad_norms.append(optimizer_step(optimizer, model.parameters(), cfg.grad_clip, step, loss=mb_loss))
+            stats.append(mb_stats)
+    return [dict(zip(st, row), grad_norm=g) for row, g in zip(torch.stack(stats).tolist(), grad_norms)]
 
 
 # ----------------------------------------------------------------------------- set-up, evaluation, checkpoints
 def check_config(cfg):
+    """The config's ranges and cross-field rules."""
+    check_numbers(cfg, positive=("max_prompt_len", "max_new_tokens", "group_size", "ppo_epochs", "temperature"),
+                  non_negative=("minibatch_size", "cliprange", "beta", "eval_size", "eval_samples"))
     if bool(cfg.reward_model) == bool(cfg.reward_fn):
         raise ConfigError("set exactly one of reward_model (a reward.py checkpoint) and reward_fn ('module:function')")
     if cfg.advantage not in ("grpo", "dr_grpo", "rloo"):
@@ -266,14 +270,6 @@ def check_config(cfg):
     if (cfg.batch_size * cfg.group_size) % size or size % cfg.grad_accum:
         raise ConfigError(f"batch_size * group_size ({cfg.batch_size * cfg.group_size}) must be a multiple of "
                           f"minibatch_size ({size}), itself a multiple of grad_accum ({cfg.grad_accum})")
-    if cfg.beta < 0:
-        raise ConfigError(f"beta must be >= 0 (0 = no KL), not {cfg.beta}")
-    if cfg.ppo_epochs < 1:
-        raise ConfigError(f"ppo_epochs must be >= 1, not {cfg.ppo_epochs}")
-    if cfg.temperature <= 0:
-        raise ConfigError("temperature must be > 0 (the ratio needs the sampling distribution's logprobs)")
-    if cfg.eval_interval < 1:
-        raise ConfigError("eval_interval must be >= 1 (evaluation and checkpoints happen every eval_interval steps)")
 
 
 def build_models(cfg, s, init_from, ckpt=None):
@@ -321,7 +317,7 @@ def iteration_metrics(r, f, rewards, kl, stats, s):
     metrics = dict(score=r["scores"].mean().item(), **({"kl": kl.mean().item()} if kl is not None else {}),
                    zero_adv=(rewards == rewards[0]).all(0).float().mean().item(),
                    **{k: sum(st[k] for st in stats) / len(stats) for k in stats[0]},
-                   entropy=f["entropy"] / response_mask.sum().item(),
+                   entropy=(f["entropy"] / response_mask.sum()).item(),
                    response_len=response_mask.sum(1).float().mean().item(),
                    no_eos=1 - r["has_eos"].float().mean().item(),
                    lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max().item(),
@@ -337,7 +333,7 @@ SHOWN = ("score", "kl", "zero_adv", "approx_kl", "clipfrac", "kl_loss", "entropy
 
 # ----------------------------------------------------------------------------- training
 def main(cfg):
-    s = setup(cfg.device, cfg.dtype, cfg.seed)
+    s = setup(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir)
     print_config(cfg)
     check_config(cfg)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
