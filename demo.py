@@ -244,7 +244,7 @@ def write_report(out_dir, results, curves, ppo_log):
     import matplotlib.pyplot as plt
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     rouge = all("rouge1" in m for m in results["methods"].values())  # ROUGE against the task's reference completions
-    lines = [f"# RLHF demo: {results.get('title', '')}", "",
+    lines = [f"# {results.get('title', 'RLHF demo')}", "",
              "Gold score: the hidden labeler. RM score: the learned reward model. KL: to the SFT model, nats per "
              "response, estimated on the method's samples (best-of-n: the analytic bound log n - (n - 1) / n). "
              "Win rate: gold score vs SFT's sample on the same prompt, ties count half." + " ROUGE: F1 x 100 against "
@@ -309,7 +309,7 @@ class Task:
 
 def load_task(name):
     if name == "reviews":
-        return Task("positive movie reviews", make_corpus, gold_score, {}, QUICK)
+        return Task("RLHF demo: positive movie reviews", make_corpus, gold_score, {}, QUICK)
     if name == "summarize":
         import summarize  # the TL;DR task of the TRLx article, offline: generated posts, a gold labeler of summaries
         return Task(summarize.TITLE, summarize.make_corpus, summarize.gold_score, summarize.CONFIG, summarize.QUICK,
@@ -564,7 +564,7 @@ def main(cfg):
     shared = dict(device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, beta2=0.95, max_prompt_len=cfg.max_prompt_len)
 
     if not cfg.only:
-        stage("corpus", f"prompts and good completions ({task.title})")
+        stage("corpus", f"prompts and good completions: {task.title}")
         write_corpus(task, cfg, path)
         stage("SFT", "a GPT-2 from scratch learns the corpus")
         train_sft(cfg, path, shared)

@@ -179,12 +179,13 @@ def test_with_sizes_keeps_what_was_set():
 def test_write_report(tmp_path):
     results = {"methods": {"SFT": dict(gold=0.1, rm=0.0, kl=0.0, win_rate=0.5, samples=[("This movie", " is ok.")]),
                            "PPO": dict(gold=1.5, rm=2.0, kl=3.2, win_rate=0.8, samples=[("This film", " is great!")])},
-               "rm_accuracy": 0.85, "target_kl": 6.0, "title": "positive movie reviews"}
+               "rm_accuracy": 0.85, "target_kl": 6.0, "title": "RLHF demo: positive movie reviews"}
     ppo_log = [{"step": s, "score": 0.1 * s, "kl": 0.05 * s, "beta": 0.05} for s in range(5)]
     curves = {"PPO": [dict(step=s, kl=s, gold=0.1 * s, rm=0.2 * s) for s in range(3)],
               "best-of-n": [dict(n=n, kl=math.log(n) - (n - 1) / n, gold=0.1, rm=0.2) for n in (1, 2, 4)]}
     demo.write_report(str(tmp_path), results, curves, ppo_log)
     report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# RLHF demo: positive movie reviews\n")
     assert "| method | gold score | RM score | KL | gold win rate vs SFT |" in report
     assert "| PPO | 1.500 | 2.000 | 3.200 | 0.800 |" in report and "0.850" in report and "is great!" in report
     for png in ("ppo_training.png", "over_optimisation.png"):
