@@ -230,3 +230,14 @@ def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
     assert "over_optimisation.png" in (out / "report.md").read_text()  # with PPO's curve, kept from the first run
     with pytest.raises(ConfigError):
         demo.main(replace(cfg, only="sft"))
+
+
+def test_summarize_task_end_to_end_quick(tmp_path):
+    """--task=summarize through every stage at --quick sizes: the task's sizes and its ROUGE columns reach the report
+    (the numbers of a tiny run mean nothing; the wiring is what is tested)."""
+    results = demo.main(demo.Config(task="summarize", quick=True, out_dir=str(tmp_path / "sum")))
+    report = (tmp_path / "sum" / "report.md").read_text()
+    assert report.startswith("# RLHF demo: summarizing posts") and "| ROUGE-1 | ROUGE-2 | ROUGE-L |" in report
+    assert all("rougeL" in m for m in results["methods"].values())
+    prompts = [json.loads(line)["prompt"] for line in open(tmp_path / "sum" / "data" / "prefs" / "train.jsonl")]
+    assert prompts and all(p.endswith("\nTL;DR:") for p in prompts)  # the task's corpus, not the reviews

@@ -1,0 +1,101 @@
+"""
+A second task for demo.py: summarize short posts, offline (`python demo.py --task=summarize`).
+
+The task of the TRLx summarization article (CarperAI's "learning to summarize" with trlX, after Stiennon et al. 2020,
+on Reddit TL;DR), made small and self-contained. A seeded generator writes short posts, each with four key facts
+(who, what they did, to what, what the writer wants) among sentences that do not matter (a feeling, a detail of the
+day), and a reference summary of each. `gold_score` plays the human labeler, who prefers summaries that state the
+key facts, stay short and invent nothing. The pipeline is the movie task's: SFT on post -> reference summary, pairs
+sampled from the SFT model and labeled by the gold through Bradley-Terry noise, a reward model, then PPO and the
+offline methods; evaluated by the gold, by win rate and KL against the SFT model, and by ROUGE against the
+references.
+
+The gold does not ask for the reference's wording: a summary of the same facts in fewer words scores higher. So
+ROUGE (overlap with the references) and the labeler's preference can disagree, as Stiennon et al. found at scale.
+"""
+
+import random
+import re
+
+TITLE = "RLHF demo: summarizing posts (TL;DR)"
+CUE = "\nTL;DR:"  # ends every prompt: what follows is the summary
+
+# ----------------------------------------------------------------------------- the task: posts and their summaries
+# The four key facts of a post, one word from each list. No other sentence of a post uses these words.
+WHO = "roommate boyfriend girlfriend sister brother boss friend neighbor coworker cousin mom dad".split()
+VERBS = "broke took lost borrowed sold hid ruined stole".split()
+OBJECTS = "phone car laptop bike keys camera guitar jacket watch books".split()
+WANTS = {"apology": "an apology", "refund": "a refund", "advice": "some advice", "space": "some space",
+         "truth": "the truth", "help": "some help", "break": "a break", "replacement": "a replacement"}
+FACT_WORDS = set(WHO + VERBS + OBJECTS + list(WANTS))
+# The post's sentences. Slots: {who} {verb} {obj} {want} the facts; {when} {When} {where} what does not matter.
+EVENT = ["My {who} {verb} my {obj} {when}.", "{When} my {who} {verb} my {obj}.", "So my {who} {verb} my {obj} {when}.",
+         "My {who} just {verb} my {obj}."]
+WHEN = ["yesterday", "last week", "last night", "this morning", "on Monday"]
+WHERE = ["at the gym", "at the park", "at the mall", "at the beach", "at a party", "in the kitchen", "in the garden"]
+DETAIL = ["It happened {where}.", "We were {where} at the time.", "I was {where} when it happened."]
+ASK = ["I want {want}.", "All I want now is {want}.", "I just want {want}.", "Honestly, I want {want}."]
+# The reference summaries, written as people write them: most name the four facts, some add where it happened, some
+# leave out the want. FUNCTION: the words they add to the post's words.
+SUMMARY = {"facts": [" my {who} {verb} my {obj} and I want {want}.", " my {who} {verb} my {obj}, I want {want}.",
+                     " {who} {verb} my {obj}, I want {want}.", " I want {want} because my {who} {verb} my {obj}."],
+           "detail": [" my {who} {verb} my {obj} {where} and I want {want}.", " {who} {verb} my {obj} {where}, I want {want}."],
+           "no want": [" my {who} {verb} my {obj}.", " {who} {verb} my {obj}."]}
+STYLES = {"facts": 0.5, "detail": 0.2, "no want": 0.3}
+FUNCTION = set("a an the some my and i want because".split())
+
+
+def make_corpus(n, seed):
+    """n rows {"prompt": post + CUE, "completion": " reference summary."}, a pure function of seed. A post: the event
+    (who did what to what), where it happened, the want. The reference's style is drawn with the probabilities
+    STYLES."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        when = rng.choice(WHEN)
+        want = rng.choice(list(WANTS))
+        slots = dict(who=rng.choice(WHO), verb=rng.choice(VERBS), obj=rng.choice(OBJECTS), want=WANTS[want], when=when,
+                     When=when[0].upper() + when[1:], where=rng.choice(WHERE))
+        post = " ".join(rng.choice(t).format(**slots) for t in (EVENT, DETAIL, ASK))
+        style = rng.choices(list(STYLES), weights=list(STYLES.values()))[0]
+        rows.append({"prompt": post + CUE, "completion": rng.choice(SUMMARY[style]).format(**slots)})
+    return rows
+
+# ----------------------------------------------------------------------------- the gold labeler (stands in for a human)
+WORD = re.compile(r"[a-z']+")
+
+
+def gold_parts(prompt, response):
+    """The terms of gold_score, for reports and tests."""
+    post = set(WORD.findall(prompt.split(CUE)[0].lower()))
+    words = WORD.findall(response.lower())
+    return dict(facts=len(post & FACT_WORDS & set(words)), invented=sum(w not in post | FUNCTION for w in words),
+                words=len(words), no_ending=not response.rstrip().endswith("."))
+
+
+def gold_score(prompt, response):
+    """The hidden human: how good a summary `response` is of the post in `prompt` (the text before CUE).
+
+    words = lowercase [a-z']+ tokens. The post has four key facts: its words from the lists WHO, VERBS, OBJECTS and
+    WANTS (one of each).
+    score = 1.0 * facts      (key facts of the post the summary names, each counted once: 0..4)
+            - 2.0 * invented (summary words, each occurrence, that are neither in the post nor FUNCTION words: a
+                              fact the post does not state, a detail from elsewhere, gibberish)
+            - 0.1 * words    (shorter is better)
+            - 1.0 * [the stripped summary does not end with "."]
+    E.g. for "My roommate broke my phone last night. I want an apology.": " my roommate broke my phone and I want an
+    apology." = 4 - 0.1*10 = 3.0; " roommate broke my phone, I want an apology." = 3.2 (same facts, fewer words);
+    " my roommate broke my phone." = 3 - 0.5 = 2.5 (a fact missing); " my sister broke my phone and I want an
+    apology." = 3 - 2 - 1.0 = 0.0 (a fact invented: worse than missing). Every reference summary scores 4 - 0.1 *
+    its words (8 to 11)."""
+    p = gold_parts(prompt, response)
+    return p["facts"] - 2.0 * p["invented"] - 0.1 * p["words"] - 1.0 * p["no_ending"]
+
+
+# ----------------------------------------------------------------------------- demo.Config sizes for this task
+# Prompts are at most 32 tokens, reference summaries at most 15 (+ the EOS).
+CONFIG = dict(max_prompt_len=32, max_new_tokens=16, block_size=48, sft_iters=800, n_pref_prompts=3000, rm_iters=250,
+              target_kl=1.0, ppo_iters=24, grpo_iters=20, dpo_iters=40, ilql_iters=40, n_probe_prompts=32, curve_n=32)
+QUICK = dict(n_train=200, n_eval=20, n_pref_prompts=16, n_heldout_prompts=16, n_eval_prompts=8, n_probe_prompts=4,
+             max_new_tokens=12, n_layer=2, n_head=2, n_embd=32, block_size=44, batch_size=4, sft_iters=4, rm_iters=3,
+             ppo_iters=2, grpo_iters=2, dpo_iters=2, ilql_iters=3, best_of_n=2, curve_n=4)
