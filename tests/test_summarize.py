@@ -51,6 +51,7 @@ def test_every_post_has_four_facts_and_its_reference_scores_the_formula():
     ("", -1.0),                                                             # nothing, and no ending
     (" my sister broke my phone and I want an apology.", 3 - 2 - 0.1 * 10),  # who invented (sister: not in the post)
     (" my roommate broke my xyzzy and I want an apology.", 3 - 2 - 0.1 * 10),  # gibberish is invented
+    (" my sister, sister broke my phone.", 2 - 2 * 2 - 0.1 * 6),             # an invented word costs each time
     (" my roommate broke my phone at the gym, I want an apology.", 4 - 0.1 * 12),  # the post's detail: only longer
     (" my roommate broke my phone at the park, I want an apology.", 4 - 2 - 0.1 * 12),  # "park": not in the post
     (" my roommate broke my phone and I want an apology", 4 - 0.1 * 10 - 1),  # no final "."
