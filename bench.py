@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import speedups
-from common import ConfigError, run_main
+from common import ConfigError, cpu_info, run_main
 from model import CONV1D, EOS, GPT, GPTConfig, generate
 
 
@@ -85,24 +85,6 @@ def minor_faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     except ImportError:  # not Unix
         return 0
-
-
-ISA_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # AVX-512 BF16 and AMX: what makes a CPU's bf16 matmuls fast
-
-
-def cpu_info():
-    """"<model name> (avx512_bf16 yes, amx_bf16 no, amx_tile no)" from /proc/cpuinfo; n/a where it cannot be read."""
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())  # the first CPU's
-    except OSError:  # not Linux
-        pass
-    flags = info["flags"].split() if "flags" in info else None
-    isa = ", ".join(f"{flag} {'n/a' if flags is None else 'yes' if flag in flags else 'no'}" for flag in ISA_FLAGS)
-    return f"{info.get('model name', 'n/a')} ({isa})"
 
 
 def autocast(cfg, dtype):

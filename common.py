@@ -234,6 +234,25 @@ def setup(device="auto", dtype="float32", seed=1337, out_dir=None):
     return s
 
 
+ISA_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # AVX-512 BF16 and AMX: what makes a CPU's bf16 matmuls fast
+
+
+def cpu_info():
+    """The CPU, for every absolute number a run prints (machines differ: compare ratios within one run).
+    "<model name> (avx512_bf16 yes, amx_bf16 no, amx_tile no)" from /proc/cpuinfo; n/a where it cannot be read."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())  # the first CPU's
+    except OSError:  # not Linux
+        pass
+    flags = info["flags"].split() if "flags" in info else None
+    isa = ", ".join(f"{flag} {'n/a' if flags is None else 'yes' if flag in flags else 'no'}" for flag in ISA_FLAGS)
+    return f"{info.get('model name', 'n/a')} ({isa})"
+
+
 def native_bf16():
     """Does the current GPU compute bf16 natively (Ampere and later)? Older ones emulate it, many times slower."""
     try:

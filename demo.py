@@ -44,7 +44,7 @@ import torch
 
 import data
 import scoring
-from common import ConfigError, check_numbers, load_model, print0, print_config, run_main, setup
+from common import ConfigError, check_numbers, cpu_info, load_model, print0, print_config, run_main, setup
 from model import fp32_heads
 from eval import evaluate, kl_to_ref, sample_policy, write_results
 from sample import ilql_logits_fn
@@ -236,7 +236,7 @@ def write_report(out_dir, results, curves, ppo_log):
     """out_dir/report.md and two PNG plots.
     results: {"title", "methods": {name: {"gold", "rm", "kl", "win_rate", "samples": [(prompt, text), ...]}},
               "rm_accuracy": RM accuracy on held-out pairs labeled by the noiseless gold (or None),
-              "target_kl": PPO's KL target}
+              "target_kl": PPO's KL target, "run": run_record's line (times and machine)}
     curves:  {method: [{"kl", "gold", "rm", ...}, ...]}: the over-optimisation plot, gold and RM vs sqrt(KL)
     ppo_log: the rows of ppo's log.jsonl: the training plot of score, KL (and its target) and beta"""
     import matplotlib
@@ -260,6 +260,8 @@ def write_report(out_dir, results, curves, ppo_log):
               "[eval.md](eval.md)."]
     if results.get("rm_accuracy") is not None:
         lines += ["", f"Reward model accuracy vs the noiseless gold on held-out pairs: {results['rm_accuracy']:.3f}"]
+    if results.get("run"):
+        lines += ["", f"Run: {results['run']}."]
     figures = []
     rows = [r for r in ppo_log if "kl" in r and "beta" in r]
     if rows:
@@ -469,6 +471,16 @@ def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
             for name, r in results["policies"].items()}
 
 
+def run_record(clock, s, cfg):
+    """One line: the whole run's time, each stage's, and the machine they were measured on (they differ by machine)."""
+    marks = clock + [("end", time.time())]
+    stages = ", ".join(f"{name} {(t1 - t0) / 60:.1f}" for (name, t0), (_, t1) in zip(marks[1:], marks[2:]))
+    device = (f"GPU {torch.cuda.get_device_name(s.device)}" if "cuda" in s.device else
+              f"CPU {cpu_info()}, {torch.get_num_threads()} threads")
+    return (f"done in {(marks[-1][1] - marks[0][1]) / 60:.1f} min (stages, min: {stages}) on {device}, "
+            f"{cfg.dtype}, seed {cfg.seed}")
+
+
 def every(iters):
     """eval_interval (and checkpoints) of a training stage: five per run."""
     return max(1, iters // 5)
@@ -555,9 +567,12 @@ def main(cfg):
     print_config(cfg)
     path = lambda *parts: os.path.join(cfg.out_dir, *parts)
     run = lambda name: cfg.only in ("", name)  # --only: the earlier stages' files in out_dir are reused as they are
-    t0 = time.time()
-    stage = lambda name, what: print0(f"\n=== [{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what} | "
-                                      f"{(time.time() - t0) / 60:.1f} min elapsed ===")
+    clock = [("start", time.time())]  # (stage, its start): the report's stage times
+
+    def stage(name, what):
+        clock.append((name, time.time()))
+        print0(f"\n=== [{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what} | "
+               f"{(clock[-1][1] - clock[0][1]) / 60:.1f} min elapsed ===")
     sampling = dict(max_new_tokens=cfg.max_new_tokens, max_prompt_len=cfg.max_prompt_len)
     # Shared by the training scripts. Data folders hold train.jsonl and test.jsonl: `datasets` names the splits.
     # beta2 0.95 (nanoGPT's) rather than the scripts' 0.999: these are short runs at high learning rates
@@ -597,13 +612,13 @@ def main(cfg):
     curves = {name: read_log(path(name.lower(), "curve.jsonl")) for name in ("PPO", "GRPO")
               if os.path.exists(path(name.lower(), "curve.jsonl"))}
     curves["best-of-n"] = best_of_n_curve(policy, rm, task, cfg, s, sampling)
-    results = {"methods": methods, "rm_accuracy": rm_acc, "target_kl": cfg.target_kl, "title": task.title}
+    results = {"methods": methods, "rm_accuracy": rm_acc, "target_kl": cfg.target_kl, "title": task.title,
+               "run": run_record(clock, s, cfg)}
     write_report(cfg.out_dir, results, curves, read_log(path("ppo", "log.jsonl")))
     for name, m in methods.items():
         print0(f"{name:>22} | gold {m['gold']:.3f} | RM {m['rm']:.3f} | KL {m['kl']:.2f} | "
                f"win rate {m['win_rate']:.2f}")
-    print0(f"RM accuracy vs gold (held out): {rm_acc} | done in {(time.time() - t0) / 60:.1f} min: "
-           f"{path('report.md')}")
+    print0(f"RM accuracy vs gold (held out): {rm_acc}\n{results['run']}\nreport: {path('report.md')}")
     return results
 
 

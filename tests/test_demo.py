@@ -5,12 +5,15 @@ the whole pipeline end to end, and an --only=ilql rerun on its outputs."""
 import json
 import math
 import random
+import sys
 from contextlib import nullcontext
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import common
 import data
 import demo
 from common import ConfigError, Setup
@@ -190,6 +193,18 @@ def test_write_report(tmp_path):
     assert "| PPO | 1.500 | 2.000 | 3.200 | 0.800 |" in report and "0.850" in report and "is great!" in report
     for png in ("ppo_training.png", "over_optimisation.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in report
+
+
+def test_run_record_stage_times_and_machine(monkeypatch):
+    """Each stage's time is from its start to the next stage's (the last one's to the end), with the CPU named."""
+    monkeypatch.setattr(demo.time, "time", lambda: 150.0)
+    clock = [("start", 0.0), ("corpus", 0.0), ("SFT", 6.0), ("label", 36.0)]
+    s = SimpleNamespace(device="cpu")
+    line = demo.run_record(clock, s, demo.Config(seed=7))
+    assert line.startswith("done in 2.5 min (stages, min: corpus 0.1, SFT 0.5, label 1.9) on CPU "), line
+    assert line.endswith(f"{torch.get_num_threads()} threads, bfloat16, seed 7")
+    if sys.platform == "linux":
+        assert common.cpu_info() in line and common.cpu_info().split(" (")[0] in open("/proc/cpuinfo").read()
 
 
 def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
