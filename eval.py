@@ -147,7 +147,8 @@ def sample_policy(model, prompts, seed, max_new_tokens, max_prompt_len, temperat
 
 def response_logprobs(model, head, batch, temperature):
     """log p of each response token (B, N), fp32. Hidden state t chooses token t + 1: the states P-1 ... T-2.
-    Contiguous, as in ppo.response_hidden: then a frozen copy of a model gives its logprobs bit for bit."""
+    Contiguous: on a strided slice torch.matmul picks mm or bmm depending on whether the weight requires grad, and
+    those may round differently; contiguous, a frozen copy of a model gives its logprobs bit for bit."""
     tokens, P = batch["tokens"], batch["P"]
     h = model(tokens, batch["mask"])[:, P - 1:-1].contiguous()  # (B, N, C)
     return token_logprobs(head(h), tokens[:, P:], temperature)

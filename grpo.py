@@ -34,15 +34,10 @@ Our choices, where public implementations differ:
   beta * (exp(ref - lp) - (ref - lp) - 1) per token to the loss, unclipped, as GRPO does: an unbiased, never-negative
   estimate whose gradient pulls towards the reference. beta=0: no KL at all, and the reference is not even loaded
   (then no `kl` is logged).
-- Old logprobs come from one no-grad forward (3), not from the sampler (as in ppo.py), run on the very micro-batches
-  of the first epoch (the row orders are drawn first): the same rows, shapes and kernels as the training forward. So
-  the first ratio is exactly 1 without relying on a row's result being independent of the other rows in its batch
-  (ppo.py relies on it: CPU kernels give it, no kernel library promises it). With ppo_epochs=1 and one minibatch per
-  batch (minibatch_size=0, the default) every update is on-policy, the ratio stays 1 and the loss is the plain policy
-  gradient; the clip acts once a batch is reused (several minibatches or epochs).
-- The LM head runs only at the positions that choose a real response token: with group_size samples per prompt, many
-  responses end long before the longest one, and the vocabulary-sized logits of their padding would cost as much as
-  the rest of the forward.
+- Old logprobs come from one no-grad forward (3), not from the sampler, run on the very micro-batches of the first
+  epoch, and the LM head runs only at the real response tokens, both as in ppo.py (see there). With ppo_epochs=1 and
+  one minibatch per batch (minibatch_size=0, the default) every update is on-policy, the ratio stays 1 and the loss
+  is the plain policy gradient; the clip acts once a batch is reused (several minibatches or epochs).
 - DDP: a group never spans two ranks, and advantages need no communication. Rows are laid out sample-major: row
   k * B + j of the global batch is sample k of prompt j (B = batch_size * world_size), and rank r samples the rows
   r::world_size (ppo.rollout's shard), i.e. all group_size samples of prompts r, r + world_size, ... With each rank's
@@ -72,8 +67,8 @@ import ppo
 from common import (ConfigError, Timer, all_reduce_mean, batch_indices, begin_step, check_numbers, cleanup,
                     load_checkpoint, load_model, make_optimizer, mix_seed, optimizer_step, print0, print_config,
                     restore, run_main, save_checkpoint, setup, start_log, wrap_ddp)
-from model import GPTConfig, fp32_heads, token_logprobs
-from ppo import PhaseTimer, entropy_from_logits, load_data, response_hidden, rollout
+from model import GPTConfig, fp32_heads
+from ppo import PhaseTimer, entropy_from_logits, load_data, response_hidden, response_logprobs, rollout
 from scoring import make_scorer
 
 
@@ -193,32 +188,24 @@ def grpo_loss(logprobs, old_logprobs, advantages, weights, n_responses, cliprang
 
 
 # ----------------------------------------------------------------------------- forwards and the update
-def policy_logprobs(model, lm_head, tokens, mask, response_mask, P, temperature):
-    """The logprobs (B, N) fp32 of the response tokens tokens[:, P:] (0 on padding), and the logits (n, V) of the n
-    real ones: the LM head runs only at the positions that choose a real response token, not at the padding after
-    an early EOS. `model` may be DDP-wrapped or compiled (its forward gives hidden states); `lm_head` is the raw
-    model's."""
-    sel = response_mask.bool()  # (B, N)
-    logits = lm_head(response_hidden(model, tokens, mask, P)[sel])  # (n, V)
-    logprobs = torch.zeros(sel.shape, device=tokens.device)
-    logprobs[sel] = token_logprobs(logits, tokens[:, P:][sel], temperature)
-    return logprobs, logits
-
-
 @torch.no_grad()
 def forward_rollout(model, lm_head, ref, r, temperature, micro_batches, autocast=nullcontext):
     """Step 3: logprobs and ref_logprobs (None without a reference) (B, N) fp32, 0 on padding, and the entropy summed
     over the response tokens of the rollout `r`, computed on `micro_batches` (row indices): the first epoch's, so
     each row's old logprobs come from exactly the computation its first training forward repeats (same rows, same
-    shapes, same kernels): the first ratio is exactly 1 on any machine."""
-    zeros = lambda: torch.zeros(r["response_mask"].shape, device=r["tokens"].device)
+    shapes, same kernels): the first ratio is exactly 1 on any machine. `model` may be DDP-wrapped or compiled (its
+    forward gives hidden states); `lm_head` is the raw policy's."""
+    P, zeros = r["P"], lambda: torch.zeros(r["response_mask"].shape, device=r["tokens"].device)
     out = dict(logprobs=zeros(), ref_logprobs=None if ref is None else zeros(), entropy=0.0)  # entropy: a sum
     for idx in micro_batches:
-        rows = [r[k][idx] for k in ("tokens", "mask", "response_mask")]
+        tokens, mask, response_mask = (r[k][idx] for k in ("tokens", "mask", "response_mask"))
         with autocast():
-            out["logprobs"][idx], logits = policy_logprobs(model, lm_head, *rows, r["P"], temperature)
+            h = response_hidden(model, tokens, mask, P)
+            out["logprobs"][idx], logits = response_logprobs(lm_head, h, tokens[:, P:], response_mask, temperature)
             if ref is not None:
-                out["ref_logprobs"][idx] = policy_logprobs(ref, ref.lm_head, *rows, r["P"], temperature)[0]
+                h = response_hidden(ref, tokens, mask, P)
+                out["ref_logprobs"][idx] = response_logprobs(ref.lm_head, h, tokens[:, P:], response_mask,
+                                                             temperature)[0]
         out["entropy"] = out["entropy"] + entropy_from_logits(logits, temperature).sum()
     return out
 
@@ -238,8 +225,9 @@ def grpo_update(model, lm_head, optimizer, batch, P, cfg, s, perms, step=0):
                 mb = {k: v[idx] for k, v in batch.items() if v is not None}
                 with model.no_sync() if s.ddp and i < len(chunks) - 1 else nullcontext():  # sync grads once
                     with s.autocast():
-                        logprobs, _ = policy_logprobs(model, lm_head, mb["tokens"], mb["mask"], mb["response_mask"],
-                                                      P, cfg.temperature)
+                        h = response_hidden(model, mb["tokens"], mb["mask"], P)
+                        logprobs, _ = response_logprobs(lm_head, h, mb["tokens"][:, P:], mb["response_mask"],
+                                                        cfg.temperature)
                     loss, st = grpo_loss(logprobs, mb["logprobs"], mb["advantages"], mb["weights"], size,
                                          cfg.cliprange, mb.get("ref_logprobs"), k3_beta)
                     loss.backward()

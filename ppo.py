@@ -6,7 +6,7 @@ Each iteration, on every rank:
   1. sample responses to a batch of prompts (KV-cache sampler, temperature T, plain sampling: no top-k/top-p)
   2. truncate each response after its first EOS; score it with the reward model or a Python `reward_fn`;
      a response with no EOS has its score replaced by a penalty
-  3. forwards without grad: policy logprobs and values, reference logprobs
+  3. forwards without grad, on the first epoch's micro-batches: policy logprobs and values, reference logprobs
   4. per-token rewards -beta * (logprobs - ref_logprobs), plus the score on the last token (the EOS)
   5. GAE (gamma 1, lambda 0.95); advantages whitened over the real response tokens
   6. ppo_epochs passes over shuffled minibatches: clipped-ratio loss + vf_coef * clipped value loss, grad-norm clip
@@ -15,8 +15,14 @@ beta follows the adaptive KL controller of Ziegler et al. 2019 (or stays fixed w
 Choices where public implementations differ:
 - Old logprobs come from one no-grad forward (3), not from the sampler: the KV-cache sampler runs other kernels on
   other shapes, so its logprobs differ from a full forward by rounding (more under bf16), and the first ratio would
-  not be exactly 1. The forward is shared with the values (same trunk when critic="shared"); the sampler/forward gap
-  is logged as `lp_gap`, a live check of positions and padding (rounding-sized in fp32).
+  not be exactly 1. That forward runs on the very micro-batches of the first epoch (the row orders are drawn first):
+  each row's old logprob comes from exactly the computation its first training forward repeats (same rows, shapes
+  and kernels), so the first ratio is exactly 1 without relying on a row's result being independent of the other
+  rows in its batch. It is shared with the values (same trunk when critic="shared"); the sampler/forward gap is
+  logged as `lp_gap`, a live check of positions and padding (rounding-sized in fp32).
+- The LM head runs only at the positions that choose a real response token (response_logprobs), not at the padding
+  after an early EOS: responses end long before the longest one of their batch, and the vocabulary-sized logits of
+  the padding would cost as much as the rest of the forward. Values come from the one-wide value head everywhere.
 - Under bf16 autocast the logits and values are computed in fp32 (fp32_heads, model.Head), in the sampler too: bf16
   would round GPT-2's large logits by up to 0.25 nats in steps, which ratios, the KL penalty and the sampled
   distribution would all see. TRL keeps bf16 logits.
@@ -33,9 +39,10 @@ Choices where public implementations differ:
   are token means over the whole minibatch of all ranks: N ranks whiten and average as one process would over the
   same rollouts. Per-rank whitening would make the update depend on the number of GPUs (and be noisier).
 - --compile=True compiles the policy+critic forward, which the rollout and the update share, so the first ratio is
-  still exactly 1; the reference stays eager, so the first KL is then rounding-sized, not exactly 0. frozen_bf16 holds
-  the reference and reward model in bf16 (half their memory): their LayerNorms and biases round to bf16, so the
-  first KL is no longer exactly 0 either.
+  still exactly 1 (its LM head part, response_logprobs, runs eager: its row count varies with the responses' lengths);
+  the reference stays eager, so the first KL is then rounding-sized, not exactly 0. frozen_bf16 holds the reference
+  and reward model in bf16 (half their memory): their LayerNorms and biases round to bf16, so the first KL is no
+  longer exactly 0 either.
 - Dropout is off whatever the checkpoint says: every model stays in eval mode, also while training (the only thing
   train mode would change is dropout, and the first ratio must be exactly 1).
 - clipfrac counts the tokens where the clipped branch of the loss is taken (TRL's pg_clipfrac), not every token
@@ -236,14 +243,21 @@ def entropy_from_logits(logits, temperature):
 # ----------------------------------------------------------------------------- policy, critic, rollouts
 def response_hidden(model, tokens, mask, P):
     """Final hidden states at the positions that choose the response tokens tokens[:, P:]: (B, N, C). Hidden state t
-    chooses token t + 1, so these are positions P-1 ... T-2; only they go through lm_head.
-    Contiguous on purpose: on a strided slice, torch.matmul picks mm or bmm depending on whether the weight requires
-    grad, and those may round differently, so the frozen reference would disagree with an identical policy."""
-    return model(tokens, mask)[:, P - 1:-1].contiguous()
+    chooses token t + 1, so these are positions P-1 ... T-2; response_logprobs runs the LM head at the real ones."""
+    return model(tokens, mask)[:, P - 1:-1]
 
 
-def response_logprobs(model, tokens, mask, P, temperature):
-    return token_logprobs(model.lm_head(response_hidden(model, tokens, mask, P)), tokens[:, P:], temperature)
+@torch.compiler.disable  # eager under --compile: n varies with the rows' lengths, and h[sel] would break the graph
+def response_logprobs(lm_head, h, responses, response_mask, temperature):
+    """The logprobs (B, N) fp32 of the response tokens `responses` (B, N), 0 on padding, and the logits (n, V) of the
+    n real ones, from the hidden states h (B, N, C) that choose them (response_hidden). The LM head runs only where
+    response_mask is 1, not on the padding after an early EOS: responses end long before the longest one of their
+    batch, and the vocabulary-sized logits of the padding would cost as much as the rest of the forward."""
+    sel = response_mask.bool()  # (B, N)
+    logits = lm_head(h[sel])  # (n, V)
+    logprobs = torch.zeros(sel.shape, device=h.device)
+    logprobs[sel] = token_logprobs(logits, responses[sel], temperature)
+    return logprobs, logits
 
 
 class ActorCritic(nn.Module):
@@ -254,12 +268,11 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, tokens, mask, P, temperature):
-        """logprobs (B, N) fp32 of the response tokens tokens[:, P:], values (B, N) fp32 of the states that choose
-        them, and the logits (B, N, V)."""
+    def forward(self, tokens, mask, response_mask, P, temperature):
+        """logprobs (B, N) fp32 of the response tokens tokens[:, P:] (0 on padding), values (B, N) fp32 of the states
+        that choose them (padding included), and the logits (n, V) of the n real tokens (response_logprobs)."""
         h = response_hidden(self.policy, tokens, mask, P)
-        logits = self.policy.lm_head(h)  # (B, N, V)
-        logprobs = token_logprobs(logits, tokens[:, P:], temperature)
+        logprobs, logits = response_logprobs(self.policy.lm_head, h, tokens[:, P:], response_mask, temperature)
         if self.critic is not None:
             h = response_hidden(self.critic, tokens, mask, P)
         values = (self.policy if self.critic is None else self.critic).heads["value"](h).squeeze(-1).float()
@@ -304,29 +317,33 @@ def rollout(policy, score_fn, prompts, cfg, generator, autocast=nullcontext, tim
 
 
 @torch.no_grad()
-def forward_rollout(model, ref, tokens, mask, P, temperature, micro_batch_size, autocast=nullcontext):
-    """Step 3: logprobs, values, ref_logprobs (B, N) fp32 and per-token entropy, in chunks of micro_batch_size rows
-    (the training forward's batch shape, so its first ratio is exactly 1)."""
-    out = collections.defaultdict(list)
-    for t, m in zip(tokens.split(micro_batch_size), mask.split(micro_batch_size)):
+def forward_rollout(model, ref, r, temperature, micro_batches, autocast=nullcontext):
+    """Step 3: logprobs, values and ref_logprobs (B, N) fp32 of the rollout `r` (logprobs 0 on padding), and the
+    entropy summed over its response tokens, computed on `micro_batches` (row indices): the first epoch's, so each
+    row's old logprobs and values come from exactly the computation its first training forward repeats (same rows,
+    same shapes, same kernels): the first ratio is exactly 1 on any machine."""
+    tokens, mask, response_mask, P = r["tokens"], r["mask"], r["response_mask"], r["P"]
+    out = {k: torch.zeros(response_mask.shape, device=tokens.device) for k in ("logprobs", "values", "ref_logprobs")}
+    out["entropy"] = 0.0  # a sum
+    for idx in micro_batches:
+        t, m, rm = tokens[idx], mask[idx], response_mask[idx]
         with autocast():
-            logprobs, values, logits = model(t, m, P, temperature)
-            out["ref_logprobs"].append(response_logprobs(ref, t, m, P, temperature))
-        out["logprobs"].append(logprobs)
-        out["values"].append(values)
-        out["entropy"].append(entropy_from_logits(logits, temperature))
-    return {k: torch.cat(v) for k, v in out.items()}
+            out["logprobs"][idx], out["values"][idx], logits = model(t, m, rm, P, temperature)
+            h = response_hidden(ref, t, m, P)
+            out["ref_logprobs"][idx] = response_logprobs(ref.lm_head, h, t[:, P:], rm, temperature)[0]
+        out["entropy"] = out["entropy"] + entropy_from_logits(logits, temperature).sum()
+    return out
 
 
-def ppo_update(model, optimizer, batch, P, cfg, s, generator, step=0):
-    """Step 6: cfg.ppo_epochs passes over the rollout batch in shuffled minibatches, one optimizer step each.
-    `model` is the ActorCritic (DDP-wrapped under torchrun). Returns one dict of stats per minibatch. The stats stay
-    on the device until the end: the host reads the GPU once per optimizer step (optimizer_step), not per stat."""
-    B, micro = batch["tokens"].shape[0], cfg.minibatch_size // cfg.grad_accum
+def ppo_update(model, optimizer, batch, P, cfg, s, perms, step=0):
+    """Step 6: one pass over the rollout batch per row order in `perms` (cfg.ppo_epochs of them), in minibatches of
+    minibatch_size rows, one optimizer step each. `model` is the ActorCritic (DDP-wrapped under torchrun). Returns
+    one dict of stats per minibatch. The stats stay on the device until the end: the host reads the GPU once per
+    optimizer step (optimizer_step), not per stat."""
+    micro = cfg.minibatch_size // cfg.grad_accum
     stats, grad_norms = [], []
-    for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=generator).to(batch["tokens"].device)
-        for start in range(0, B, cfg.minibatch_size):
+    for perm in perms:
+        for start in range(0, len(perm), cfg.minibatch_size):
             mb_idx = perm[start:start + cfg.minibatch_size]
             n_tokens = all_reduce_sum(batch["response_mask"][mb_idx].sum().float(), s)  # all ranks' minibatch
             chunks, mb_loss, mb_stats = mb_idx.split(micro), 0, 0
@@ -334,7 +351,8 @@ def ppo_update(model, optimizer, batch, P, cfg, s, generator, step=0):
                 mb = {k: v[idx] for k, v in batch.items()}
                 with model.no_sync() if s.ddp and i < len(chunks) - 1 else nullcontext():  # sync grads once
                     with s.autocast():
-                        logprobs, values, _ = model(mb["tokens"], mb["mask"], P, cfg.temperature)
+                        logprobs, values, _ = model(mb["tokens"], mb["mask"], mb["response_mask"], P,
+                                                    cfg.temperature)
                     pg_loss, vf_loss, st = ppo_losses(logprobs, mb["logprobs"], mb["advantages"], values,
                                                       mb["values"], mb["returns"], mb["response_mask"],
                                                       cfg.cliprange, cfg.cliprange_value, n_tokens)
@@ -439,11 +457,12 @@ def evaluate(policy, ref, score_fn, prompts, cfg, s):
     shown = []
     for i in range(0, len(prompts), cfg.batch_size):
         r = rollout(policy, score_fn, prompts[i:i + cfg.batch_size], cfg, generator, s.autocast)
+        tokens, mask, P, response_mask = r["tokens"], r["mask"], r["P"], r["response_mask"]
         with s.autocast():
-            logprobs = response_logprobs(policy, r["tokens"], r["mask"], r["P"], cfg.temperature)
-            ref_logprobs = response_logprobs(ref, r["tokens"], r["mask"], r["P"], cfg.temperature)
-        kl = ((logprobs - ref_logprobs) * r["response_mask"]).sum(1)
-        sums += torch.tensor([r["scores"].sum(), kl.sum(), r["response_mask"].sum(), len(kl)], device=s.device)
+            logprobs, ref_logprobs = (response_logprobs(m.lm_head, response_hidden(m, tokens, mask, P), tokens[:, P:],
+                                                        response_mask, cfg.temperature)[0] for m in (policy, ref))
+        kl = (logprobs - ref_logprobs).sum(1)  # both 0 on padding
+        sums += torch.tensor([r["scores"].sum(), kl.sum(), response_mask.sum(), len(kl)], device=s.device)
         shown += list(zip(prompts[i:], r["texts"], r["scores"].tolist()))[:cfg.eval_samples - len(shown)]
     for prompt, text, score in shown:
         print0(f"--- sample (score {score:.3f})\n{prompt!r} -> {text!r}")
@@ -469,7 +488,7 @@ def iteration_metrics(r, f, kl, returns, stats, s):
     _, ret_var = masked_mean_var(returns, response_mask, s)
     _, err_var = masked_mean_var(returns - f["values"], response_mask, s)
     batch = dict(score=r["scores"].mean(), kl=kl.sum(1).mean(), explained_var=1 - err_var / ret_var.clamp(min=1e-8),
-                 entropy=(f["entropy"] * response_mask).sum() / response_mask.sum().clamp(min=1),
+                 entropy=f["entropy"] / response_mask.sum(),
                  response_len=response_mask.sum(1).float().mean(), no_eos=1 - r["has_eos"].float().mean(),
                  lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max(), tok_per_s=response_mask.sum())
     batch = dict(zip(batch, torch.stack([v.double() for v in batch.values()]).tolist()))  # one host sync
@@ -519,9 +538,12 @@ def main(cfg):
         # 1-2. sample, truncate after EOS, score (penalty without EOS)
         r = rollout(policy, score_fn, batch_prompts, cfg, generator, s.autocast, timer, shard=(s.rank, s.world_size))
         tokens, mask, P, response_mask = r["tokens"], r["mask"], r["P"], r["response_mask"]
+        # the update's row orders, one per epoch, drawn first: the no-grad forward runs the first epoch's micro-batches
+        shuffle = torch.Generator().manual_seed(mix_seed(cfg.seed, step, s.rank, 1))
+        perms = [torch.randperm(len(tokens), generator=shuffle).to(s.device) for _ in range(cfg.ppo_epochs)]
         with timer("forward"):
             # 3. logprobs and values of the rollout (old logprobs: see docstring), reference logprobs
-            f = forward_rollout(model, ref, tokens, mask, P, cfg.temperature, micro, s.autocast)
+            f = forward_rollout(model, ref, r, cfg.temperature, perms[0].split(micro), s.autocast)
             # 4. KL-penalised per-token rewards
             rewards, kl = compute_rewards(r["scores"], f["logprobs"], f["ref_logprobs"], response_mask, kl_ctl.beta)
             if cfg.whiten_rewards:
@@ -533,8 +555,7 @@ def main(cfg):
             # 6. K epochs of minibatch updates
             batch = dict(tokens=tokens, mask=mask, response_mask=response_mask, logprobs=f["logprobs"],
                          values=f["values"], advantages=advantages, returns=returns)
-            shuffle = torch.Generator().manual_seed(mix_seed(cfg.seed, step, s.rank, 1))
-            stats = ppo_update(model, optimizer, batch, P, cfg, s, shuffle, step)
+            stats = ppo_update(model, optimizer, batch, P, cfg, s, perms, step)
 
         # metrics of all ranks, the KL controller, the log
         metrics = iteration_metrics(r, f, kl, returns, stats, s)

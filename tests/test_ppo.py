@@ -1,7 +1,9 @@
 """PPO: the pure functions against naive references and known values, the rollout/training invariants (ratio == 1,
-rollout logprobs == training logprobs, KL == 0 against itself, score at the EOS), learning with a reward_fn and
-with a reward model, reward_fn errors, exact resume, and one 2-process torchrun run."""
+rollout logprobs == training logprobs, KL == 0 against itself, the LM head at the real tokens only == a full forward,
+score at the EOS), learning with a reward_fn and with a reward model, reward_fn errors, exact resume, and one
+2-process torchrun run."""
 
+import collections
 import json
 import math
 import os
@@ -13,6 +15,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import model
 import ppo
 
 from common import RunError, Setup, load_checkpoint, save_checkpoint
@@ -43,9 +46,10 @@ def nan_score(prompts, responses):
     return [float("nan")] * len(responses)
 
 
-def biased_gpt(token, logit, heads=None, seed=0, dropout=0.0):
+def biased_gpt(token, logit, heads=None, seed=0, dropout=0.0, eos_logit=None):
     """A tiny random GPT that already says `token` often: its final LayerNorm bias u and the token's (tied)
-    embedding w = u * logit / |u|^2 give that token a logit of about `logit`, every other one ~0."""
+    embedding w = u * logit / |u|^2 give that token a logit of about `logit`, every other one ~0; with eos_logit, EOS
+    too (responses of mixed lengths)."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, heads=heads or {}, dropout=dropout))
     with torch.no_grad():
@@ -53,6 +57,8 @@ def biased_gpt(token, logit, heads=None, seed=0, dropout=0.0):
         u = u / u.norm() * 4
         model.ln_f.bias.copy_(u)
         model.wte.weight[token] = u * logit / 16
+        if eos_logit is not None:
+            model.wte.weight[EOS] = u * eos_logit / 16
     return model
 
 
@@ -206,7 +212,7 @@ def test_adaptive_kl_controller():
 def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled, fp32):
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
     s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=autocast)
-    policy = fp32_heads(biased_gpt(THE, 4.0, heads={"value": 1}), fp32)  # as main does with fp32_heads
+    policy = fp32_heads(biased_gpt(THE, 4.0, heads={"value": 1}, eos_logit=6.5), fp32)  # as main with fp32_heads
     ac = ActorCritic(policy).eval()  # as in main: eval mode = dropout off
     ref = fp32_heads(biased_gpt(THE, 4.0), fp32)
     ref.load_state_dict(policy.state_dict(), strict=False)  # the same weights: KL must be exactly 0
@@ -216,8 +222,11 @@ def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled
     prompts = PROMPTS[:8]  # lengths 1..15 tokens: left padding
     r = rollout(policy, zero_scores, prompts, cfg, torch.Generator().manual_seed(0), autocast)
     assert r["mask"][:, :r["P"]].min() == 0  # some prompts really are left-padded
+    assert len(set(r["response_mask"].sum(1).tolist())) > 2  # responses of several lengths
     fwd = torch.compile(ac) if compiled else ac  # as main does with --compile=True: one module for both forwards
-    f = forward_rollout(fwd, ref, r["tokens"], r["mask"], r["P"], cfg.temperature, 2, autocast)
+    shuffle = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(8, generator=shuffle) for _ in range(cfg.ppo_epochs)]  # as main: drawn first
+    f = forward_rollout(fwd, ref, r, cfg.temperature, perms[0].split(2), autocast)  # the first epoch's micro-batches
     rm = r["response_mask"].bool()
     # The sampler's logprobs (KV cache, temperature 0.7, left padding) equal a full forward's, up to kernel noise.
     # bf16: other kernels and shapes in the trunk; the fp32 heads take away the logits' own rounding
@@ -233,28 +242,30 @@ def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled
                  values=f["values"], advantages=whiten(torch.randn_like(f["values"]), r["response_mask"]),
                  returns=torch.randn_like(f["values"]))
     opt = torch.optim.AdamW(ac.parameters(), lr=1e-3)
-    stats = ppo_update(fwd, opt, batch, r["P"], cfg, s, torch.Generator().manual_seed(0))
+    stats = ppo_update(fwd, opt, batch, r["P"], cfg, s, perms)
     assert len(stats) == 2 * 8 // 4
-    assert stats[0]["ratio"] == 1.0 and stats[0]["approx_kl"] == 0.0 and stats[0]["clipfrac"] == 0.0
+    # approx_kl sums ratio - 1 - log(ratio) over the tokens: exactly 0 only if every token's ratio is exactly 1. The
+    # mean ratio adds the micro-batches' shares of the token count (e.g. 7/17 + 10/17), which fp32 rounds
+    assert stats[0]["approx_kl"] == 0.0 and stats[0]["clipfrac"] == 0.0 and stats[0]["ratio"] == pytest.approx(1.0)
     assert stats[1]["approx_kl"] > 0  # after one optimizer step the policy has moved
 
 
 def test_grad_checkpointing_in_eval_mode_same_grads(monkeypatch):
     """PPO trains in eval mode (dropout off): the flag must still recompute each block in backward (every MLP runs
     twice) and give the same gradients as a plain backward."""
-    import model
     n, mlp_forward = [0], model.MLP.forward
     monkeypatch.setattr(model.MLP, "forward", lambda self, x: n.__setitem__(0, n[0] + 1) or mlp_forward(self, x))
     tokens = torch.randint(0, 50000, (3, 20), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(tokens)
     mask[0, :5] = 0
+    response_mask = (torch.arange(8)[None] < torch.tensor([[8], [3], [1]])).long()
     grads, calls = [], []
     for flag in (False, True):
         policy = biased_gpt(THE, 4.0, heads={"value": 1})
         policy.grad_checkpointing = flag
         ac = ActorCritic(policy).eval()
         n[0] = 0
-        logprobs, values, _ = ac(tokens, mask, 12, 0.7)
+        logprobs, values, _ = ac(tokens, mask, response_mask, 12, 0.7)
         (logprobs.sum() + values.sum()).backward()
         grads.append({k: p.grad.clone() for k, p in ac.named_parameters()})
         calls.append(n[0])
@@ -266,8 +277,9 @@ def test_grad_checkpointing_in_eval_mode_same_grads(monkeypatch):
 @pytest.mark.parametrize("n_response", [2, 9])
 def test_kl_is_exactly_zero_when_policy_is_reference(n_response):
     # The reference is frozen (requires_grad False), the policy is not: the same weights must still give the same
-    # logprobs bit for bit. (torch.matmul on a strided (B, N, C) slice picks mm or bmm by requires_grad, and with
-    # N = 2 those round differently: the slice must be made contiguous first.)
+    # logprobs bit for bit, responses of mixed lengths. (The reference must run the policy's code, response_logprobs:
+    # e.g. its LM head on the whole strided (B, N, C) slice would make torch.matmul pick bmm, not mm, by
+    # requires_grad, and with N = 2 those round differently.)
     policy = biased_gpt(THE, 4.0, heads={"value": 1})
     ref = biased_gpt(THE, 4.0)
     ref.load_state_dict(policy.state_dict(), strict=False)
@@ -277,8 +289,52 @@ def test_kl_is_exactly_zero_when_policy_is_reference(n_response):
     tokens[:, 32::2] = THE  # likely tokens: their own logit's rounding shows in their logprob
     mask = torch.ones_like(tokens)
     mask[1, :7] = 0
-    f = forward_rollout(ActorCritic(policy), ref, tokens, mask, 32, 0.7, 4)
+    response_mask = (torch.arange(n_response)[None] < torch.tensor([[n_response], [1], [2], [n_response]])).long()
+    r = dict(tokens=tokens, mask=mask, response_mask=response_mask, P=32)
+    f = forward_rollout(ActorCritic(policy), ref, r, 0.7, torch.arange(4).split(4))
     assert torch.equal(f["logprobs"], f["ref_logprobs"])
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_forward_runs_the_lm_head_only_at_real_tokens_and_equals_a_full_forward(critic):
+    """forward_rollout, the LM head run only at the real response tokens (response_logprobs) of shuffled
+    micro-batches, gives what a naive forward of the whole (B, N) batch in row order gives with the padding zeroed:
+    the logprobs, the reference's, the entropy summed over the real tokens, and the values (at every position, as
+    before: GAE masks them), to fp32 rounding. Responses of mixed lengths, one without EOS, one whose first token is
+    EOS, garbage after each EOS; left-padded prompts. The LM head sees only the real tokens' rows."""
+    torch.manual_seed(0)
+    B, P, N, T = 6, 16, 8, 0.7
+    policy = biased_gpt(THE, 4.0, heads={"value": 1} if critic == "shared" else None, eos_logit=6.5)
+    values_from = policy if critic == "shared" else biased_gpt(THE, 1.0, heads={"value": 1}, seed=1)
+    ref = biased_gpt(THE, 3.0, seed=2).requires_grad_(False)  # another model: its logprobs differ
+    tokens = torch.randint(0, 50000, (B, P + N))  # no EOS but those placed below
+    mask = torch.ones_like(tokens)
+    mask[1, :5] = mask[4, :11] = 0
+    for row, at in enumerate([None, 0, 3, 7, 1, 5]):  # each response's EOS: row 0 has none, row 1 says it first
+        if at is not None:
+            tokens[row, P + at] = EOS
+    response_mask, _ = truncate_after_eos(tokens[:, P:])
+    assert response_mask.sum(1).tolist() == [8, 1, 4, 8, 2, 6]
+    with torch.no_grad():  # naive: every (B, N) position through the LM head, then the padding zeroed
+        full = lambda m: m.lm_head(m(tokens, mask)[:, P - 1:-1]).float() / T  # (B, N, V)
+        logits, ref_logits = full(policy), full(ref)
+        pick = lambda lg: lg.log_softmax(-1).gather(-1, tokens[:, P:, None]).squeeze(-1) * response_mask
+        entropy = (-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1) * response_mask).sum()
+        values = values_from.heads["value"](values_from(tokens, mask)[:, P - 1:-1]).squeeze(-1)
+    head_rows = []
+    hook = policy.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(tuple(args[0].shape)))
+    perm = torch.randperm(B)
+    r = dict(tokens=tokens, mask=mask, response_mask=response_mask, P=P)
+    f = forward_rollout(ActorCritic(policy, None if critic == "shared" else values_from), ref, r, T, perm.split(2))
+    hook.remove()
+    assert head_rows == [(int(response_mask[idx].sum()), 32) for idx in perm.split(2)]
+    torch.testing.assert_close(f["logprobs"], pick(logits), atol=1e-5, rtol=0)
+    torch.testing.assert_close(f["ref_logprobs"], pick(ref_logits), atol=1e-5, rtol=0)
+    assert (f["logprobs"][response_mask == 0] == 0).all() and (f["ref_logprobs"][response_mask == 0] == 0).all()
+    assert (f["logprobs"] - f["ref_logprobs"]).abs().max() > 0.1  # the two models are told apart
+    torch.testing.assert_close(f["values"], values, atol=1e-5, rtol=0)
+    assert values.abs().min() > 0  # a value head that is not 0: the comparison can fail
+    assert f["entropy"].item() == pytest.approx(entropy.item(), rel=1e-5)
 
 
 def test_missing_eos_penalty_and_reward_fn_sees_text_without_eos():
@@ -474,33 +530,52 @@ def test_compile_trains_like_eager(tmp_path, prompts_file, monkeypatch):
         assert abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), (k, a[k], b[k])
 
 
-def test_main_first_ratio_is_one_kl_zero_and_dropout_off(tmp_path, prompts_file, monkeypatch):
-    """Through main, from an SFT checkpoint trained with dropout 0.1: in the first minibatch every token's ratio is
-    exactly 1 (old logprobs come from the same forward as the update's, not from the sampler, whose logprobs differ
-    by rounding), and every token's KL to the reference is exactly 0 (policy == reference). Dropout left on would
-    break both. The logged means cannot show this (a ratio of 1 + 1e-6 averages to 1.0 in fp32), so the test
-    watches the per-token values ppo_losses and compute_rewards receive."""
-    seen = {}
-    real_losses, real_rewards = ppo.ppo_losses, ppo.compute_rewards
+@pytest.mark.parametrize("rows_interact", [False, True])
+def test_main_first_ratio_is_one_kl_zero_and_dropout_off(tmp_path, prompts_file, monkeypatch, rows_interact):
+    """Through main, from an SFT checkpoint trained with dropout 0.1, on responses of mixed lengths in 2 micro-batches:
+    in the first minibatch every token's ratio is exactly 1 (old logprobs come from the same forward as the update's,
+    not from the sampler, whose logprobs differ by rounding), and every token's KL to the reference is exactly 0
+    (policy == reference). Dropout left on would break both. The logged means cannot show this (a ratio of 1 + 1e-6
+    averages to 1.0 in fp32), so the test watches the per-token values ppo_losses and compute_rewards receive.
+    rows_interact: every head adds to each row of its output a thousandth of the batch's mean row, so a row's result
+    depends on the other rows of its batch, as a kernel's rounding may (CPU kernels happen not to; no kernel library
+    promises it): the ratio is still exactly 1 only because the old logprobs come from the first epoch's own
+    micro-batches, the same rows together."""
+    seen = collections.defaultdict(list)
+    real_losses, real_rewards, real_rollout = ppo.ppo_losses, ppo.compute_rewards, ppo.rollout
 
     def losses(logprobs, old_logprobs, *args, **kw):
-        seen.setdefault("log_ratio", (logprobs - old_logprobs).detach())
+        seen["log_ratio"].append((logprobs - old_logprobs).detach())
         return real_losses(logprobs, old_logprobs, *args, **kw)
 
     def rewards(scores, logprobs, ref_logprobs, mask, beta):
-        seen.setdefault("kl", logprobs - ref_logprobs)
+        seen["kl"].append(logprobs - ref_logprobs)
         return real_rewards(scores, logprobs, ref_logprobs, mask, beta)
 
     monkeypatch.setattr(ppo, "ppo_losses", losses)
     monkeypatch.setattr(ppo, "compute_rewards", rewards)
-    sft = save_sft(tmp_path / "dropout.pt", biased_gpt(THE, 5.0, dropout=0.1))
+    monkeypatch.setattr(ppo, "rollout", lambda *a, **kw: seen["rollout"].append(real_rollout(*a, **kw)) or
+                        seen["rollout"][-1])
+    if rows_interact:
+        head = model.Head.forward
+        monkeypatch.setattr(model.Head, "forward", lambda self, x: (y := head(self, x)) + 1e-3 * y.detach().mean(0))
+    start = biased_gpt(THE, 5.0, dropout=0.1, eos_logit=8.5)
+    sft = save_sft(tmp_path / "dropout.pt", start)
     cfg = run_cfg(tmp_path, prompts_file, init_from=sft, reward_fn="tests.test_ppo:count_the", batch_size=8,
-                  minibatch_size=8, ppo_epochs=1, max_iters=1)
+                  minibatch_size=8, grad_accum=2, ppo_epochs=1, max_iters=1)
     main(cfg)
-    assert seen["log_ratio"].abs().max() == 0 and seen["kl"].abs().max() == 0
+    (r,) = seen["rollout"]
+    assert len(set(r["response_mask"].sum(1).tolist())) > 2 and 0 < r["has_eos"].sum() < 8  # mixed lengths
+    assert len(seen["log_ratio"]) == 2 and all(log_ratio.abs().max() == 0 for log_ratio in seen["log_ratio"])
+    assert seen["kl"][0].abs().max() == 0
     (row,) = read_log(cfg.out_dir)
-    assert row["ratio"] == 1.0 and row["approx_kl"] == 0.0 and row["clipfrac"] == 0.0 and row["kl"] == 0.0, row
+    assert row["approx_kl"] == 0.0 and row["clipfrac"] == 0.0 and row["kl"] == 0.0, row
     assert row["lp_gap"] > 0  # the sampler's logprobs are not the forward's, bit for bit: the test can fail
+    if not rows_interact:  # the logged entropy: the mean over the real response tokens, from every position's logits
+        with torch.no_grad():
+            logits = start.eval().lm_head(start(r["tokens"], r["mask"])[:, r["P"] - 1:-1])  # temperature 1
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[r["response_mask"].bool()]
+        assert row["entropy"] == pytest.approx(entropy.mean().item(), rel=1e-5)
 
 
 def test_shared_value_head_starts_at_zero(tmp_path):
