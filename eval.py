@@ -44,7 +44,8 @@ import torch
 
 import data
 import scoring
-from common import ConfigError, Timer, check_numbers, load_model, mix_seed, print0, print_config, run_main, setup
+from common import (ConfigError, RunError, Timer, check_numbers, first_line, load_model, mix_seed, print0,
+                    print_config, run_main, setup)
 from model import fp32_heads, token_logprobs
 from sample import ilql_logits_fn, sample_responses
 
@@ -177,8 +178,15 @@ def judge_texts(prompts, texts, judges, references=None):
     bleu."""
     scores = {}
     for name, fn in judges.items():
-        out = fn(list(prompts), list(texts))
-        scoring.check_scores(out, len(texts), name)  # a ValueError saying what is wrong with them
+        # a judge that fails or answers wrongly (a user's reward_fn) ends the run with one line naming it
+        try:
+            out = fn(list(prompts), list(texts))
+        except Exception as e:
+            raise RunError(f"judge {name!r} raised {type(e).__name__}: {first_line(e)}") from e
+        try:
+            scoring.check_scores(out, len(texts), name)
+        except ValueError as e:
+            raise RunError(str(e)) from e
         scores[name] = [float(x) for x in (out.tolist() if hasattr(out, "tolist") else out)]  # not rounded to fp32
     row = dict(scores=scores, score={k: statistics.fmean(v) for k, v in scores.items()},
                score_se={k: std_err(v) for k, v in scores.items()},

@@ -31,9 +31,10 @@ Our choices, where public implementations differ:
   kl_estimator="k1" puts it in the reward, as ppo.py does, but summed over the response: the reward of response i is
   score_i - beta * sum_t (logprobs - ref_logprobs), group-normalised like a score (RLOO's KL-regularised reward; with
   one advantage per response there is no per-token credit to assign). kl_estimator="k3" adds
-  beta * (exp(ref - lp) - (ref - lp) - 1) per token to the loss, unclipped, as GRPO does: an unbiased, never-negative
-  estimate whose gradient pulls towards the reference. beta=0: no KL at all, and the reference is not even loaded
-  (then no `kl` is logged).
+  beta * (exp(ref - lp) - (ref - lp) - 1) per token to the loss, unclipped, as GRPO does: never negative, and an
+  unbiased estimate of KL(policy || ref) as a value (on-policy); as a loss on fixed samples its gradient is in
+  expectation that of KL(ref || policy), the other direction, which also pulls towards the reference. beta=0: no KL
+  at all, and the reference is not even loaded (then no `kl` is logged).
 - Old logprobs come from one no-grad forward (3), not from the sampler, run on the very micro-batches of the first
   epoch, and the LM head runs only at the real response tokens, both as in ppo.py (see there). With ppo_epochs=1 and
   one minibatch per batch (minibatch_size=0, the default) every update is on-policy, the ratio stays 1 and the loss
@@ -193,7 +194,7 @@ def forward_rollout(model, lm_head, ref, r, temperature, micro_batches, autocast
     """Step 3: logprobs and ref_logprobs (None without a reference) (B, N) fp32, 0 on padding, and the entropy summed
     over the response tokens of the rollout `r`, computed on `micro_batches` (row indices): the first epoch's, so
     each row's old logprobs come from exactly the computation its first training forward repeats (same rows, same
-    shapes, same kernels): the first ratio is exactly 1 on any machine. `model` may be DDP-wrapped or compiled (its
+    shapes, same kernels): the first minibatch's ratio is exactly 1. `model` may be DDP-wrapped or compiled (its
     forward gives hidden states); `lm_head` is the raw policy's."""
     P, zeros = r["P"], lambda: torch.zeros(r["response_mask"].shape, device=r["tokens"].device)
     out = dict(logprobs=zeros(), ref_logprobs=None if ref is None else zeros(), entropy=0.0)  # entropy: a sum

@@ -16,10 +16,11 @@ Choices where public implementations differ:
 - Old logprobs come from one no-grad forward (3), not from the sampler: the KV-cache sampler runs other kernels on
   other shapes, so its logprobs differ from a full forward by rounding (more under bf16), and the first ratio would
   not be exactly 1. That forward runs on the very micro-batches of the first epoch (the row orders are drawn first):
-  each row's old logprob comes from exactly the computation its first training forward repeats (same rows, shapes
-  and kernels), so the first ratio is exactly 1 without relying on a row's result being independent of the other
-  rows in its batch. It is shared with the values (same trunk when critic="shared"); the sampler/forward gap is
-  logged as `lp_gap`, a live check of positions and padding (rounding-sized in fp32).
+  the LM head sees the (n, C) matrix of a micro-batch's real tokens, whose n depends on which rows sit together, and
+  a matmul's rounding may depend on its shape; on the first epoch's own micro-batches, the first minibatch's ratio is
+  exactly 1 (same rows, shapes and kernels; later minibatches train on updated weights). It is shared with the
+  values (same trunk when critic="shared"); the sampler/forward gap is logged as `lp_gap`, a live check of positions
+  and padding (rounding-sized in fp32).
 - The LM head runs only at the positions that choose a real response token (response_logprobs), not at the padding
   after an early EOS: responses end long before the longest one of their batch, and the vocabulary-sized logits of
   the padding would cost as much as the rest of the forward. Values come from the one-wide value head everywhere.
@@ -236,6 +237,7 @@ class AdaptiveKLController:
 
 
 def entropy_from_logits(logits, temperature):
+    """Entropy of softmax(logits / T) per row. Logged only: no entropy bonus in the loss (as lm-human-preferences)."""
     logits = logits.float() / temperature
     return torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
 
@@ -243,7 +245,9 @@ def entropy_from_logits(logits, temperature):
 # ----------------------------------------------------------------------------- policy, critic, rollouts
 def response_hidden(model, tokens, mask, P):
     """Final hidden states at the positions that choose the response tokens tokens[:, P:]: (B, N, C). Hidden state t
-    chooses token t + 1, so these are positions P-1 ... T-2; response_logprobs runs the LM head at the real ones."""
+    chooses token t + 1, so these are positions P-1 ... T-2; response_logprobs runs the LM head at the real ones.
+    A strided view: the LM head gets the copy h[sel], and the value head's weight requires grad in both the no-grad
+    forward and the update, so both take the same matmul path (a frozen weight on a strided input may not)."""
     return model(tokens, mask)[:, P - 1:-1]
 
 
@@ -321,7 +325,7 @@ def forward_rollout(model, ref, r, temperature, micro_batches, autocast=nullcont
     """Step 3: logprobs, values and ref_logprobs (B, N) fp32 of the rollout `r` (logprobs 0 on padding), and the
     entropy summed over its response tokens, computed on `micro_batches` (row indices): the first epoch's, so each
     row's old logprobs and values come from exactly the computation its first training forward repeats (same rows,
-    same shapes, same kernels): the first ratio is exactly 1 on any machine."""
+    same shapes, same kernels): the first minibatch's ratio is exactly 1."""
     tokens, mask, response_mask, P = r["tokens"], r["mask"], r["response_mask"], r["P"]
     out = {k: torch.zeros(response_mask.shape, device=tokens.device) for k in ("logprobs", "values", "ref_logprobs")}
     out["entropy"] = 0.0  # a sum

@@ -36,6 +36,14 @@ def n_words(prompts, texts):  # the reward_fn judge of the main() tests: "tests.
     return [float(len(t.split())) for t in texts]
 
 
+def broken_judge(prompts, texts):  # a judge with a bug: eval.py ends with one line naming it
+    return [1 / 0 for _ in texts]
+
+
+def short_judge(prompts, texts):  # a judge that answers wrongly: one score for every text
+    return [0.0]
+
+
 def tiny_gpt(seed, eos_logit=9.5, heads=None):
     """A tiny random GPT that ends a response after ~5 tokens on average: its final LayerNorm bias u and the EOS
     (tied) embedding u * eos_logit / |u|^2 give EOS a logit of about eos_logit, every other token ~0."""
@@ -290,6 +298,9 @@ def test_main_policy_against_itself_and_the_report(tmp_path, checkpoints, capsys
     (dict(policies="{rm}"), "is a 'reward' checkpoint, expected"),
     (dict(policies="{sft},{sft}"), "is listed twice"),
     (dict(n_prompts=-1), "n_prompts must be >= 0, not -1"),
+    (dict(reward_fn="tests.test_eval:broken_judge"), "judge 'tests.test_eval:broken_judge' raised ZeroDivisionError: "
+                                                     "division by zero"),
+    (dict(reward_fn="tests.test_eval:short_judge"), "reward_fn 'tests.test_eval:short_judge' returned 1 scores for "),
 ])
 def test_bad_inputs_give_one_error_line(tmp_path, checkpoints, capsys, monkeypatch, change, message):
     write_jsonl(tmp_path / "partial.jsonl", [ROWS[0], {"prompt": "no reference here"}, ROWS[1]])
