@@ -57,6 +57,7 @@ Outputs in out_dir: ckpt.pt (kind "grpo": the policy, for load_model and resume)
 """
 
 import copy
+import itertools
 import os
 import time
 from contextlib import nullcontext
@@ -69,7 +70,7 @@ from common import (ConfigError, Timer, all_reduce_mean, batch_indices, begin_st
                     load_checkpoint, load_model, make_optimizer, mix_seed, optimizer_step, print0, print_config,
                     restore, run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from model import GPTConfig, fp32_heads
-from ppo import PhaseTimer, entropy_from_logits, load_data, response_hidden, response_logprobs, rollout
+from ppo import PhaseTimer, entropy_from_logits, forward_logprobs, load_data, minibatches, rollout, token_stats
 from scoring import make_scorer
 
 
@@ -190,55 +191,53 @@ def grpo_loss(logprobs, old_logprobs, advantages, weights, n_responses, cliprang
 
 # ----------------------------------------------------------------------------- forwards and the update
 @torch.no_grad()
-def forward_rollout(model, lm_head, ref, r, temperature, micro_batches, autocast=nullcontext):
+def forward_rollout(model, lm_head, ref, r, temperature, epoch, autocast=nullcontext):
     """Step 3: logprobs and ref_logprobs (None without a reference) (B, N) fp32, 0 on padding, and the entropy summed
-    over the response tokens of the rollout `r`, computed on `micro_batches` (row indices): the first epoch's, so
-    each row's old logprobs come from exactly the computation its first training forward repeats (same rows, same
-    shapes, same kernels): the first minibatch's ratio is exactly 1. `model` may be DDP-wrapped or compiled (its
-    forward gives hidden states); `lm_head` is the raw policy's."""
+    over the response tokens of the rollout `r`, computed on the micro-batches of `epoch`, the first epoch's
+    minibatches (ppo.minibatches), so each row's old logprobs come from exactly the computation its first training
+    forward repeats (same rows, same shapes, same kernels): the first minibatch's ratio is exactly 1. `model` may be
+    DDP-wrapped or compiled (its forward gives hidden states); `lm_head` is the raw policy's."""
     P, zeros = r["P"], lambda: torch.zeros(r["response_mask"].shape, device=r["tokens"].device)
     out = dict(logprobs=zeros(), ref_logprobs=None if ref is None else zeros(), entropy=0.0)  # entropy: a sum
-    for idx in micro_batches:
+    for idx in itertools.chain(*epoch):  # every micro-batch of every minibatch
         tokens, mask, response_mask = (r[k][idx] for k in ("tokens", "mask", "response_mask"))
         with autocast():
-            h = response_hidden(model, tokens, mask, P)
-            out["logprobs"][idx], logits = response_logprobs(lm_head, h, tokens[:, P:], response_mask, temperature)
+            out["logprobs"][idx], logits = forward_logprobs(model, lm_head, tokens, mask, response_mask, P,
+                                                            temperature)
             if ref is not None:
-                h = response_hidden(ref, tokens, mask, P)
-                out["ref_logprobs"][idx] = response_logprobs(ref.lm_head, h, tokens[:, P:], response_mask,
-                                                             temperature)[0]
+                out["ref_logprobs"][idx] = forward_logprobs(ref, ref.lm_head, tokens, mask, response_mask, P,
+                                                            temperature)[0]
         out["entropy"] = out["entropy"] + entropy_from_logits(logits, temperature).sum()
     return out
 
 
-def grpo_update(model, lm_head, optimizer, batch, P, cfg, s, perms, step=0):
-    """Step 5: one pass over the rollout batch per row order in `perms` (cfg.ppo_epochs of them), in minibatches of
-    minibatch_size rows (0: all), one optimizer step each. Every rank's loss is the mean over its minibatch's
-    responses; DDP averages over ranks. Returns one dict of stats per minibatch. The stats stay on the device until
-    the end: the host reads the GPU once per optimizer step (optimizer_step), not per stat."""
-    size = cfg.minibatch_size or len(perms[0])
+def grpo_update(model, lm_head, optimizer, batch, P, cfg, s, epochs, step=0):
+    """Step 5: one pass over the rollout batch per epoch of `epochs` (ppo.minibatches), one optimizer step per
+    minibatch; `batch` holds the rollout's old_logprobs. Every rank's loss is the mean over its minibatch's responses;
+    DDP averages over ranks. Returns one dict of stats per minibatch. The stats stay on the device until the end: the
+    host reads the GPU once per optimizer step (optimizer_step), not per stat."""
+    names = ("pg_loss", "kl_loss", "approx_kl", "clipfrac", "ratio")  # grpo_loss's stats
     k3_beta = cfg.beta if cfg.kl_estimator == "k3" else 0.0
     stats, grad_norms = [], []
-    for perm in perms:
-        for start in range(0, len(perm), size):
-            chunks, mb_loss, mb_stats = perm[start:start + size].split(size // cfg.grad_accum), 0, 0
-            for i, idx in enumerate(chunks):
+    for epoch in epochs:
+        for minibatch in epoch:
+            n_responses, mb_loss, mb_stats = sum(len(idx) for idx in minibatch), 0, 0
+            for i, idx in enumerate(minibatch):
                 mb = {k: v[idx] for k, v in batch.items() if v is not None}
-                with model.no_sync() if s.ddp and i < len(chunks) - 1 else nullcontext():  # sync grads once
+                with model.no_sync() if s.ddp and i < len(minibatch) - 1 else nullcontext():  # sync grads once
                     with s.autocast():
-                        h = response_hidden(model, mb["tokens"], mb["mask"], P)
-                        logprobs, _ = response_logprobs(lm_head, h, mb["tokens"][:, P:], mb["response_mask"],
-                                                        cfg.temperature)
-                    loss, st = grpo_loss(logprobs, mb["logprobs"], mb["advantages"], mb["weights"], size,
+                        logprobs, _ = forward_logprobs(model, lm_head, mb["tokens"], mb["mask"], mb["response_mask"],
+                                                       P, cfg.temperature)
+                    loss, st = grpo_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["weights"], n_responses,
                                          cfg.cliprange, mb.get("ref_logprobs"), k3_beta)
                     loss.backward()
                 mb_loss = mb_loss + loss.detach()
                 # each micro-batch's share of the minibatch's means
-                mb_stats = mb_stats + torch.stack(list(st.values())).detach().double()
+                mb_stats = mb_stats + torch.stack([st[k] for k in names]).detach().double()
             # a NaN/inf loss stops the run here, before the weights see it
             grad_norms.append(optimizer_step(optimizer, model.parameters(), cfg.grad_clip, step, loss=mb_loss))
             stats.append(mb_stats)
-    return [dict(zip(st, row), grad_norm=g) for row, g in zip(torch.stack(stats).tolist(), grad_norms)]
+    return [dict(zip(names, row), grad_norm=g) for row, g in zip(torch.stack(stats).tolist(), grad_norms)]
 
 
 # ----------------------------------------------------------------------------- set-up, evaluation, checkpoints
@@ -298,22 +297,19 @@ def save(path, policy, optimizer, step, cfg, init_from):
 
 
 def iteration_metrics(r, f, rewards, kl, stats, s):
-    """The diagnostics of one iteration, means over all ranks: scores, KL (summed over the response), zero_adv (the
-    fraction of groups whose rewards are all equal: advantage 0, no signal), the update's stats averaged over its
-    minibatches, entropy, response length, responses without EOS, the sampler/forward logprob gap, and the response
-    tokens of all ranks (tok_per_s, before dividing by the time)."""
+    """The diagnostics of one iteration, over all ranks: scores, KL (summed over the response), zero_adv (the fraction
+    of groups whose rewards are all equal: advantage 0, no signal), response length, responses without EOS, the
+    update's stats averaged over its minibatches, and ppo.token_stats: entropy, lp_gap and the number of response
+    tokens (as tok_per_s, which main divides by the time)."""
     response_mask = r["response_mask"]
-    metrics = dict(score=r["scores"].mean().item(), **({"kl": kl.mean().item()} if kl is not None else {}),
-                   zero_adv=(rewards == rewards[0]).all(0).float().mean().item(),
-                   **{k: sum(st[k] for st in stats) / len(stats) for k in stats[0]},
-                   entropy=(f["entropy"] / response_mask.sum()).item(),
-                   response_len=response_mask.sum(1).float().mean().item(),
-                   no_eos=1 - r["has_eos"].float().mean().item(),
-                   lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max().item(),
-                   tok_per_s=float(response_mask.sum().item()))
-    metrics = all_reduce_mean(metrics, s)
-    metrics["tok_per_s"] *= s.world_size
-    return metrics
+    entropy, lp_gap, n_tokens = token_stats(r, f, s)
+    batch = dict(score=r["scores"].mean(), **({"kl": kl.mean()} if kl is not None else {}),
+                 zero_adv=(rewards == rewards[0]).all(0).float().mean(), entropy=entropy,
+                 response_len=response_mask.sum(1).float().mean(), no_eos=1 - r["has_eos"].float().mean().double(),
+                 lp_gap=lp_gap, tok_per_s=n_tokens)  # tok_per_s: a count
+    batch = dict(zip(batch, torch.stack([v.double() for v in batch.values()]).tolist()))  # one host sync
+    update = {k: sum(st[k] for st in stats) / len(stats) for k in stats[0]}  # means over the minibatches
+    return all_reduce_mean({**batch, **update}, s)
 
 
 SHOWN = ("score", "kl", "zero_adv", "approx_kl", "clipfrac", "kl_loss", "entropy", "response_len", "no_eos",
@@ -335,7 +331,7 @@ def main(cfg):
     resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(policy) if cfg.compile else policy, s)  # what trains: compiled, DDP
     log = start_log(cfg.out_dir, resume, s)
-    G, size = cfg.group_size, cfg.minibatch_size or cfg.batch_size * cfg.group_size  # size: responses per step
+    G = cfg.group_size
 
     if start == 0 and eval_prompts:
         log(0, evaluate(policy, ref, score_fn, eval_prompts, cfg, s))
@@ -349,13 +345,11 @@ def main(cfg):
         generator = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, step))
         # 1-2. sample G responses per prompt, truncate after EOS, score (penalty without EOS)
         r = rollout(policy, score_fn, batch_prompts * G, cfg, generator, s.autocast, timer, (s.rank, s.world_size))
-        # the update's row orders, one per epoch, drawn first: the no-grad forward runs the first epoch's micro-batches
-        shuffle = torch.Generator().manual_seed(mix_seed(cfg.seed, step, s.rank, 1))
-        perms = [torch.randperm(len(r["texts"]), generator=shuffle).to(s.device) for _ in range(cfg.ppo_epochs)]
+        # step 5's minibatches, shuffled now: step 3 runs on the first epoch's micro-batches (see docstring)
+        epochs = minibatches(len(r["texts"]), step, cfg, s)
         with timer("forward"):
             # 3. old logprobs (a forward, not the sampler's: see docstring) and reference logprobs
-            f = forward_rollout(model, policy.lm_head, ref, r, cfg.temperature,
-                                perms[0].split(size // cfg.grad_accum), s.autocast)
+            f = forward_rollout(model, policy.lm_head, ref, r, cfg.temperature, epochs[0], s.autocast)
             # 4. one reward per response (k1: minus beta * its KL), its advantage within its group (G, B / rank)
             rewards, kl = sequence_rewards(r["scores"], f["logprobs"], f["ref_logprobs"], r["response_mask"],
                                            cfg.beta, cfg.kl_estimator)
@@ -365,9 +359,10 @@ def main(cfg):
             # 5. K epochs of clipped-ratio minibatch updates (+ beta * k3 per token with kl_estimator="k3")
             batch = dict(tokens=r["tokens"], mask=r["mask"], response_mask=r["response_mask"], advantages=advantages,
                          weights=loss_weights(r["response_mask"], cfg.advantage, cfg.max_new_tokens),
-                         logprobs=f["logprobs"], ref_logprobs=f["ref_logprobs"])
-            stats = grpo_update(model, policy.lm_head, optimizer, batch, r["P"], cfg, s, perms, step)
+                         old_logprobs=f["logprobs"], ref_logprobs=f["ref_logprobs"])
+            stats = grpo_update(model, policy.lm_head, optimizer, batch, r["P"], cfg, s, epochs, step)
 
+        # metrics of all ranks, then the log
         metrics = iteration_metrics(r, f, rewards, kl, stats, s)
         metrics.update(lr=lr, tok_per_s=metrics["tok_per_s"] / (time.perf_counter() - t0),
                        **{f"t_{k}": v for k, v in timer.times.items()})

@@ -10,7 +10,7 @@ Each iteration, on every rank:
   4. per-token rewards -beta * (logprobs - ref_logprobs), plus the score on the last token (the EOS)
   5. GAE (gamma 1, lambda 0.95); advantages whitened over the real response tokens
   6. ppo_epochs passes over shuffled minibatches: clipped-ratio loss + vf_coef * clipped value loss, grad-norm clip
-beta follows the adaptive KL controller of Ziegler et al. 2019 (or stays fixed with target_kl=0).
+  7. beta follows the adaptive KL controller of Ziegler et al. 2019 (or stays fixed with target_kl=0)
 
 Choices where public implementations differ:
 - Old logprobs come from one no-grad forward (3), not from the sampler: the KV-cache sampler runs other kernels on
@@ -65,12 +65,14 @@ Choices where public implementations differ:
 
 import collections
 import copy
+import itertools
 import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from common import (ConfigError, Timer, all_reduce_mean, all_reduce_sum, batch_indices, begin_step, check_numbers,
@@ -264,6 +266,12 @@ def response_logprobs(lm_head, h, responses, response_mask, temperature):
     return logprobs, logits
 
 
+def forward_logprobs(model, lm_head, tokens, mask, response_mask, P, temperature):
+    """response_logprobs of `model`'s forward (response_hidden), for callers that need no hidden states."""
+    h = response_hidden(model, tokens, mask, P)
+    return response_logprobs(lm_head, h, tokens[:, P:], response_mask, temperature)
+
+
 class ActorCritic(nn.Module):
     """Policy and value function as one module, so DDP, the optimizer and the checkpoint see one thing.
     critic None: the "value" head sits on the policy trunk and one forward gives both."""
@@ -312,6 +320,7 @@ def rollout(policy, score_fn, prompts, cfg, generator, autocast=nullcontext, tim
         r = sample_responses(policy, prompts, cfg.max_prompt_len, cfg.max_new_tokens, cfg.temperature,
                              generator=generator, shard=shard)
     with timer("score"):  # 2
+        # the sampler's response mask already stops at each row's first EOS (the same mask); has_eos is new
         r["response_mask"], has_eos = truncate_after_eos(r["tokens"][:, r["P"]:])
         rank, world_size = shard or (0, 1)
         scores = score_fn(prompts[rank::world_size], r["texts"], r["tokens"], r["mask"])
@@ -320,57 +329,64 @@ def rollout(policy, score_fn, prompts, cfg, generator, autocast=nullcontext, tim
     return {**r, "scores": scores, "has_eos": has_eos}
 
 
+def minibatches(n, step, cfg, s):
+    """The update's row indices, per epoch: a shuffle of the n rollout rows (seeded by seed, step, rank), cut into
+    minibatches of minibatch_size rows (0: all n), each a tuple of its grad_accum micro-batches. Drawn before the
+    no-grad forward (step 3), which runs on the first epoch's micro-batches."""
+    shuffle = torch.Generator().manual_seed(mix_seed(cfg.seed, step, s.rank, 1))
+    size = cfg.minibatch_size or n
+    perms = [torch.randperm(n, generator=shuffle).to(s.device) for _ in range(cfg.ppo_epochs)]
+    return [[mb.split(size // cfg.grad_accum) for mb in perm.split(size)] for perm in perms]
+
+
 @torch.no_grad()
-def forward_rollout(model, ref, r, temperature, micro_batches, autocast=nullcontext):
+def forward_rollout(model, ref, r, temperature, epoch, autocast=nullcontext):
     """Step 3: logprobs, values and ref_logprobs (B, N) fp32 of the rollout `r` (logprobs 0 on padding), and the
-    entropy summed over its response tokens, computed on `micro_batches` (row indices): the first epoch's, so each
-    row's old logprobs and values come from exactly the computation its first training forward repeats (same rows,
-    same shapes, same kernels): the first minibatch's ratio is exactly 1."""
+    entropy summed over its response tokens, computed on the micro-batches of `epoch`, the first epoch's minibatches
+    (minibatches), so each row's old logprobs and values come from exactly the computation its first training forward
+    repeats (same rows, same shapes, same kernels): the first minibatch's ratio is exactly 1."""
     tokens, mask, response_mask, P = r["tokens"], r["mask"], r["response_mask"], r["P"]
     out = {k: torch.zeros(response_mask.shape, device=tokens.device) for k in ("logprobs", "values", "ref_logprobs")}
     out["entropy"] = 0.0  # a sum
-    for idx in micro_batches:
+    for idx in itertools.chain(*epoch):  # every micro-batch of every minibatch
         t, m, rm = tokens[idx], mask[idx], response_mask[idx]
         with autocast():
             out["logprobs"][idx], out["values"][idx], logits = model(t, m, rm, P, temperature)
-            h = response_hidden(ref, t, m, P)
-            out["ref_logprobs"][idx] = response_logprobs(ref.lm_head, h, t[:, P:], rm, temperature)[0]
+            out["ref_logprobs"][idx] = forward_logprobs(ref, ref.lm_head, t, m, rm, P, temperature)[0]
         out["entropy"] = out["entropy"] + entropy_from_logits(logits, temperature).sum()
     return out
 
 
-def ppo_update(model, optimizer, batch, P, cfg, s, perms, step=0):
-    """Step 6: one pass over the rollout batch per row order in `perms` (cfg.ppo_epochs of them), in minibatches of
-    minibatch_size rows, one optimizer step each. `model` is the ActorCritic (DDP-wrapped under torchrun). Returns
-    one dict of stats per minibatch. The stats stay on the device until the end: the host reads the GPU once per
-    optimizer step (optimizer_step), not per stat."""
-    micro = cfg.minibatch_size // cfg.grad_accum
+def ppo_update(model, optimizer, batch, P, cfg, s, epochs, step=0):
+    """Step 6: one pass over the rollout batch per epoch of `epochs` (minibatches()), one optimizer step per minibatch.
+    `model` is the ActorCritic (DDP-wrapped under torchrun); `batch` holds the rollout's old_logprobs and old_values.
+    Returns one dict of stats per minibatch. The stats stay on the device until the end: the host reads the GPU once
+    per optimizer step (optimizer_step), not per stat."""
+    names = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "ratio")  # the stats of a minibatch
     stats, grad_norms = [], []
-    for perm in perms:
-        for start in range(0, len(perm), cfg.minibatch_size):
-            mb_idx = perm[start:start + cfg.minibatch_size]
-            n_tokens = all_reduce_sum(batch["response_mask"][mb_idx].sum().float(), s)  # all ranks' minibatch
-            chunks, mb_loss, mb_stats = mb_idx.split(micro), 0, 0
-            for i, idx in enumerate(chunks):
+    for epoch in epochs:
+        for minibatch in epoch:
+            n_tokens = all_reduce_sum(batch["response_mask"][torch.cat(minibatch)].sum().float(), s)  # of all ranks
+            mb_loss, mb_stats = 0, 0
+            for i, idx in enumerate(minibatch):
                 mb = {k: v[idx] for k, v in batch.items()}
-                with model.no_sync() if s.ddp and i < len(chunks) - 1 else nullcontext():  # sync grads once
+                with model.no_sync() if s.ddp and i < len(minibatch) - 1 else nullcontext():  # sync grads once
                     with s.autocast():
                         logprobs, values, _ = model(mb["tokens"], mb["mask"], mb["response_mask"], P,
                                                     cfg.temperature)
-                    pg_loss, vf_loss, st = ppo_losses(logprobs, mb["logprobs"], mb["advantages"], values,
-                                                      mb["values"], mb["returns"], mb["response_mask"],
+                    pg_loss, vf_loss, st = ppo_losses(logprobs, mb["old_logprobs"], mb["advantages"], values,
+                                                      mb["old_values"], mb["returns"], mb["response_mask"],
                                                       cfg.cliprange, cfg.cliprange_value, n_tokens)
                     loss = (pg_loss + cfg.vf_coef * vf_loss) * s.world_size  # DDP averages grads over ranks
                     loss.backward()
                 mb_loss = mb_loss + loss.detach()
                 # x world_size: this rank's share of the global token mean -> ~its own mean (all_reduce_mean later)
-                st = dict(pg_loss=pg_loss, vf_loss=vf_loss, **st)
-                mb_stats = mb_stats + torch.stack(list(st.values())).detach().double() * s.world_size
+                st.update(pg_loss=pg_loss, vf_loss=vf_loss)
+                mb_stats = mb_stats + torch.stack([st[k] for k in names]).detach().double() * s.world_size
             # a NaN/inf loss stops the run here, before the weights see it
             grad_norms.append(optimizer_step(optimizer, model.parameters(), cfg.grad_clip, step, loss=mb_loss))
             stats.append(mb_stats)
-    return [dict(zip(st, row), grad_norm=g)  # st: the names of the stats
-            for row, g in zip(torch.stack(stats).tolist(), grad_norms)]
+    return [dict(zip(names, row), grad_norm=g) for row, g in zip(torch.stack(stats).tolist(), grad_norms)]
 
 
 # ----------------------------------------------------------------------------- set-up, evaluation, checkpoints
@@ -463,8 +479,8 @@ def evaluate(policy, ref, score_fn, prompts, cfg, s):
         r = rollout(policy, score_fn, prompts[i:i + cfg.batch_size], cfg, generator, s.autocast)
         tokens, mask, P, response_mask = r["tokens"], r["mask"], r["P"], r["response_mask"]
         with s.autocast():
-            logprobs, ref_logprobs = (response_logprobs(m.lm_head, response_hidden(m, tokens, mask, P), tokens[:, P:],
-                                                        response_mask, cfg.temperature)[0] for m in (policy, ref))
+            logprobs = forward_logprobs(policy, policy.lm_head, tokens, mask, response_mask, P, cfg.temperature)[0]
+            ref_logprobs = forward_logprobs(ref, ref.lm_head, tokens, mask, response_mask, P, cfg.temperature)[0]
         kl = (logprobs - ref_logprobs).sum(1)  # both 0 on padding
         sums += torch.tensor([r["scores"].sum(), kl.sum(), response_mask.sum(), len(kl)], device=s.device)
         shown += list(zip(prompts[i:], r["texts"], r["scores"].tolist()))[:cfg.eval_samples - len(shown)]
@@ -484,22 +500,30 @@ def save(path, policy, critic, optimizer, kl_ctl, step, cfg, init_from):
                     config=asdict(replace(cfg, init_from=init_from)))
 
 
+def token_stats(r, f, s):
+    """Over the response tokens of all ranks: the mean entropy, the largest sampler/forward logprob gap, and the
+    number of tokens (0-d tensors, the same on every rank)."""
+    entropy, n_tokens = all_reduce_sum(torch.stack([f["entropy"], r["response_mask"].sum().float()]), s)
+    lp_gap = ((r["logprobs"] - f["logprobs"]).abs() * r["response_mask"]).max()
+    if s.ddp:
+        dist.all_reduce(lp_gap, op=dist.ReduceOp.MAX)
+    return entropy / n_tokens, lp_gap, n_tokens
+
+
 def iteration_metrics(r, f, kl, returns, stats, s):
-    """The diagnostics of one iteration, means over all ranks: rollout scores and KL, the update's stats averaged over
-    its minibatches, explained variance, entropy, response length, responses without EOS, the sampler/forward
-    logprob gap, and the response tokens of all ranks (tok_per_s, before dividing by the time)."""
+    """The diagnostics of one iteration, over all ranks: rollout scores and KL, the update's stats averaged over its
+    minibatches, explained variance, response length, responses without EOS, and token_stats: entropy, lp_gap and
+    the number of response tokens (as tok_per_s, which main divides by the time)."""
     response_mask = r["response_mask"]
     _, ret_var = masked_mean_var(returns, response_mask, s)
     _, err_var = masked_mean_var(returns - f["values"], response_mask, s)
+    entropy, lp_gap, n_tokens = token_stats(r, f, s)
     batch = dict(score=r["scores"].mean(), kl=kl.sum(1).mean(), explained_var=1 - err_var / ret_var.clamp(min=1e-8),
-                 entropy=f["entropy"] / response_mask.sum(),
-                 response_len=response_mask.sum(1).float().mean(), no_eos=1 - r["has_eos"].float().mean(),
-                 lp_gap=((r["logprobs"] - f["logprobs"]).abs() * response_mask).max(), tok_per_s=response_mask.sum())
+                 entropy=entropy, response_len=response_mask.sum(1).float().mean(),
+                 no_eos=1 - r["has_eos"].float().mean(), lp_gap=lp_gap, tok_per_s=n_tokens)  # tok_per_s: a count
     batch = dict(zip(batch, torch.stack([v.double() for v in batch.values()]).tolist()))  # one host sync
     update = {k: sum(st[k] for st in stats) / len(stats) for k in stats[0]}  # means over the minibatches
-    metrics = all_reduce_mean({**batch, **update}, s)
-    metrics["tok_per_s"] *= s.world_size
-    return metrics
+    return all_reduce_mean({**batch, **update}, s)
 
 
 SHOWN = ("score", "kl", "beta", "approx_kl", "clipfrac", "vf_loss", "explained_var", "entropy", "response_len",
@@ -532,7 +556,7 @@ def main(cfg):
 
     if start == 0 and eval_prompts:
         log(0, evaluate(policy, ref, score_fn, eval_prompts, cfg, s))
-    timer_eta, metrics, micro = Timer(cfg.max_iters, start), {}, cfg.minibatch_size // cfg.grad_accum
+    timer_eta, metrics = Timer(cfg.max_iters, start), {}
     for step in range(start, cfg.max_iters):
         t0, timer = time.perf_counter(), PhaseTimer(s.device)
         lr = begin_step(optimizer, step, cfg, s)
@@ -542,12 +566,11 @@ def main(cfg):
         # 1-2. sample, truncate after EOS, score (penalty without EOS)
         r = rollout(policy, score_fn, batch_prompts, cfg, generator, s.autocast, timer, shard=(s.rank, s.world_size))
         tokens, mask, P, response_mask = r["tokens"], r["mask"], r["P"], r["response_mask"]
-        # the update's row orders, one per epoch, drawn first: the no-grad forward runs the first epoch's micro-batches
-        shuffle = torch.Generator().manual_seed(mix_seed(cfg.seed, step, s.rank, 1))
-        perms = [torch.randperm(len(tokens), generator=shuffle).to(s.device) for _ in range(cfg.ppo_epochs)]
+        # step 6's minibatches, shuffled now: step 3 runs on the first epoch's micro-batches (see docstring)
+        epochs = minibatches(len(tokens), step, cfg, s)
         with timer("forward"):
             # 3. logprobs and values of the rollout (old logprobs: see docstring), reference logprobs
-            f = forward_rollout(model, ref, r, cfg.temperature, perms[0].split(micro), s.autocast)
+            f = forward_rollout(model, ref, r, cfg.temperature, epochs[0], s.autocast)
             # 4. KL-penalised per-token rewards
             rewards, kl = compute_rewards(r["scores"], f["logprobs"], f["ref_logprobs"], response_mask, kl_ctl.beta)
             if cfg.whiten_rewards:
@@ -557,14 +580,15 @@ def main(cfg):
             advantages = whiten(advantages, response_mask, s)
         with timer("update"):
             # 6. K epochs of minibatch updates
-            batch = dict(tokens=tokens, mask=mask, response_mask=response_mask, logprobs=f["logprobs"],
-                         values=f["values"], advantages=advantages, returns=returns)
-            stats = ppo_update(model, optimizer, batch, P, cfg, s, perms, step)
+            batch = dict(tokens=tokens, mask=mask, response_mask=response_mask, old_logprobs=f["logprobs"],
+                         old_values=f["values"], advantages=advantages, returns=returns)
+            stats = ppo_update(model, optimizer, batch, P, cfg, s, epochs, step)
 
-        # metrics of all ranks, the KL controller, the log
+        # metrics of all ranks (beta: the one this iteration used)
         metrics = iteration_metrics(r, f, kl, returns, stats, s)
         metrics.update(beta=kl_ctl.beta, lr=lr, tok_per_s=metrics["tok_per_s"] / (time.perf_counter() - t0),
                        **{f"t_{k}": v for k, v in timer.times.items()})
+        # 7. adapt beta to the KL target (Ziegler et al. 2019), from all ranks' KL: the same beta on every rank
         kl_ctl.update(metrics["kl"], cfg.batch_size * s.world_size)
         log(step, {**metrics, "eta": timer_eta.eta(step)}, shown=SHOWN + ("eta",))
 

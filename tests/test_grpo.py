@@ -283,7 +283,7 @@ def test_torchrun_two_processes_equal_one_process_and_groups_stay_whole(tmp_path
     grpo.main(one)
     logs = [read_log(tmp_path / d) for d in ("one", "ddp")]
     for x, y in zip(*logs, strict=True):
-        for k in ("score", "kl", "zero_adv", "pg_loss", "approx_kl", "response_len", "grad_norm"):
+        for k in ("score", "kl", "zero_adv", "pg_loss", "approx_kl", "response_len", "grad_norm", "entropy"):
             assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (k, x[k], y[k])
     a, b = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "grpo") for d in ("one", "ddp"))
     for k in a["model"]:

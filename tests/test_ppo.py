@@ -22,7 +22,7 @@ from common import RunError, Setup, load_checkpoint, save_checkpoint
 from data import EOS
 from model import GPT, GPTConfig, fp32_heads
 from ppo import (ActorCritic, AdaptiveKLController, Config, build_models, compute_rewards, forward_rollout, gae, main,
-                 ppo_losses, ppo_update, rollout, truncate_after_eos, whiten)
+                 minibatches, ppo_losses, ppo_update, rollout, truncate_after_eos, whiten)
 from scoring import check_scores, load_reward_fn, make_scorer
 from tests.helpers import spy_on_compile
 
@@ -224,9 +224,8 @@ def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled
     assert r["mask"][:, :r["P"]].min() == 0  # some prompts really are left-padded
     assert len(set(r["response_mask"].sum(1).tolist())) > 2  # responses of several lengths
     fwd = torch.compile(ac) if compiled else ac  # as main does with --compile=True: one module for both forwards
-    shuffle = torch.Generator().manual_seed(0)
-    perms = [torch.randperm(8, generator=shuffle) for _ in range(cfg.ppo_epochs)]  # as main: drawn first
-    f = forward_rollout(fwd, ref, r, cfg.temperature, perms[0].split(2), autocast)  # the first epoch's micro-batches
+    epochs = minibatches(8, 0, cfg, s)  # as main: drawn first, 2 minibatches of 2 micro-batches per epoch
+    f = forward_rollout(fwd, ref, r, cfg.temperature, epochs[0], autocast)  # the first epoch's micro-batches
     rm = r["response_mask"].bool()
     # The sampler's logprobs (KV cache, temperature 0.7, left padding) equal a full forward's, up to kernel noise.
     # bf16: other kernels and shapes in the trunk; the fp32 heads take away the logits' own rounding
@@ -238,11 +237,11 @@ def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled
     else:
         assert torch.equal(f["logprobs"][rm], f["ref_logprobs"][rm])  # policy == reference: KL exactly 0
     torch.manual_seed(0)
-    batch = dict(tokens=r["tokens"], mask=r["mask"], response_mask=r["response_mask"], logprobs=f["logprobs"],
-                 values=f["values"], advantages=whiten(torch.randn_like(f["values"]), r["response_mask"]),
+    batch = dict(tokens=r["tokens"], mask=r["mask"], response_mask=r["response_mask"], old_logprobs=f["logprobs"],
+                 old_values=f["values"], advantages=whiten(torch.randn_like(f["values"]), r["response_mask"]),
                  returns=torch.randn_like(f["values"]))
     opt = torch.optim.AdamW(ac.parameters(), lr=1e-3)
-    stats = ppo_update(fwd, opt, batch, r["P"], cfg, s, perms)
+    stats = ppo_update(fwd, opt, batch, r["P"], cfg, s, epochs)
     assert len(stats) == 2 * 8 // 4
     # approx_kl sums ratio - 1 - log(ratio) over the tokens: exactly 0 only if every token's ratio is exactly 1. The
     # mean ratio adds the micro-batches' shares of the token count (e.g. 7/17 + 10/17), which fp32 rounds
@@ -291,7 +290,7 @@ def test_kl_is_exactly_zero_when_policy_is_reference(n_response):
     mask[1, :7] = 0
     response_mask = (torch.arange(n_response)[None] < torch.tensor([[n_response], [1], [2], [n_response]])).long()
     r = dict(tokens=tokens, mask=mask, response_mask=response_mask, P=32)
-    f = forward_rollout(ActorCritic(policy), ref, r, 0.7, torch.arange(4).split(4))
+    f = forward_rollout(ActorCritic(policy), ref, r, 0.7, [torch.arange(4).split(4)])  # 1 minibatch, 1 micro-batch
     assert torch.equal(f["logprobs"], f["ref_logprobs"])
 
 
@@ -325,7 +324,7 @@ def test_forward_runs_the_lm_head_only_at_real_tokens_and_equals_a_full_forward(
     hook = policy.lm_head.register_forward_hook(lambda m, args, out: head_rows.append(tuple(args[0].shape)))
     perm = torch.randperm(B)
     r = dict(tokens=tokens, mask=mask, response_mask=response_mask, P=P)
-    f = forward_rollout(ActorCritic(policy, None if critic == "shared" else values_from), ref, r, T, perm.split(2))
+    f = forward_rollout(ActorCritic(policy, None if critic == "shared" else values_from), ref, r, T, [perm.split(2)])
     hook.remove()
     assert head_rows == [(int(response_mask[idx].sum()), 32) for idx in perm.split(2)]
     torch.testing.assert_close(f["logprobs"], pick(logits), atol=1e-5, rtol=0)
@@ -487,7 +486,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, prompts_file):
     logs = [read_log(tmp_path / d) for d in ("one", "ddp")]
     assert [row["step"] for row in logs[1]] == [0, 1, 2]
     for x, y in zip(*logs, strict=True):
-        for k in ("score", "kl", "response_len", "beta", "vf_loss", "approx_kl"):
+        for k in ("score", "kl", "response_len", "beta", "vf_loss", "approx_kl", "entropy"):
             assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (k, x[k], y[k])
     assert logs[0][-1]["beta"] != 0.02  # the controller moved, identically
     a, b = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "ppo") for d in ("one", "ddp"))
