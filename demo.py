@@ -20,6 +20,8 @@ the report can say what RLHF optimizes for real (gold score) and what it only ma
                report.md + PNGs
 
 PPO and GRPO train in five chunks, each resuming the last (exact), and the policy is probed between chunks.
+The review task has 64 distinct openings, so the evaluation's prompts were also seen in training: what is new in the
+evaluation is every sample (the summarize task's posts are nearly all unseen).
 --task=summarize runs the same pipeline on the second task, summarize.py: short posts and their summaries (the TL;DR
 task of Stiennon et al. 2020 and the TRLx article, offline), with ROUGE against reference summaries in the report.
 
@@ -300,7 +302,7 @@ def write_report(out_dir, results, curves, ppo_log):
 # ----------------------------------------------------------------------------- the tasks
 @dataclass
 class Task:
-    """What the pipeline needs from a task: a corpus of prompts with good completions, and the hidden human."""
+    """What the pipeline needs from a task: a corpus of prompts with completions SFT learns, and the hidden human."""
     title: str
     make_corpus: object  # (n, seed) -> rows {"prompt", "completion"}: SFT's data, and every later stage's prompts
     gold_score: object  # (prompt, response) -> float: labels the preference pairs, and judges the final policies
@@ -330,7 +332,7 @@ class Config:
     only: str = ""  # ppo | grpo | dpo | ilql | eval: rerun that stage (+ eval) on the other stages' outputs in out_dir
     # sizes and budgets (a task replaces the defaults of those it names)
     n_train: int = 20000  # SFT corpus rows
-    n_eval: int = 500  # held-out corpus rows (SFT eval loss, PPO/GRPO eval prompts)
+    n_eval: int = 500  # corpus rows of another seed (SFT eval loss)
     n_pref_prompts: int = 2000  # prompts sampled twice by the SFT model and labeled: RM, DPO and ILQL training pairs
     n_heldout_prompts: int = 300  # prompts for pairs labeled by the noiseless gold: RM accuracy vs gold
     n_eval_prompts: int = 200  # prompts of the final evaluation
@@ -343,8 +345,8 @@ class Config:
     n_embd: int = 128
     block_size: int = 96  # max_prompt_len + max_new_tokens, at least
     batch_size: int = 32  # sequences (SFT), pairs (RM, DPO, ILQL) or prompts (PPO, GRPO) per step
-    sft_iters: int = 400  # the stage times of a run are in its report (and the README's results)
-    rm_iters: int = 400
+    sft_iters: int = 400  # x batch_size 32: 12,800 sequences, 0.64 of an epoch of n_train
+    rm_iters: int = 400  # ~6 epochs of ~2,000 pairs (300 SFT and RM steps gave a worse RM: docs/results.md)
     ppo_iters: int = 60
     grpo_iters: int = 50  # longer, it over-optimised the RM: gold fell while the RM score rose (docs/results.md)
     dpo_iters: int = 120  # two epochs of the labeled pairs
@@ -363,7 +365,8 @@ STAGES = ("corpus", "SFT", "label", "reward model", "PPO", "GRPO", "DPO", "ILQL"
 
 
 def with_sizes(cfg, sizes):
-    """cfg with `sizes` in place of the fields still at their defaults (what you set on the command line stays)."""
+    """cfg with `sizes` in place of the fields still at their defaults. A value you set stays, unless it equals the
+    reviews default: then the task's size replaces it (set it one off, or edit the task's sizes)."""
     defaults = Config()
     return replace(cfg, **{k: v for k, v in sizes.items() if getattr(cfg, k) == getattr(defaults, k)})
 
@@ -519,8 +522,10 @@ def ppo_trainer(cfg, path, shared):
 
 
 def grpo_trainer(cfg, path, shared):
-    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times;
-    one pass in four optimizer steps; the k3 KL in the loss (GRPO's defaults)."""
+    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times
+    (the same 64 samples per step as PPO's 32 x 2 would be), one pass in four optimizer steps, the k3 KL in the loss
+    with a fixed beta 0.1 (a per-token penalty: not PPO's adaptive coefficient on the KL in the reward, nor DPO's
+    beta), lr 1e-4: chosen on seed 1337 (docs/results.md: lr 3e-5 with one step per iteration reached 0.77)."""
     import grpo
     prompts = max(1, cfg.batch_size // 2)
     return lambda step, init_from: grpo.main(grpo.Config(
@@ -531,6 +536,9 @@ def grpo_trainer(cfg, path, shared):
 
 
 def train_dpo(cfg, path, shared):
+    """The RM's labeled pairs straight into the policy. lr 1e-4 at a constant rate for two epochs, beta 0.1 (DPO's
+    beta: the weight of the implicit KL, no kin of PPO's or GRPO's), chosen on seed 1337 (docs/results.md: one
+    epoch reached 0.67, lr 3e-4 overshot to 18 nats)."""
     import dpo
     dpo.main(dpo.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("dpo"),
                         max_iters=cfg.dpo_iters, learning_rate=1e-4, beta=0.1,
@@ -582,7 +590,7 @@ def main(cfg):
     shared = dict(device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, beta2=0.95, max_prompt_len=cfg.max_prompt_len)
 
     if not cfg.only:
-        stage("corpus", f"prompts and good completions: {task.title}")
+        stage("corpus", f"prompts and completions for SFT: {task.title}")
         write_corpus(task, cfg, path)
         stage("SFT", "a GPT-2 from scratch learns the corpus")
         train_sft(cfg, path, shared)
