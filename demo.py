@@ -464,7 +464,7 @@ def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
     n = cfg.best_of_n
     with s.autocast():
         best, _ = best_of_n(policy, rm, prompts, n, cfg.seed + 5, **sampling)
-        results = evaluate(policies, prompts, judges, ref=policy, seed=cfg.seed + 4, **sampling,
+        results = evaluate(policies, prompts, judges, ref=policy, seed=cfg.seed + 4, win_rate_judge="gold", **sampling,
                            references=[r["completion"].strip() for r in rows] if task.references else None,
                            extra={f"best-of-{n} (SFT + RM)": dict(texts=best, kl=math.log(n) - (n - 1) / n)})
     write_results(results, cfg.out_dir)
