@@ -1,14 +1,15 @@
 """
 The whole RLHF pipeline, offline, on a built-in task: teach a small GPT-2 to write *positive* movie reviews.
 
-No network and no human: a seeded generator writes a review corpus of mixed sentiment, and a documented Python
-"gold labeler" (`gold_score`) stands in for the human. The reward model and the policies never see it; they only see
-preference pairs it labeled through Bradley-Terry noise, as a human would label them. Because the gold is known,
-the report can say what RLHF optimizes for real (gold score) and what it only makes the reward model believe.
+No network and no human: the task, reviews.py, is a seeded generator of reviews of mixed sentiment and a documented
+Python "gold labeler" (`reviews.gold_score`) that stands in for the human. The reward model and the policies never see
+it; they only see preference pairs it labeled through Bradley-Terry noise, as a human would label them. Because the
+gold is known, the report can say what RLHF optimizes for real (gold score) and what it only makes the reward model
+believe.
 
     1 corpus   seeded review openings + completions (positive / negative / mixed) -> data/corpus/{train,test}.jsonl
     2 SFT      a small GPT-2 from scratch learns to write reviews of both sentiments, ending with EOS
-    3 label    two SFT samples per prompt, labeled by gold_score through BT noise -> data/prefs/train.jsonl
+    3 label    two SFT samples per prompt, labeled by the gold through BT noise -> data/prefs/train.jsonl
                (+ held-out pairs labeled by the noiseless gold -> data/prefs/test.jsonl: RM accuracy vs gold)
     4 reward   a reward model trained on the labeled pairs
     5 PPO      the SFT policy optimized against the reward model, KL-penalized to the SFT model
@@ -20,8 +21,6 @@ the report can say what RLHF optimizes for real (gold score) and what it only ma
                report.md + PNGs
 
 PPO and GRPO train in five chunks, each resuming the last (exact), and the policy is probed between chunks.
-The review task has 64 distinct openings, so the evaluation's prompts were also seen in training: what is new in the
-evaluation is every sample (the summarize task's posts are nearly all unseen).
 --task=summarize runs the same pipeline on the second task, summarize.py: short posts and their summaries (the TL;DR
 task of Stiennon et al. 2020 and the TRLx article, offline), with ROUGE against reference summaries in the report.
 
@@ -31,158 +30,150 @@ task of Stiennon et al. 2020 and the TRLx article, offline), with ROUGE against 
     python demo.py --quick=True          # tiny sizes and budgets: a smoke test of the wiring (~1 min on CPU)
     python demo.py --only=ilql           # rerun ILQL and the evaluation on a finished run's SFT model, labels, RM
 
-To put a real human in the loop instead of gold_score, label.py writes the same prompt/chosen/rejected JSONL.
+To put a real human in the loop instead of the gold labeler, label.py writes the same prompt/chosen/rejected JSONL.
 """
 
 import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
 import data
+import reviews
 import scoring
 from common import ConfigError, check_numbers, cpu_info, load_model, print0, print_config, run_main, setup
 from model import fp32_heads
 from eval import evaluate, kl_to_ref, sample_policy, write_results
 from sample import ilql_logits_fn
 
-# ----------------------------------------------------------------------------- the task: a review corpus
-POSITIVE = "good great wonderful excellent brilliant beautiful moving funny clever charming fantastic nice".split()
-NEGATIVE = "bad terrible awful boring dull weak poor silly messy painful predictable forgettable".split()
-NEUTRAL = "long short simple quiet dark unusual".split()
-NOUNS = "plot acting soundtrack ending dialogue cast story script pacing music".split()
-COUNTABLE = "plot soundtrack ending cast story script".split()  # nouns that take "a"/"an"
-ADVERBS = "really very quite truly rather".split()
-ADJ = {1: POSITIVE, -1: NEGATIVE}
-VERBS = {1: "loved enjoyed adored liked".split(), -1: "hated disliked".split()}
-# Review openings, by what must follow them. Slots: {n} {n2} {n3} distinct nouns, {k2} {k3} distinct countable ones;
-# {a} {b} distinct adjectives of the review's sentiment, {c} one of the opposite sentiment (negated: "not {c}", or
-# the other half of a mixed review); {A} {B} {C} the same with "a"/"an"; {adv} an adverb, {z} a neutral adjective,
-# {v} a verb of the sentiment.
-PROMPTS = {
-    "adj": ["The {n} in this film was", "The {n} of this movie is", "I have to say that the {n} was",
-            "Overall, this movie was", "My first impression of this film was that it was", "To be honest, the {n} was",
-            "Compared to the book, this movie is", "For a first film, the {n} was"],
-    "clause": ["I watched this movie with my family and", "I went to see this film last night and",
-               "After the first ten minutes,", "When the credits rolled,", "I saw this film with a friend and",
-               "By the end of the movie,"],
-    "verb": ["This movie", "This film", "The new film from this director", "This sequel", "The remake"],
-}
-SINGLE = {  # one sentiment throughout
-    "adj": [" {a}.", " {adv} {a}.", " {adv} {a}, and the {n2} was {b}.", " not {c} at all.", " {a}. I {v} it.",
-            " {adv} {a}, and the {n2} felt {z}.", " {a} from start to finish."],
-    "clause": [" I thought it was {adv} {a}.", " we all {v} it.", " the {n2} was {a} and the {n3} was {b}.",
-               " I found the {n2} {a}.", " it was not {c} at all.", " I {v} every minute of it."],
-    "verb": [" is {adv} {a}.", " was {a} from start to finish.", " has {A} {k2} and {B} {k3}.",
-             " is {a}, and I {v} every minute of it.", " was not {c}, and the {n2} was {a}.",
-             " is {adv} {a}, even if the {n2} is {z}."],
-}
-MIXED = {  # one half each way
-    "adj": [" {a}, but the {n2} was {c}.", " {adv} {a}, although the {n2} felt {c}."],
-    "clause": [" the {n2} was {a} but the {n3} was {c}.", " I {v} the {n2} but the {n3} was {c}."],
-    "verb": [" has {A} {k2} but {C} {k3}.", " is {a} in places, but the {n2} is {c}."],
-}
-ENDINGS = {1: [" I would recommend it to anyone!", " I would happily watch it again.", " Two thumbs up!"],
-           -1: [" I would not recommend it.", " What a waste of time.", " I want my money back."]}
+# ----------------------------------------------------------------------------- the tasks
+@dataclass
+class Task:
+    """What the pipeline needs from a task: a corpus of prompts with completions SFT learns, and the hidden human."""
+    title: str
+    make_corpus: object  # (n, seed) -> rows {"prompt", "completion"}: SFT's data, and every later stage's prompts
+    gold_score: object  # (prompt, response) -> float: labels the preference pairs, and judges the final policies
+    sizes: dict  # the Config sizes this task needs (they replace the defaults, not what you set)
+    quick: dict  # the same for --quick
+    references: bool = False  # the corpus completions are references to score against (ROUGE, BLEU)
 
 
-def make_corpus(n, seed):
-    """n rows {"prompt", "completion", "sentiment"} (40% positive, 40% negative, 20% mixed), a pure function of seed.
-    Completions start with a space (they continue the prompt) and end with "." or "!"; SFT appends the EOS."""
-    rng = random.Random(seed)
-    openings = [(kind, p) for kind, ps in PROMPTS.items() for p in ps]
-    rows = []
-    for _ in range(n):
-        kind, opening = rng.choice(openings)
-        mood = rng.choices(["positive", "negative", "mixed"], weights=[0.4, 0.4, 0.2])[0]
-        s = {"positive": 1, "negative": -1}.get(mood) or rng.choice([1, -1])
-        (a, b), c = rng.sample(ADJ[s], 2), rng.choice(ADJ[-s])
-        (n1, n2, n3), (k2, k3) = rng.sample(NOUNS, 3), rng.sample(COUNTABLE, 2)
-        slots = dict(n=n1, n2=n2, n3=n3, k2=k2, k3=k3, a=a, b=b, c=c, A=_article(a), B=_article(b), C=_article(c),
-                     adv=rng.choice(ADVERBS), z=rng.choice(NEUTRAL), v=rng.choice(VERBS[s]))
-        completion = rng.choice((MIXED if mood == "mixed" else SINGLE)[kind]).format(**slots)
-        if rng.random() < 0.35:  # a closing sentence; a mixed review may close either way
-            completion += rng.choice(ENDINGS[s if mood != "mixed" else rng.choice([1, -1])])
-        rows.append({"prompt": opening.format(**slots), "completion": completion, "sentiment": mood})
-    return rows
+def load_task(name):
+    if name == "reviews":
+        return Task(reviews.TITLE, reviews.make_corpus, reviews.gold_score, {}, reviews.QUICK)  # its sizes: Config's
+    if name == "summarize":
+        import summarize  # the TL;DR task of the TRLx article, offline: generated posts, a gold labeler of summaries
+        return Task(summarize.TITLE, summarize.make_corpus, summarize.gold_score, summarize.CONFIG, summarize.QUICK,
+                    references=True)
+    raise ConfigError(f"task must be 'reviews' or 'summarize', not {name!r}")
+
+# ----------------------------------------------------------------------------- the pipeline's configuration
+@dataclass
+class Config:
+    out_dir: str = "out/demo"  # everything goes here: data/, sft/, reward/, ppo/, grpo/, dpo/, ilql/, report.md
+    task: str = "reviews"  # reviews: write positive movie reviews | summarize: summarize short posts (TL;DR)
+    seed: int = 1337  # every seed of the run derives from it
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast: faster on CPU too; the numerics that matter stay fp32)
+    quick: bool = False  # tiny sizes and budgets (tests, smoke runs) for the sizes you leave at their defaults
+    only: str = ""  # ppo | grpo | dpo | ilql | eval: rerun that stage (+ eval) on the other stages' outputs in out_dir
+    # sizes and budgets (a task replaces the defaults of those it names)
+    n_train: int = 20000  # SFT corpus rows
+    n_eval: int = 500  # corpus rows of another seed (SFT eval loss)
+    n_pref_prompts: int = 2000  # prompts sampled twice by the SFT model and labeled: RM, DPO and ILQL training pairs
+    n_heldout_prompts: int = 300  # prompts for pairs labeled by the noiseless gold: RM accuracy vs gold
+    n_eval_prompts: int = 200  # prompts of the final evaluation
+    n_probe_prompts: int = 64  # prompts of the over-optimisation curves (PPO/GRPO along training, best-of-n)
+    bt_temperature: float = 1.0  # labeler noise: P(a preferred) = sigmoid((gold_a - gold_b) / bt_temperature)
+    max_prompt_len: int = 32  # prompt tokens (longer prompts are left-truncated)
+    max_new_tokens: int = 40  # response length budget (the longest corpus completion is ~20 tokens)
+    n_layer: int = 4  # the SFT model, trained from scratch
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 96  # max_prompt_len + max_new_tokens, at least
+    batch_size: int = 32  # sequences (SFT), pairs (RM, DPO, ILQL) or prompts (PPO, GRPO) per step
+    sft_iters: int = 400  # x batch_size 32: 12,800 sequences, 0.64 of an epoch of n_train
+    rm_iters: int = 400  # ~6 epochs of ~2,000 pairs (300 SFT and RM steps gave a worse RM: docs/results.md)
+    ppo_iters: int = 60
+    grpo_iters: int = 50  # longer, it over-optimised the RM: gold fell while the RM score rose (docs/results.md)
+    dpo_iters: int = 120  # two epochs of the labeled pairs
+    ilql_iters: int = 120
+    target_kl: float = 6.0  # PPO's KL target (nats per response); the controller's horizon is a tenth of the run
+    group_size: int = 4  # GRPO: samples per prompt
+    ilql_betas: tuple = (4.0, 8.0)  # ILQL decoding: log_softmax(logits) + beta * (Q - V), each one evaluated
+    best_of_n: int = 8  # n of the best-of-n baseline
+    curve_n: int = 64  # best-of-n in the over-optimisation plot: n = 1, 2, 4, ..., curve_n
 
 
-def _article(word):
-    return ("an " if word[0] in "aeiou" else "a ") + word
+STAGES = ("corpus", "SFT", "label", "reward model", "PPO", "GRPO", "DPO", "ILQL", "evaluation")
 
 
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return path
-
-# ----------------------------------------------------------------------------- the gold labeler (stands in for a human)
-WORD = re.compile(r"[a-z']+")
-LEXICON = {**{w: 1 for w in POSITIVE + VERBS[1] + ["recommend"]}, **{w: -1 for w in NEGATIVE + VERBS[-1] + ["waste"]}}
-NEGATORS = {"not", "never", "no", "hardly", "isn't", "wasn't", "didn't", "don't", "doesn't"}
-STOPWORDS = set("a an the and but or was is it i this of to in with my we that not at all from by for if".split())
-_TEXT = " ".join(["an", *POSITIVE, *NEGATIVE, *NEUTRAL, *NOUNS, *ADVERBS, *VERBS[1], *VERBS[-1]] +
-                 [t for d in (PROMPTS, SINGLE, MIXED, ENDINGS) for ts in d.values() for t in ts])
-VOCAB = set(WORD.findall(re.sub(r"\{\w+\}", " ", _TEXT).lower()))  # every word the corpus can contain
+def with_sizes(cfg, sizes):
+    """cfg with `sizes` in place of the fields still at their defaults. A value you set stays, unless it equals the
+    reviews default: then the task's size replaces it (set it one off, or edit the task's sizes)."""
+    defaults = Config()
+    return replace(cfg, **{k: v for k, v in sizes.items() if getattr(cfg, k) == getattr(defaults, k)})
 
 
-def gold_parts(response):
-    """The terms of gold_score, for reports and tests."""
-    words = WORD.findall(response.lower())
-    sentiment = 0
-    for i, w in enumerate(words):
-        sign = LEXICON.get(w, 0)
-        sentiment += -sign if NEGATORS & set(words[max(0, i - 2):i]) else sign
-    content, bigrams = [w for w in words if w not in STOPWORDS], list(zip(words, words[1:]))
-    return dict(sentiment=max(-3, min(3, sentiment)), repeated_words=len(content) - len(set(content)),
-                repeated_bigrams=len(bigrams) - len(set(bigrams)), unknown_words=sum(w not in VOCAB for w in words),
-                no_ending=not response.rstrip().endswith((".", "!")), too_short=len(words) < 3,
-                extra_words=max(0, len(words) - 30))
+def check_config(cfg):
+    if cfg.only not in ("", "ppo", "grpo", "dpo", "ilql", "eval"):
+        raise ConfigError(f"only must be '', 'ppo', 'grpo', 'dpo', 'ilql' or 'eval', not {cfg.only!r}")
+    check_numbers(cfg, positive=("n_train", "n_eval", "n_pref_prompts", "n_eval_prompts", "n_probe_prompts",
+                                 "max_prompt_len", "max_new_tokens", "sft_iters", "rm_iters", "ppo_iters",
+                                 "grpo_iters", "dpo_iters", "ilql_iters", "target_kl", "group_size", "best_of_n",
+                                 "curve_n"), non_negative=("n_heldout_prompts", "bt_temperature"))
+
+# ----------------------------------------------------------------------------- 1 corpus
+def write_corpus(task, cfg, path):
+    train, evals = task.make_corpus(cfg.n_train, cfg.seed), task.make_corpus(cfg.n_eval, cfg.seed + 1)
+    write_jsonl(path("data", "corpus", "train.jsonl"), train)
+    write_jsonl(path("data", "corpus", "test.jsonl"), evals)
+    print0(f"{len(train)} train / {len(evals)} test rows -> {path('data', 'corpus')}; mean gold score "
+           f"{sum(task.gold_score(r['prompt'], r['completion']) for r in train) / len(train):.3f}")
+
+# ----------------------------------------------------------------------------- 2 SFT
+def train_sft(cfg, path, shared):
+    import sft  # here, not at the top: the demo's own helpers import without the training scripts
+    sft.main(sft.Config(init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                        block_size=cfg.block_size, data=path("data", "corpus"), out_dir=path("sft"),
+                        max_iters=cfg.sft_iters, learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10),
+                        max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=every(cfg.sft_iters),
+                        sample_tokens=cfg.max_new_tokens, **shared))
 
 
-def gold_score(prompt, response):
-    """The hidden human: how good a review `response` is. Only the response is judged (the prompt is ours).
+def load_policy(ckpt, kind, s, heads=None):
+    """A trained policy for sampling and KL, with fp32 logits as ppo.py's policy has (model.Head)."""
+    return fp32_heads(load_model(ckpt, heads=heads, kind=kind)[0]).to(s.device)
 
-    words = lowercase [a-z']+ tokens of the response.
-    sentiment = sum over words of +1 (positive word: the positive adjectives, loved/enjoyed/adored/liked,
-                recommend) or -1 (negative adjectives, hated/disliked, waste), the sign flipped when one of the two
-                words before it is a negator (not, never, no, hardly, isn't, wasn't, didn't, don't, doesn't),
-                then clipped to [-3, 3].
-    score = sentiment
-            - 0.5 * repeated_words     (occurrences of a non-stopword beyond its first)
-            - 0.5 * repeated_bigrams   (occurrences of a word bigram beyond its first)
-            - 0.5 * unknown_words      (words the corpus never uses: gibberish, broken BPE pieces)
-            - 1.0 * [the stripped response does not end with "." or "!"]
-            - 1.0 * [fewer than 3 words]
-            - 0.1 * max(0, words - 30)
-    E.g. " really great, and the plot was clever." = 2.0; " not bad at all." = 1.0; " great great great great" =
-    3 - 0.5*3 - 0.5*2 - 1 = -0.5. Every corpus completion has no repetition, no unknown word and an ending."""
-    p = gold_parts(response)
-    return (p["sentiment"] - 0.5 * (p["repeated_words"] + p["repeated_bigrams"] + p["unknown_words"])
-            - 1.0 * p["no_ending"] - 1.0 * p["too_short"] - 0.1 * p["extra_words"])
-
-
-def bt_prob(score_a, score_b, temperature=1.0):
-    """Bradley-Terry: P(a preferred over b) = sigmoid((score_a - score_b) / temperature). temperature 0 is the
-    noiseless labeler: 1 or 0, and 0.5 on equal scores."""
-    if temperature == 0:
-        return 0.5 if score_a == score_b else float(score_a > score_b)
-    x = (score_a - score_b) / temperature
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # no overflow either way
+# ----------------------------------------------------------------------------- 3 label
+def write_labels(task, policy, cfg, s, path, sampling):
+    """Two SFT samples per prompt, labeled by the gold through BT noise; held-out pairs labeled by the noiseless gold
+    (reward.py's eval accuracy is then the accuracy vs the gold)."""
+    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_pref_prompts, cfg.seed + 2)]
+    heldout = [r["prompt"] for r in task.make_corpus(cfg.n_heldout_prompts, cfg.seed + 3)]
+    with s.autocast():
+        a, b = sample_pairs(policy, prompts, seed=cfg.seed + 2, progress=True, **sampling)
+        heldout_a, heldout_b = sample_pairs(policy, heldout, seed=cfg.seed + 3, **sampling)
+    prefs = label_pairs(prompts, a, b, cfg.seed, cfg.bt_temperature, path("data", "prefs", "train.jsonl"),
+                        task.gold_score)
+    n_heldout = len(label_pairs(heldout, heldout_a, heldout_b, cfg.seed, 0, path("data", "prefs", "test.jsonl"),
+                                task.gold_score))
+    agree = sum(task.gold_score(r["prompt"], r["chosen"]) > task.gold_score(r["prompt"], r["rejected"]) for r in prefs)
+    print0(f"{len(prefs)} labeled pairs of {len(prompts)} prompts ({agree / max(1, len(prefs)):.1%} agree with the "
+           f"noiseless gold), {n_heldout} held-out pairs")
 
 
-def bt_label(score_a, score_b, rng, temperature=1.0):
-    """1 if a is preferred, 0 if b is: a draw with probability bt_prob. rng: a random.Random."""
-    return int(rng.random() < bt_prob(score_a, score_b, temperature))
+def sample_pairs(model, prompts, seed, progress=False, **sampling):
+    """Two independent completions per prompt -> (responses_a, responses_b)."""
+    texts, _ = sample_policy(model, [p for p in prompts for _ in range(2)], seed, progress=progress, **sampling)
+    return texts[0::2], texts[1::2]
 
 
-def label_pairs(prompts, responses_a, responses_b, seed, temperature=1.0, path=None, gold=gold_score):
+def label_pairs(prompts, responses_a, responses_b, seed, temperature=1.0, path=None, gold=reviews.gold_score):
     """Label (prompt, a, b) triples with the `gold` labeler through BT noise -> rows {"prompt", "chosen", "rejected"},
     the format reward.py reads (written to `path` as JSONL if given). Skipped: identical responses (no preference) and
     empty ones (data.load_preferences rejects them); with temperature 0, also pairs of equal gold score."""
@@ -198,12 +189,29 @@ def label_pairs(prompts, responses_a, responses_b, seed, temperature=1.0, path=N
         write_jsonl(path, rows)
     return rows
 
-# ----------------------------------------------------------------------------- sampling and scoring
-# (eval.py samples, measures KL and win rates; these are the demo's own uses of it)
-def sample_pairs(model, prompts, seed, progress=False, **sampling):
-    """Two independent completions per prompt -> (responses_a, responses_b)."""
-    texts, _ = sample_policy(model, [p for p in prompts for _ in range(2)], seed, progress=progress, **sampling)
-    return texts[0::2], texts[1::2]
+
+def bt_prob(score_a, score_b, temperature=1.0):
+    """Bradley-Terry: P(a preferred over b) = sigmoid((score_a - score_b) / temperature). temperature 0 is the
+    noiseless labeler: 1 or 0, and 0.5 on equal scores."""
+    if temperature == 0:
+        return 0.5 if score_a == score_b else float(score_a > score_b)
+    x = (score_a - score_b) / temperature
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))  # no overflow either way
+
+
+def bt_label(score_a, score_b, rng, temperature=1.0):
+    """1 if a is preferred, 0 if b is: a draw with probability bt_prob. rng: a random.Random."""
+    return int(rng.random() < bt_prob(score_a, score_b, temperature))
+
+# ----------------------------------------------------------------------------- 4 reward model
+def train_reward(cfg, path, shared):
+    """From the SFT model, on the labeled pairs. Scores not std-normalised (normalize_std): on SFT samples their std
+    is already ~1.2-1.4 (docs/results.md), near the 1 that PPO's missing-EOS penalty and beta are set for."""
+    import reward
+    reward.main(reward.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("reward"),
+                              max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),
+                              max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=every(cfg.rm_iters),
+                              **shared))
 
 
 def rm_scores(rm, prompts, responses, max_prompt_len=32):
@@ -218,7 +226,87 @@ def rm_accuracy(rm, rows, **kwargs):
     rejected = rm_scores(rm, prompts, [r["rejected"] for r in rows], **kwargs)
     return sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
 
+# ----------------------------------------------------------------------------- 5 PPO and 6 GRPO: in chunks, probed
+def ppo_trainer(cfg, path, shared):
+    """train(max_iters, init_from) for train_in_chunks. eval_size 0: the probes between chunks are its evaluation.
+    kl_horizon: a tenth of the run's episodes, so beta can follow the target (up to x(1 +- 2 / ppo_iters) a step);
+    a horizon of 10,000 episodes (the usual default) would hold beta nearly fixed over the demo's ~2,000.
+    init_kl_coef 0.1 (the usual 0.05 doubled): beta falls while the KL is below the target, and from 0.05 it was too
+    small to catch the KL once it passed the target (docs/results.md)."""
+    import ppo
+    return lambda step, init_from: ppo.main(ppo.Config(
+        init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("ppo"),
+        max_iters=step, batch_size=cfg.batch_size, minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5,
+        min_lr_ratio=1.0, init_kl_coef=0.1, target_kl=cfg.target_kl,
+        kl_horizon=max(1, cfg.ppo_iters * cfg.batch_size // 10), max_new_tokens=cfg.max_new_tokens,
+        eval_interval=every(cfg.ppo_iters), eval_size=0, **shared))
 
+
+def grpo_trainer(cfg, path, shared):
+    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times
+    (the same 64 samples per step as PPO's 32 x 2 would be), one pass in four optimizer steps, the k3 KL in the loss
+    with a fixed beta 0.1 (a per-token penalty: not PPO's adaptive coefficient on the KL in the reward, nor DPO's
+    beta), lr 1e-4: chosen on seed 1337 (docs/results.md: lr 3e-5 with one step per iteration reached 0.77)."""
+    import grpo
+    prompts = max(1, cfg.batch_size // 2)
+    return lambda step, init_from: grpo.main(grpo.Config(
+        init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("grpo"),
+        max_iters=step, batch_size=prompts, group_size=cfg.group_size, ppo_epochs=1,
+        minibatch_size=max(1, prompts * cfg.group_size // 4), learning_rate=1e-4, beta=0.1,
+        max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.grpo_iters), eval_size=0, **shared))
+
+
+def train_in_chunks(name, train, iters, ref, rm, task, cfg, s, path, sampling):
+    """Train in five chunks, each resuming the last (exact: a constant LR, and the checkpoint holds all other state);
+    the policy before and after each chunk is probed (gold, RM, KL to SFT): the method's over-optimisation curve.
+    train(max_iters, init_from) runs the trainer, which writes out_dir/<name>/ckpt.pt."""
+    chunk, curve, ckpt = max(1, iters // 5), [], path(name.lower(), "ckpt.pt")
+    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_probe_prompts, cfg.seed + 6)]
+    for step in sorted({0, *range(chunk, iters, chunk), iters}):
+        if step:
+            train(step, "resume" if curve[-1]["step"] else path("sft", "ckpt.pt"))
+        model = load_policy(ckpt, name.lower(), s) if step else ref
+        curve.append(dict(step=step, **probe(model, ref, rm, task, prompts, cfg.seed + 6, s, sampling)))
+        print0(f"{name} step {step}: gold {curve[-1]['gold']:.3f} | RM {curve[-1]['rm']:.3f} | "
+               f"KL {curve[-1]['kl']:.2f}")
+    write_jsonl(path(name.lower(), "curve.jsonl"), curve)  # for the report of a later --only run
+
+
+def probe(model, ref, rm, task, prompts, seed, s, sampling):
+    """Gold score, RM score and KL to ref of a policy's samples: one point of an over-optimisation curve."""
+    with s.autocast():
+        texts, batches = sample_policy(model, prompts, seed, **sampling)
+        rm_s, kl = rm_scores(rm, prompts, texts, sampling["max_prompt_len"]), kl_to_ref(model, ref, batches)
+    gold = [task.gold_score(p, t) for p, t in zip(prompts, texts)]
+    return dict(gold=sum(gold) / len(gold), rm=sum(rm_s) / len(rm_s), kl=sum(kl) / len(kl))
+
+# ----------------------------------------------------------------------------- 7 DPO
+def train_dpo(cfg, path, shared):
+    """The RM's labeled pairs straight into the policy. lr 1e-4 at a constant rate for two epochs, beta 0.1 (DPO's
+    beta: the weight of the implicit KL, no kin of PPO's or GRPO's), chosen on seed 1337 (docs/results.md: one
+    epoch reached 0.67, lr 3e-4 overshot to 18 nats)."""
+    import dpo
+    dpo.main(dpo.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("dpo"),
+                        max_iters=cfg.dpo_iters, learning_rate=1e-4, beta=0.1,
+                        warmup_iters=min(10, cfg.dpo_iters // 10), min_lr_ratio=1.0, max_len=cfg.block_size,
+                        batch_size=cfg.batch_size, eval_interval=cfg.dpo_iters, **shared))
+
+# ----------------------------------------------------------------------------- 8 ILQL
+def train_ilql(cfg, path, shared):
+    """n_step = block_size: every Q target is its row's discounted return. With one-step targets the reward, given
+    at the EOS, does not reach the words that earned it within this budget (docs/results.md). alpha 0.05: the
+    target heads trail the online ones by ~1 / alpha = 20 steps of a 120-step run. One ILQL evaluation, at the end:
+    the demo's evaluation is the real one."""
+    import ilql
+    ilql.main(ilql.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), data_format="preferences",
+                          eval_split="test", out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3,
+                          alpha=0.05, n_step=cfg.block_size, warmup_iters=min(10, cfg.ilql_iters // 10),
+                          eval_interval=cfg.ilql_iters, max_new_tokens=cfg.max_new_tokens,
+                          eval_betas=(0.0, *cfg.ilql_betas), max_len=cfg.block_size, batch_size=cfg.batch_size,
+                          **shared))
+
+# ----------------------------------------------------------------------------- 9 evaluation
+# (eval.py samples, measures KL and win rates; these are the demo's own uses of it)
 def best_of_n(model, rm, prompts, n, seed, **sampling):
     """Rejection sampling, the baseline every RLHF method must beat: per prompt, n samples, keep the RM's favourite.
     Returns (best texts, their RM scores). Its KL to the sampler is at most log n - (n - 1) / n."""
@@ -228,12 +316,54 @@ def best_of_n(model, rm, prompts, n, seed, **sampling):
     return [texts[j] for j in best], [scores[j] for j in best]
 
 
+def best_of_n_curve(policy, rm, task, cfg, s, sampling):
+    """Best-of-n for n = 1, 2, 4, ..., curve_n from one pool of curve_n samples per probe prompt (the first n of
+    them), with the analytic KL bound: the over-optimisation curve of rejection sampling (Gao et al. 2022)."""
+    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_probe_prompts, cfg.seed + 6)]
+    N, curve = cfg.curve_n, []
+    with s.autocast():
+        texts, _ = sample_policy(policy, [p for p in prompts for _ in range(N)], cfg.seed + 7, **sampling)
+        scores = rm_scores(rm, [p for p in prompts for _ in range(N)], texts, cfg.max_prompt_len)
+    n = 1
+    while n <= N:
+        best = [max(range(i * N, i * N + n), key=scores.__getitem__) for i in range(len(prompts))]
+        gold = [task.gold_score(prompts[j // N], texts[j]) for j in best]
+        curve.append(dict(n=n, kl=math.log(n) - (n - 1) / n, gold=sum(gold) / len(gold),
+                          rm=sum(scores[j] for j in best) / len(best)))
+        n *= 2
+    return curve
+
+
+def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
+    """Every method's row, through eval.py: one sample per evaluation prompt, every policy with the same seed (paired
+    samples: differences are the methods'), judged by the gold and by the RM, KL to SFT; best-of-n from its own
+    samples with its analytic KL. Writes eval.md (scores with standard errors, length, diversity, the win-rate
+    matrix) and eval.json; returns the report's rows {name: gold, rm, kl, win_rate (gold, vs SFT), samples}."""
+    import ilql
+    rows = task.make_corpus(cfg.n_eval_prompts, cfg.seed + 4)
+    prompts = [r["prompt"] for r in rows]
+    policies = {"SFT": (policy, None)}
+    for name in ("PPO", "GRPO", "DPO"):
+        if os.path.exists(path(name.lower(), "ckpt.pt")):  # (a --only run in an out_dir from before a method existed)
+            policies[name] = (load_policy(path(name.lower(), "ckpt.pt"), name.lower(), s), None)
+    ilql_model = load_policy(path("ilql", "ckpt.pt"), "ilql", s, heads=ilql.ilql_heads(policy.config.vocab_size))
+    for beta in cfg.ilql_betas:
+        policies[f"ILQL (beta {beta:g})"] = (ilql_model, ilql_logits_fn(ilql_model, beta))
+    judges = {"gold": lambda ps, ts: [task.gold_score(p, t) for p, t in zip(ps, ts)],
+              "RM": lambda ps, ts: rm_scores(rm, ps, ts, cfg.max_prompt_len)}
+    n = cfg.best_of_n
+    with s.autocast():
+        best, _ = best_of_n(policy, rm, prompts, n, cfg.seed + 5, **sampling)
+        results = evaluate(policies, prompts, judges, ref=policy, seed=cfg.seed + 4, win_rate_judge="gold", **sampling,
+                           references=[r["completion"].strip() for r in rows] if task.references else None,
+                           extra={f"best-of-{n} (SFT + RM)": dict(texts=best, kl=math.log(n) - (n - 1) / n)})
+    write_results(results, cfg.out_dir)
+    return {name: dict(gold=r["score"]["gold"], rm=r["score"]["RM"], kl=r["kl"], win_rate=results["win_rates"][name]
+                       ["SFT"][0], samples=list(zip(prompts, r["texts"]))[:4], gold_scores=r["scores"]["gold"],
+                       **{k: r[k] for k in ("rouge1", "rouge2", "rougeL") if k in r})
+            for name, r in results["policies"].items()}
+
 # ----------------------------------------------------------------------------- the report
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_report(out_dir, results, curves, ppo_log):
     """out_dir/report.md and two PNG plots.
     results: {"title", "methods": {name: {"gold", "rm", "kl", "win_rate", "samples": [(prompt, text), ...]}},
@@ -299,179 +429,17 @@ def write_report(out_dir, results, curves, ppo_log):
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
-# ----------------------------------------------------------------------------- the tasks
-@dataclass
-class Task:
-    """What the pipeline needs from a task: a corpus of prompts with completions SFT learns, and the hidden human."""
-    title: str
-    make_corpus: object  # (n, seed) -> rows {"prompt", "completion"}: SFT's data, and every later stage's prompts
-    gold_score: object  # (prompt, response) -> float: labels the preference pairs, and judges the final policies
-    sizes: dict  # the Config sizes this task needs (they replace the defaults, not what you set)
-    quick: dict  # the same for --quick
-    references: bool = False  # the corpus completions are references to score against (ROUGE, BLEU)
+# ----------------------------------------------------------------------------- utilities
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def load_task(name):
-    if name == "reviews":
-        return Task("RLHF demo: positive movie reviews", make_corpus, gold_score, {}, QUICK)
-    if name == "summarize":
-        import summarize  # the TL;DR task of the TRLx article, offline: generated posts, a gold labeler of summaries
-        return Task(summarize.TITLE, summarize.make_corpus, summarize.gold_score, summarize.CONFIG, summarize.QUICK,
-                    references=True)
-    raise ConfigError(f"task must be 'reviews' or 'summarize', not {name!r}")
-
-# ----------------------------------------------------------------------------- the pipeline
-@dataclass
-class Config:
-    out_dir: str = "out/demo"  # everything goes here: data/, sft/, reward/, ppo/, grpo/, dpo/, ilql/, report.md
-    task: str = "reviews"  # reviews: write positive movie reviews | summarize: summarize short posts (TL;DR)
-    seed: int = 1337  # every seed of the run derives from it
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast: faster on CPU too; the numerics that matter stay fp32)
-    quick: bool = False  # tiny sizes and budgets (tests, smoke runs) for the sizes you leave at their defaults
-    only: str = ""  # ppo | grpo | dpo | ilql | eval: rerun that stage (+ eval) on the other stages' outputs in out_dir
-    # sizes and budgets (a task replaces the defaults of those it names)
-    n_train: int = 20000  # SFT corpus rows
-    n_eval: int = 500  # corpus rows of another seed (SFT eval loss)
-    n_pref_prompts: int = 2000  # prompts sampled twice by the SFT model and labeled: RM, DPO and ILQL training pairs
-    n_heldout_prompts: int = 300  # prompts for pairs labeled by the noiseless gold: RM accuracy vs gold
-    n_eval_prompts: int = 200  # prompts of the final evaluation
-    n_probe_prompts: int = 64  # prompts of the over-optimisation curves (PPO/GRPO along training, best-of-n)
-    bt_temperature: float = 1.0  # labeler noise: P(a preferred) = sigmoid((gold_a - gold_b) / bt_temperature)
-    max_prompt_len: int = 32  # prompt tokens (longer prompts are left-truncated)
-    max_new_tokens: int = 40  # response length budget (the longest corpus completion is ~20 tokens)
-    n_layer: int = 4  # the SFT model, trained from scratch
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 96  # max_prompt_len + max_new_tokens, at least
-    batch_size: int = 32  # sequences (SFT), pairs (RM, DPO, ILQL) or prompts (PPO, GRPO) per step
-    sft_iters: int = 400  # x batch_size 32: 12,800 sequences, 0.64 of an epoch of n_train
-    rm_iters: int = 400  # ~6 epochs of ~2,000 pairs (300 SFT and RM steps gave a worse RM: docs/results.md)
-    ppo_iters: int = 60
-    grpo_iters: int = 50  # longer, it over-optimised the RM: gold fell while the RM score rose (docs/results.md)
-    dpo_iters: int = 120  # two epochs of the labeled pairs
-    ilql_iters: int = 120
-    target_kl: float = 6.0  # PPO's KL target (nats per response); the controller's horizon is a tenth of the run
-    group_size: int = 4  # GRPO: samples per prompt
-    ilql_betas: tuple = (4.0, 8.0)  # ILQL decoding: log_softmax(logits) + beta * (Q - V), each one evaluated
-    best_of_n: int = 8  # n of the best-of-n baseline
-    curve_n: int = 64  # best-of-n in the over-optimisation plot: n = 1, 2, 4, ..., curve_n
-
-
-QUICK = dict(n_train=200, n_eval=20, n_pref_prompts=16, n_heldout_prompts=16, n_eval_prompts=8, n_probe_prompts=4,
-             max_new_tokens=12, n_layer=2, n_head=2, n_embd=32, block_size=48, batch_size=4, sft_iters=4, rm_iters=3,
-             ppo_iters=2, grpo_iters=2, dpo_iters=2, ilql_iters=3, best_of_n=2, curve_n=4)
-STAGES = ("corpus", "SFT", "label", "reward model", "PPO", "GRPO", "DPO", "ILQL", "evaluation")
-
-
-def with_sizes(cfg, sizes):
-    """cfg with `sizes` in place of the fields still at their defaults. A value you set stays, unless it equals the
-    reviews default: then the task's size replaces it (set it one off, or edit the task's sizes)."""
-    defaults = Config()
-    return replace(cfg, **{k: v for k, v in sizes.items() if getattr(cfg, k) == getattr(defaults, k)})
-
-
-def write_corpus(task, cfg, path):
-    train, evals = task.make_corpus(cfg.n_train, cfg.seed), task.make_corpus(cfg.n_eval, cfg.seed + 1)
-    write_jsonl(path("data", "corpus", "train.jsonl"), train)
-    write_jsonl(path("data", "corpus", "test.jsonl"), evals)
-    print0(f"{len(train)} train / {len(evals)} test rows -> {path('data', 'corpus')}; mean gold score "
-           f"{sum(task.gold_score(r['prompt'], r['completion']) for r in train) / len(train):.3f}")
-
-
-def write_labels(task, policy, cfg, s, path, sampling):
-    """Two SFT samples per prompt, labeled by the gold through BT noise; held-out pairs labeled by the noiseless gold
-    (reward.py's eval accuracy is then the accuracy vs the gold)."""
-    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_pref_prompts, cfg.seed + 2)]
-    heldout = [r["prompt"] for r in task.make_corpus(cfg.n_heldout_prompts, cfg.seed + 3)]
-    with s.autocast():
-        a, b = sample_pairs(policy, prompts, seed=cfg.seed + 2, progress=True, **sampling)
-        heldout_a, heldout_b = sample_pairs(policy, heldout, seed=cfg.seed + 3, **sampling)
-    prefs = label_pairs(prompts, a, b, cfg.seed, cfg.bt_temperature, path("data", "prefs", "train.jsonl"),
-                        task.gold_score)
-    n_heldout = len(label_pairs(heldout, heldout_a, heldout_b, cfg.seed, 0, path("data", "prefs", "test.jsonl"),
-                                task.gold_score))
-    agree = sum(task.gold_score(r["prompt"], r["chosen"]) > task.gold_score(r["prompt"], r["rejected"]) for r in prefs)
-    print0(f"{len(prefs)} labeled pairs of {len(prompts)} prompts ({agree / max(1, len(prefs)):.1%} agree with the "
-           f"noiseless gold), {n_heldout} held-out pairs")
-
-
-def probe(model, ref, rm, task, prompts, seed, s, sampling):
-    """Gold score, RM score and KL to ref of a policy's samples: one point of an over-optimisation curve."""
-    with s.autocast():
-        texts, batches = sample_policy(model, prompts, seed, **sampling)
-        rm_s, kl = rm_scores(rm, prompts, texts, sampling["max_prompt_len"]), kl_to_ref(model, ref, batches)
-    gold = [task.gold_score(p, t) for p, t in zip(prompts, texts)]
-    return dict(gold=sum(gold) / len(gold), rm=sum(rm_s) / len(rm_s), kl=sum(kl) / len(kl))
-
-
-def train_in_chunks(name, train, iters, ref, rm, task, cfg, s, path, sampling):
-    """Train in five chunks, each resuming the last (exact: a constant LR, and the checkpoint holds all other state);
-    the policy before and after each chunk is probed (gold, RM, KL to SFT): the method's over-optimisation curve.
-    train(max_iters, init_from) runs the trainer, which writes out_dir/<name>/ckpt.pt."""
-    chunk, curve, ckpt = max(1, iters // 5), [], path(name.lower(), "ckpt.pt")
-    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_probe_prompts, cfg.seed + 6)]
-    for step in sorted({0, *range(chunk, iters, chunk), iters}):
-        if step:
-            train(step, "resume" if curve[-1]["step"] else path("sft", "ckpt.pt"))
-        model = load_policy(ckpt, name.lower(), s) if step else ref
-        curve.append(dict(step=step, **probe(model, ref, rm, task, prompts, cfg.seed + 6, s, sampling)))
-        print0(f"{name} step {step}: gold {curve[-1]['gold']:.3f} | RM {curve[-1]['rm']:.3f} | "
-               f"KL {curve[-1]['kl']:.2f}")
-    write_jsonl(path(name.lower(), "curve.jsonl"), curve)  # for the report of a later --only run
-
-
-def best_of_n_curve(policy, rm, task, cfg, s, sampling):
-    """Best-of-n for n = 1, 2, 4, ..., curve_n from one pool of curve_n samples per probe prompt (the first n of
-    them), with the analytic KL bound: the over-optimisation curve of rejection sampling (Gao et al. 2022)."""
-    prompts = [r["prompt"] for r in task.make_corpus(cfg.n_probe_prompts, cfg.seed + 6)]
-    N, curve = cfg.curve_n, []
-    with s.autocast():
-        texts, _ = sample_policy(policy, [p for p in prompts for _ in range(N)], cfg.seed + 7, **sampling)
-        scores = rm_scores(rm, [p for p in prompts for _ in range(N)], texts, cfg.max_prompt_len)
-    n = 1
-    while n <= N:
-        best = [max(range(i * N, i * N + n), key=scores.__getitem__) for i in range(len(prompts))]
-        gold = [task.gold_score(prompts[j // N], texts[j]) for j in best]
-        curve.append(dict(n=n, kl=math.log(n) - (n - 1) / n, gold=sum(gold) / len(gold),
-                          rm=sum(scores[j] for j in best) / len(best)))
-        n *= 2
-    return curve
-
-
-def load_policy(ckpt, kind, s, heads=None):
-    """A trained policy for sampling and KL, with fp32 logits as ppo.py's policy has (model.Head)."""
-    return fp32_heads(load_model(ckpt, heads=heads, kind=kind)[0]).to(s.device)
-
-
-def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
-    """Every method's row, through eval.py: one sample per evaluation prompt, every policy with the same seed (paired
-    samples: differences are the methods'), judged by the gold and by the RM, KL to SFT; best-of-n from its own
-    samples with its analytic KL. Writes eval.md (scores with standard errors, length, diversity, the win-rate
-    matrix) and eval.json; returns the report's rows {name: gold, rm, kl, win_rate (gold, vs SFT), samples}."""
-    import ilql
-    rows = task.make_corpus(cfg.n_eval_prompts, cfg.seed + 4)
-    prompts = [r["prompt"] for r in rows]
-    policies = {"SFT": (policy, None)}
-    for name in ("PPO", "GRPO", "DPO"):
-        if os.path.exists(path(name.lower(), "ckpt.pt")):  # (a --only run in an out_dir from before a method existed)
-            policies[name] = (load_policy(path(name.lower(), "ckpt.pt"), name.lower(), s), None)
-    ilql_model = load_policy(path("ilql", "ckpt.pt"), "ilql", s, heads=ilql.ilql_heads(policy.config.vocab_size))
-    for beta in cfg.ilql_betas:
-        policies[f"ILQL (beta {beta:g})"] = (ilql_model, ilql_logits_fn(ilql_model, beta))
-    judges = {"gold": lambda ps, ts: [task.gold_score(p, t) for p, t in zip(ps, ts)],
-              "RM": lambda ps, ts: rm_scores(rm, ps, ts, cfg.max_prompt_len)}
-    n = cfg.best_of_n
-    with s.autocast():
-        best, _ = best_of_n(policy, rm, prompts, n, cfg.seed + 5, **sampling)
-        results = evaluate(policies, prompts, judges, ref=policy, seed=cfg.seed + 4, win_rate_judge="gold", **sampling,
-                           references=[r["completion"].strip() for r in rows] if task.references else None,
-                           extra={f"best-of-{n} (SFT + RM)": dict(texts=best, kl=math.log(n) - (n - 1) / n)})
-    write_results(results, cfg.out_dir)
-    return {name: dict(gold=r["score"]["gold"], rm=r["score"]["RM"], kl=r["kl"], win_rate=results["win_rates"][name]
-                       ["SFT"][0], samples=list(zip(prompts, r["texts"]))[:4], gold_scores=r["scores"]["gold"],
-                       **{k: r[k] for k in ("rouge1", "rouge2", "rougeL") if k in r})
-            for name, r in results["policies"].items()}
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
 
 
 def run_record(clock, s, cfg):
@@ -488,89 +456,7 @@ def every(iters):
     """eval_interval (and checkpoints) of a training stage: five per run."""
     return max(1, iters // 5)
 
-
-def train_sft(cfg, path, shared):
-    import sft  # here, not at the top: the demo's own helpers import without the training scripts
-    sft.main(sft.Config(init_from="scratch", n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                        block_size=cfg.block_size, data=path("data", "corpus"), out_dir=path("sft"),
-                        max_iters=cfg.sft_iters, learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10),
-                        max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=every(cfg.sft_iters),
-                        sample_tokens=cfg.max_new_tokens, **shared))
-
-
-def train_reward(cfg, path, shared):
-    """From the SFT model, on the labeled pairs. Scores not std-normalised (normalize_std): on SFT samples their std
-    is already ~1.2-1.4 (docs/results.md), near the 1 that PPO's missing-EOS penalty and beta are set for."""
-    import reward
-    reward.main(reward.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("reward"),
-                              max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),
-                              max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=every(cfg.rm_iters),
-                              **shared))
-
-
-def ppo_trainer(cfg, path, shared):
-    """train(max_iters, init_from) for train_in_chunks. eval_size 0: the probes between chunks are its evaluation.
-    kl_horizon: a tenth of the run's episodes, so beta can follow the target (up to x(1 +- 2 / ppo_iters) a step);
-    a horizon of 10,000 episodes (the usual default) would hold beta nearly fixed over the demo's ~2,000.
-    init_kl_coef 0.1 (the usual 0.05 doubled): beta falls while the KL is below the target, and from 0.05 it was too
-    small to catch the KL once it passed the target (docs/results.md)."""
-    import ppo
-    return lambda step, init_from: ppo.main(ppo.Config(
-        init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("ppo"),
-        max_iters=step, batch_size=cfg.batch_size, minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5,
-        min_lr_ratio=1.0, init_kl_coef=0.1, target_kl=cfg.target_kl,
-        kl_horizon=max(1, cfg.ppo_iters * cfg.batch_size // 10), max_new_tokens=cfg.max_new_tokens,
-        eval_interval=every(cfg.ppo_iters), eval_size=0, **shared))
-
-
-def grpo_trainer(cfg, path, shared):
-    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times
-    (the same 64 samples per step as PPO's 32 x 2 would be), one pass in four optimizer steps, the k3 KL in the loss
-    with a fixed beta 0.1 (a per-token penalty: not PPO's adaptive coefficient on the KL in the reward, nor DPO's
-    beta), lr 1e-4: chosen on seed 1337 (docs/results.md: lr 3e-5 with one step per iteration reached 0.77)."""
-    import grpo
-    prompts = max(1, cfg.batch_size // 2)
-    return lambda step, init_from: grpo.main(grpo.Config(
-        init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("grpo"),
-        max_iters=step, batch_size=prompts, group_size=cfg.group_size, ppo_epochs=1,
-        minibatch_size=max(1, prompts * cfg.group_size // 4), learning_rate=1e-4, beta=0.1,
-        max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.grpo_iters), eval_size=0, **shared))
-
-
-def train_dpo(cfg, path, shared):
-    """The RM's labeled pairs straight into the policy. lr 1e-4 at a constant rate for two epochs, beta 0.1 (DPO's
-    beta: the weight of the implicit KL, no kin of PPO's or GRPO's), chosen on seed 1337 (docs/results.md: one
-    epoch reached 0.67, lr 3e-4 overshot to 18 nats)."""
-    import dpo
-    dpo.main(dpo.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("dpo"),
-                        max_iters=cfg.dpo_iters, learning_rate=1e-4, beta=0.1,
-                        warmup_iters=min(10, cfg.dpo_iters // 10), min_lr_ratio=1.0, max_len=cfg.block_size,
-                        batch_size=cfg.batch_size, eval_interval=cfg.dpo_iters, **shared))
-
-
-def train_ilql(cfg, path, shared):
-    """n_step = block_size: every Q target is its row's discounted return. With one-step targets the reward, given
-    at the EOS, does not reach the words that earned it within this budget (docs/results.md). alpha 0.05: the
-    target heads trail the online ones by ~1 / alpha = 20 steps of a 120-step run. One ILQL evaluation, at the end:
-    the demo's evaluation is the real one."""
-    import ilql
-    ilql.main(ilql.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), data_format="preferences",
-                          eval_split="test", out_dir=path("ilql"), max_iters=cfg.ilql_iters, learning_rate=1e-3,
-                          alpha=0.05, n_step=cfg.block_size, warmup_iters=min(10, cfg.ilql_iters // 10),
-                          eval_interval=cfg.ilql_iters, max_new_tokens=cfg.max_new_tokens,
-                          eval_betas=(0.0, *cfg.ilql_betas), max_len=cfg.block_size, batch_size=cfg.batch_size,
-                          **shared))
-
-
-def check_config(cfg):
-    if cfg.only not in ("", "ppo", "grpo", "dpo", "ilql", "eval"):
-        raise ConfigError(f"only must be '', 'ppo', 'grpo', 'dpo', 'ilql' or 'eval', not {cfg.only!r}")
-    check_numbers(cfg, positive=("n_train", "n_eval", "n_pref_prompts", "n_eval_prompts", "n_probe_prompts",
-                                 "max_prompt_len", "max_new_tokens", "sft_iters", "rm_iters", "ppo_iters",
-                                 "grpo_iters", "dpo_iters", "ilql_iters", "target_kl", "group_size", "best_of_n",
-                                 "curve_n"), non_negative=("n_heldout_prompts", "bt_temperature"))
-
-
+# ----------------------------------------------------------------------------- main
 def main(cfg):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline by design: fail fast, never reach for a hub
     task = load_task(cfg.task)

@@ -1,6 +1,6 @@
-"""Tests for demo.py's own parts: the corpus generator, the gold labeler, Bradley-Terry noise, pair labeling,
-sampling, KL to the reference (against a per-sample naive computation), best-of-n, win rate and the report; then
-the whole pipeline end to end, and an --only=ilql rerun on its outputs."""
+"""Tests for demo.py's own parts and its review task (reviews.py): the corpus generator, the gold labeler,
+Bradley-Terry noise, pair labeling, sampling, KL to the reference (against a per-sample naive computation),
+best-of-n, win rate and the report; then the whole pipeline end to end, and an --only=ilql rerun on its outputs."""
 
 import json
 import math
@@ -16,6 +16,7 @@ import torch
 import common
 import data
 import demo
+import reviews
 from common import ConfigError, Setup
 from model import GPT, GPTConfig
 
@@ -34,12 +35,12 @@ def tiny_gpt(seed, heads=None):
 
 
 def test_corpus_deterministic_per_seed():
-    assert demo.make_corpus(300, 7) == demo.make_corpus(300, 7)
-    assert demo.make_corpus(300, 7) != demo.make_corpus(300, 8)
+    assert reviews.make_corpus(300, 7) == reviews.make_corpus(300, 7)
+    assert reviews.make_corpus(300, 7) != reviews.make_corpus(300, 8)
 
 
 def test_corpus_has_both_sentiments_and_is_clean_under_gold():
-    rows = demo.make_corpus(3000, 0)
+    rows = reviews.make_corpus(3000, 0)
     moods = {r["sentiment"] for r in rows}
     assert moods == {"positive", "negative", "mixed"}
     frac = {m: sum(r["sentiment"] == m for r in rows) / len(rows) for m in moods}
@@ -48,7 +49,7 @@ def test_corpus_has_both_sentiments_and_is_clean_under_gold():
     for r in rows:
         c = r["completion"]
         assert c.startswith(" ") and c.rstrip()[-1] in ".!", c
-        parts = demo.gold_parts(c)
+        parts = reviews.gold_parts(c)
         # the corpus is what a good writer writes: no repetition, no unknown word, always an ending
         assert parts["repeated_words"] == parts["repeated_bigrams"] == parts["unknown_words"] == 0, (c, parts)
         assert not parts["no_ending"] and parts["extra_words"] == 0, c
@@ -79,11 +80,11 @@ def test_corpus_has_both_sentiments_and_is_clean_under_gold():
     (" the plot was good" + " and the cast" * 10 + ".", -16.9),
 ])
 def test_gold_score_documented_values(response, expected):
-    assert demo.gold_score("The acting in this film was", response) == pytest.approx(expected)
+    assert reviews.gold_score("The acting in this film was", response) == pytest.approx(expected)
 
 
 def test_gold_positive_beats_negative_and_degenerate():
-    g = lambda r: demo.gold_score("This movie", r)
+    g = lambda r: reviews.gold_score("This movie", r)
     assert g(" is great. I would recommend it to anyone!") > g(" is awful. I would not recommend it.")
     assert g(" is great.") > g(" is great")                    # ending
     assert g(" is great and clever.") > g(" is great great.")   # repetition
@@ -120,7 +121,7 @@ def test_label_pairs_roundtrip_through_load_preferences(tmp_path):
     assert demo.label_pairs(prompts, a, b, seed=0) == rows  # seeded
     # the noiseless labeler always prefers the higher gold score
     for r in demo.label_pairs(prompts, a, b, seed=1, temperature=0):
-        assert demo.gold_score(r["prompt"], r["chosen"]) > demo.gold_score(r["prompt"], r["rejected"])
+        assert reviews.gold_score(r["prompt"], r["chosen"]) > reviews.gold_score(r["prompt"], r["rejected"])
 
 
 # ----------------------------------------------------------------------------- sampling, best-of-n, curves, report
@@ -169,7 +170,7 @@ def test_best_of_n_curve_is_best_of_n_over_one_pool(monkeypatch):
         n = c["n"]
         picked = [max(texts[i * 4:i * 4 + n], key=lambda t, p=p: len(data.encode(p + t)))
                   for i, p in enumerate(prompts)]
-        assert c["gold"] == pytest.approx(sum(demo.gold_score(p, t) for p, t in zip(prompts, picked)) / 3)
+        assert c["gold"] == pytest.approx(sum(reviews.gold_score(p, t) for p, t in zip(prompts, picked)) / 3)
         assert c["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
     assert curve[0]["rm"] <= curve[1]["rm"] <= curve[2]["rm"]  # best of more is never worse by the RM
 
