@@ -48,7 +48,7 @@ import scoring
 from common import ConfigError, check_numbers, cpu_info, load_model, print0, print_config, run_main, setup
 from model import fp32_heads
 from eval import evaluate, kl_to_ref, sample_policy, write_results
-from sample import ilql_logits_fn
+from sample import best_of_n_kl, ilql_logits_fn
 
 # ----------------------------------------------------------------------------- the tasks
 @dataclass
@@ -312,8 +312,13 @@ def best_of_n(model, rm, prompts, n, seed, **sampling):
     Returns (best texts, their RM scores). Its KL to the sampler is at most log n - (n - 1) / n."""
     texts, _ = sample_policy(model, [p for p in prompts for _ in range(n)], seed, **sampling)
     scores = rm_scores(rm, [p for p in prompts for _ in range(n)], texts, sampling["max_prompt_len"])
-    best = [max(range(i * n, i * n + n), key=scores.__getitem__) for i in range(len(prompts))]
+    best = best_in_groups(scores, n, n)
     return [texts[j] for j in best], [scores[j] for j in best]
+
+
+def best_in_groups(scores, group, n):
+    """Per group of `group` consecutive samples (one prompt's), the index of the best-scored of its first n."""
+    return [max(range(i, i + n), key=scores.__getitem__) for i in range(0, len(scores), group)]
 
 
 def best_of_n_curve(policy, rm, task, cfg, s, sampling):
@@ -326,9 +331,9 @@ def best_of_n_curve(policy, rm, task, cfg, s, sampling):
         scores = rm_scores(rm, [p for p in prompts for _ in range(N)], texts, cfg.max_prompt_len)
     n = 1
     while n <= N:
-        best = [max(range(i * N, i * N + n), key=scores.__getitem__) for i in range(len(prompts))]
+        best = best_in_groups(scores, N, n)
         gold = [task.gold_score(prompts[j // N], texts[j]) for j in best]
-        curve.append(dict(n=n, kl=math.log(n) - (n - 1) / n, gold=sum(gold) / len(gold),
+        curve.append(dict(n=n, kl=best_of_n_kl(n), gold=sum(gold) / len(gold),
                           rm=sum(scores[j] for j in best) / len(best)))
         n *= 2
     return curve
@@ -356,7 +361,7 @@ def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
         best, _ = best_of_n(policy, rm, prompts, n, cfg.seed + 5, **sampling)
         results = evaluate(policies, prompts, judges, ref=policy, seed=cfg.seed + 4, win_rate_judge="gold", **sampling,
                            references=[r["completion"].strip() for r in rows] if task.references else None,
-                           extra={f"best-of-{n} (SFT + RM)": dict(texts=best, kl=math.log(n) - (n - 1) / n)})
+                           extra={f"best-of-{n} (SFT + RM)": dict(texts=best, kl=best_of_n_kl(n))})
     write_results(results, cfg.out_dir)
     return {name: dict(gold=r["score"]["gold"], rm=r["score"]["RM"], kl=r["kl"], win_rate=results["win_rates"][name]
                        ["SFT"][0], samples=list(zip(prompts, r["texts"]))[:4], gold_scores=r["scores"]["gold"],

@@ -113,6 +113,11 @@ def sample(model, prompts, cfg, logits_fn=None, score_fn=None, block_size=None):
     return completions
 
 
+def best_of_n_kl(n):
+    """The analytic bound on KL(best-of-n || policy): log n - (n - 1) / n nats (Stiennon et al. 2020)."""
+    return math.log(n) - (n - 1) / n
+
+
 def main(cfg):
     s = setup(cfg.device, cfg.dtype, cfg.seed)
     print_config(cfg)
@@ -131,7 +136,7 @@ def main(cfg):
         score_fn, rm = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast)
         block_size = min(block_size, rm.config.block_size) if rm is not None else block_size
         n = cfg.best_of  # the best of n samples is at most this far from the policy (Stiennon et al. 2020)
-        print(f"best-of-{n}: KL(best-of-{n} || policy) <= log {n} - {n - 1}/{n} = {math.log(n) - (n - 1) / n:.3f} nats")
+        print(f"best-of-{n}: KL(best-of-{n} || policy) <= log {n} - {n - 1}/{n} = {best_of_n_kl(n):.3f} nats")
     prompts = read_prompts(cfg.start)
     with s.autocast():
         completions = sample(model, prompts, cfg, logits_fn, score_fn, block_size)
