@@ -79,6 +79,7 @@ class Config:
     seed: int = 1337  # every seed of the run derives from it
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast: faster on CPU too; the numerics that matter stay fp32)
+    fp32_heads: bool = False  # the trainers' default is True (model.Head); off here: see load_policy
     quick: bool = False  # tiny sizes and budgets (tests, smoke runs) for the sizes you leave at their defaults
     only: str = ""  # ppo | grpo | dpo | ilql | eval: rerun that stage (+ eval) on the other stages' outputs in out_dir
     # sizes and budgets (a task replaces the defaults of those it names)
@@ -145,9 +146,13 @@ def train_sft(cfg, path, shared):
                         sample_tokens=cfg.max_new_tokens, **shared))
 
 
-def load_policy(ckpt, kind, s, heads=None):
-    """A trained policy for sampling and KL, with fp32 logits as ppo.py's policy has (model.Head)."""
-    return fp32_heads(load_model(ckpt, heads=heads, kind=kind)[0]).to(s.device)
+def load_policy(ckpt, kind, cfg, s, heads=None):
+    """A trained policy for sampling and KL, its output heads in the precision every stage of the demo trains them
+    in (cfg.fp32_heads). The demo's default is bf16, unlike the trainers': fp32 heads are for GPT-2, whose logits
+    (about -50 to -150) bf16 rounds by up to 0.25, while the demo's small model keeps its logits within about +-15,
+    where a response's log-prob moves by a few hundredths of a nat; and the fp32 vocabulary head was the demo's
+    largest cost (docs/speed.md)."""
+    return fp32_heads(load_model(ckpt, heads=heads, kind=kind)[0], cfg.fp32_heads).to(s.device)
 
 # ----------------------------------------------------------------------------- 3 label
 def write_labels(task, policy, cfg, s, path, sampling):
@@ -237,7 +242,7 @@ def ppo_trainer(cfg, path, shared):
     return lambda step, init_from: ppo.main(ppo.Config(
         init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("ppo"),
         max_iters=step, batch_size=cfg.batch_size, minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5,
-        min_lr_ratio=1.0, init_kl_coef=0.1, target_kl=cfg.target_kl,
+        min_lr_ratio=1.0, init_kl_coef=0.1, target_kl=cfg.target_kl, fp32_heads=cfg.fp32_heads,
         kl_horizon=max(1, cfg.ppo_iters * cfg.batch_size // 10), max_new_tokens=cfg.max_new_tokens,
         eval_interval=every(cfg.ppo_iters), eval_size=0, **shared))
 
@@ -252,7 +257,7 @@ def grpo_trainer(cfg, path, shared):
     return lambda step, init_from: grpo.main(grpo.Config(
         init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("grpo"),
         max_iters=step, batch_size=prompts, group_size=cfg.group_size, ppo_epochs=1,
-        minibatch_size=max(1, prompts * cfg.group_size // 4), learning_rate=1e-4, beta=0.1,
+        minibatch_size=max(1, prompts * cfg.group_size // 4), learning_rate=1e-4, beta=0.1, fp32_heads=cfg.fp32_heads,
         max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.grpo_iters), eval_size=0, **shared))
 
 
@@ -265,7 +270,7 @@ def train_in_chunks(name, train, iters, ref, rm, task, cfg, s, path, sampling):
     for step in sorted({0, *range(chunk, iters, chunk), iters}):
         if step:
             train(step, "resume" if curve[-1]["step"] else path("sft", "ckpt.pt"))
-        model = load_policy(ckpt, name.lower(), s) if step else ref
+        model = load_policy(ckpt, name.lower(), cfg, s) if step else ref
         curve.append(dict(step=step, **probe(model, ref, rm, task, prompts, cfg.seed + 6, s, sampling)))
         print0(f"{name} step {step}: gold {curve[-1]['gold']:.3f} | RM {curve[-1]['rm']:.3f} | "
                f"KL {curve[-1]['kl']:.2f}")
@@ -287,7 +292,7 @@ def train_dpo(cfg, path, shared):
     epoch reached 0.67, lr 3e-4 overshot to 18 nats)."""
     import dpo
     dpo.main(dpo.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("dpo"),
-                        max_iters=cfg.dpo_iters, learning_rate=1e-4, beta=0.1,
+                        max_iters=cfg.dpo_iters, learning_rate=1e-4, beta=0.1, fp32_heads=cfg.fp32_heads,
                         warmup_iters=min(10, cfg.dpo_iters // 10), min_lr_ratio=1.0, max_len=cfg.block_size,
                         batch_size=cfg.batch_size, eval_interval=cfg.dpo_iters, **shared))
 
@@ -303,7 +308,7 @@ def train_ilql(cfg, path, shared):
                           alpha=0.05, n_step=cfg.block_size, warmup_iters=min(10, cfg.ilql_iters // 10),
                           eval_interval=cfg.ilql_iters, max_new_tokens=cfg.max_new_tokens,
                           eval_betas=(0.0, *cfg.ilql_betas), max_len=cfg.block_size, batch_size=cfg.batch_size,
-                          **shared))
+                          fp32_heads=cfg.fp32_heads, **shared))
 
 # ----------------------------------------------------------------------------- 9 evaluation
 # (eval.py samples, measures KL and win rates; these are the demo's own uses of it)
@@ -350,8 +355,8 @@ def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
     policies = {"SFT": (policy, None)}
     for name in ("PPO", "GRPO", "DPO"):
         if os.path.exists(path(name.lower(), "ckpt.pt")):  # (a --only run in an out_dir from before a method existed)
-            policies[name] = (load_policy(path(name.lower(), "ckpt.pt"), name.lower(), s), None)
-    ilql_model = load_policy(path("ilql", "ckpt.pt"), "ilql", s, heads=ilql.ilql_heads(policy.config.vocab_size))
+            policies[name] = (load_policy(path(name.lower(), "ckpt.pt"), name.lower(), cfg, s), None)
+    ilql_model = load_policy(path("ilql", "ckpt.pt"), "ilql", cfg, s, heads=ilql.ilql_heads(policy.config.vocab_size))
     for beta in cfg.ilql_betas:
         policies[f"ILQL (beta {beta:g})"] = (ilql_model, ilql_logits_fn(ilql_model, beta))
     judges = {"gold": lambda ps, ts: [task.gold_score(p, t) for p, t in zip(ps, ts)],
@@ -487,7 +492,7 @@ def main(cfg):
         write_corpus(task, cfg, path)
         stage("SFT", "a GPT-2 from scratch learns the corpus")
         train_sft(cfg, path, shared)
-    policy = load_policy(path("sft", "ckpt.pt"), "sft", s)
+    policy = load_policy(path("sft", "ckpt.pt"), "sft", cfg, s)
     if not cfg.only:
         stage("label", "sample pairs from the SFT model, label them with the gold labeler")
         write_labels(task, policy, cfg, s, path, sampling)

@@ -69,6 +69,7 @@ class Config:
     n_head: int = 12  # scratch only
     n_embd: int = 768  # scratch only
     block_size: int = 1024  # scratch only
+    fp32_heads: bool = True  # under bf16 autocast, run lm_head in fp32 (model.Head)
     # data
     data: str = "Anthropic/hh-rlhf"  # preferences: prompt/chosen/rejected, HH chosen/rejected, TL;DR comparisons
     data_subset: str = ""  # hub dataset config name ("" = none)
@@ -210,8 +211,8 @@ def load_data(cfg, s):
 
 
 def build_models(cfg, s, init_from, ckpt):
-    """The policy and its frozen reference, on the device, in eval mode (dropout off), LM heads in fp32. Both are
-    init_from (the SFT model); a resumed policy then takes its checkpoint's weights."""
+    """The policy and its frozen reference, on the device, in eval mode (dropout off), LM heads in fp32 unless
+    fp32_heads is off. Both are init_from (the SFT model); a resumed policy then takes its checkpoint's weights."""
     scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     torch.manual_seed(cfg.seed)  # scratch: the same weights on every rank and on resume
     ref, _ = load_model(init_from, heads={}, scratch=scratch)
@@ -223,7 +224,7 @@ def build_models(cfg, s, init_from, ckpt):
     ref.requires_grad_(False)
     policy.grad_checkpointing = cfg.grad_checkpointing
     print0(f"policy and reference: {policy.num_params() / 1e6:.2f}M parameters each, from {init_from}")
-    return fp32_heads(policy).to(s.device).eval(), fp32_heads(ref).to(s.device).eval()
+    return tuple(fp32_heads(m, cfg.fp32_heads).to(s.device).eval() for m in (policy, ref))
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ import math
 import random
 import sys
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import pytest
@@ -206,6 +206,27 @@ def test_run_record_stage_times_and_machine(monkeypatch):
     assert line.endswith(f"{torch.get_num_threads()} threads, bfloat16, seed 7")
     if sys.platform == "linux":
         assert common.cpu_info() in line and common.cpu_info().split(" (")[0] in open("/proc/cpuinfo").read()
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_every_stage_runs_the_demos_head_precision(tmp_path, monkeypatch, on):
+    """fp32_heads reaches the four trainers that have it and every policy the demo loads to sample or measure KL:
+    a stage left at the trainers' default (fp32) would sample another policy than the one the demo evaluates."""
+    import dpo, grpo, ilql, ppo
+    seen = {}
+    for module in (ppo, grpo, dpo, ilql):
+        monkeypatch.setattr(module, "main", lambda c, name=module.__name__: seen.setdefault(name, c.fp32_heads))
+    cfg, path = demo.Config(fp32_heads=on), lambda *parts: str(tmp_path.joinpath(*parts))
+    shared = dict(device="cpu", dtype="bfloat16", seed=1, beta2=0.95, max_prompt_len=cfg.max_prompt_len)
+    demo.ppo_trainer(cfg, path, shared)(1, "init")
+    demo.grpo_trainer(cfg, path, shared)(1, "init")
+    demo.train_dpo(cfg, path, shared)
+    demo.train_ilql(cfg, path, shared)
+    assert seen == {"ppo": on, "grpo": on, "dpo": on, "ilql": on}
+    gpt = tiny_gpt(0, heads={"v": 1})
+    common.save_checkpoint(path("ckpt.pt"), kind="ilql", model_config=asdict(gpt.config), model=gpt.state_dict())
+    model = demo.load_policy(path("ckpt.pt"), "ilql", cfg, SimpleNamespace(device="cpu"), heads={"v": 1})
+    assert model.lm_head.fp32 == model.heads["v"].fp32 == on
 
 
 def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
