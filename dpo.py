@@ -10,8 +10,8 @@ Bradley-Terry loss of reward.py on that reward, whose maximiser is the KL-regula
 Our choices, where public implementations differ:
 - log pi(y|x) is the sum of log p(token) over the response tokens only (incl. the EOS that ends the response), with
   the masks and truncation of sft.py and reward.py (data.tokenize_example), in fp32 (model.token_logprobs, and the LM
-  head in fp32 under bf16 autocast: model.fp32_heads); the LM head runs only at the positions that predict a response
-  token. Chosen and rejected go through ONE forward, as in reward.py.
+  head in fp32 under bf16 autocast: fp32_heads, model.Head); the LM head runs only at the positions that predict a
+  response token. Chosen and rejected go through ONE forward, as in reward.py.
 - The reference log-probs are computed on the fly: one no-grad forward of the reference per micro-batch, on the very
   batch the policy sees. Precomputing them once needs a pass over the data before step 0 and memory proportional to
   it, and saves nothing on a run of one epoch or less (the same forwards, done earlier). On the fly, the reference
