@@ -447,6 +447,27 @@ def test_fp32_heads_sets_every_output_layer_and_only_those():
     assert not any(h.fp32 for h in heads)
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_every_trainer_builds_its_models_with_its_fp32_heads_setting(on):
+    """PPO (policy, value head, reference, separate critic), GRPO (policy, reference), DPO (policy, reference) and
+    ILQL (LM head, V, Q and target Q heads) all take the setting: fp32 is their default, the demo turns it off."""
+    import dpo, grpo, ilql, ppo
+    from common import setup
+    tiny = dict(init_from="scratch", n_layer=1, n_head=1, n_embd=8, block_size=32, max_prompt_len=8,
+                fp32_heads=on)
+    s = setup("cpu", "bfloat16", 0)
+    rl = dict(tiny, reward_model="", reward_fn="tests.test_grpo:count_the", max_new_tokens=8)
+    models = [*ppo.build_models(ppo.Config(**rl, critic="shared", critic_init_from=""), s, "scratch", "shared")[::2]]
+    models += ppo.build_models(ppo.Config(**rl, critic_init_from="scratch"), s, "scratch", "separate")[1:3]
+    models += grpo.build_models(grpo.Config(**rl), s, "scratch")[:2]
+    models += dpo.build_models(dpo.Config(**tiny, max_len=16), s, "scratch", None)
+    models.append(ilql.build_model(ilql.Config(**tiny, max_len=16, max_new_tokens=8), s)[0])
+    heads = [h for m in models for h in m.modules() if isinstance(h, Head)]
+    # PPO: policy (LM + value), reference; critic (LM + value), reference. GRPO, DPO: two LM heads each. ILQL: 1 + 5
+    assert len(models) == 9 and len(heads) == 3 + 3 + 2 + 2 + 6
+    assert all(h.fp32 == on for h in heads)
+
+
 def test_sharded_generate_equals_one_batch(small_gpt):
     """DDP rollouts: 2 ranks, each sampling rows rank::2 of a batch with the same generator seed and shard=(rank, 2),
     produce exactly the rows one process samples for the whole batch (the union of the ranks' samples is equal)."""
