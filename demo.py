@@ -78,7 +78,7 @@ class Config:
     task: str = "reviews"  # reviews: write positive movie reviews | summarize: summarize short posts (TL;DR)
     seed: int = 1337  # every seed of the run derives from it
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast: faster on CPU too; the numerics that matter stay fp32)
+    dtype: str = "bfloat16"  # "float32" | "bfloat16" (autocast: faster on CPU too; log-probs, KL, losses stay fp32)
     fp32_heads: bool = False  # the trainers' default is True (model.Head); off here: see load_policy
     quick: bool = False  # tiny sizes and budgets (tests, smoke runs) for the sizes you leave at their defaults
     only: str = ""  # ppo | grpo | dpo | ilql | eval: rerun that stage (+ eval) on the other stages' outputs in out_dir
@@ -147,11 +147,11 @@ def train_sft(cfg, path, shared):
 
 
 def load_policy(ckpt, kind, cfg, s, heads=None):
-    """A trained policy for sampling and KL, its output heads in the precision every stage of the demo trains them
-    in (cfg.fp32_heads). The demo's default is bf16, unlike the trainers': fp32 heads are for GPT-2, whose logits
-    (about -50 to -150) bf16 rounds by up to 0.25, while the demo's small model keeps its logits within about +-15,
-    where a response's log-prob moves by a few hundredths of a nat; and the fp32 vocabulary head was the demo's
-    largest cost (docs/speed.md)."""
+    """A trained policy for sampling and KL, its output heads in the precision the RL stages train them in
+    (cfg.fp32_heads; SFT trains bf16 heads either way). The demo's default is bf16, unlike the trainers': fp32 heads
+    are for GPT-2, whose logits (about -50 to -150) bf16 rounds by up to 0.25, while the demo's small model keeps its
+    logits within about -12 to 14, where a response's log-prob moves by a few hundredths of a nat; and the fp32
+    vocabulary head was the demo's largest cost (docs/speed.md)."""
     return fp32_heads(load_model(ckpt, heads=heads, kind=kind)[0], cfg.fp32_heads).to(s.device)
 
 # ----------------------------------------------------------------------------- 3 label

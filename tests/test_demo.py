@@ -18,7 +18,7 @@ import data
 import demo
 import reviews
 from common import ConfigError, Setup
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, Head
 
 
 @pytest.fixture(autouse=True)
@@ -229,9 +229,22 @@ def test_every_stage_runs_the_demos_head_precision(tmp_path, monkeypatch, on):
     assert model.lm_head.fp32 == model.heads["v"].fp32 == on
 
 
-def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
+def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path, monkeypatch):
     """The main job end to end with a small budget (~3 min on 2 cores): every stage through the real scripts and
-    file formats, and PPO must beat the SFT model on the gold labeler it never saw."""
+    file formats, and PPO must beat the SFT model on the gold labeler it never saw. Every model the demo samples
+    from or measures KL with has its output heads in the demo's precision (bf16, fp32_heads off)."""
+    import eval as evaluation
+    precisions = []
+
+    def checked(fn):
+        def wrapper(*args, **kwargs):
+            models = [m for m in (*args, *kwargs.values()) if isinstance(m, torch.nn.Module)]
+            precisions.extend(h.fp32 for m in models for h in m.modules() if isinstance(h, Head))
+            return fn(*args, **kwargs)
+        return wrapper
+    for module in (demo, evaluation):
+        for name in ("sample_policy", "kl_to_ref"):
+            monkeypatch.setattr(module, name, checked(getattr(module, name)))
     cfg = demo.Config(out_dir=str(tmp_path / "demo"), dtype="bfloat16", n_train=4000, n_eval=64, n_pref_prompts=400,
                       n_heldout_prompts=64, n_eval_prompts=96, max_new_tokens=24, n_layer=2, n_head=2, n_embd=64,
                       block_size=64, batch_size=16, sft_iters=200, rm_iters=120, ppo_iters=25, grpo_iters=3,
@@ -246,6 +259,7 @@ def test_whole_pipeline_ppo_beats_sft_on_gold(tmp_path):
     betas = [r["beta"] for r in map(json.loads, open(tmp_path / "demo" / "ppo" / "log.jsonl")) if "beta" in r]
     assert abs(betas[-1] / betas[0] - 1) > 0.1  # beta moved: a horizon of 10,000 episodes would hold it within 1%
     assert set(methods) >= {"SFT", "PPO", "GRPO", "DPO", "best-of-2 (SFT + RM)"}
+    assert precisions and not any(precisions)
     assert results["rm_accuracy"] > 0.6  # the reward model learned the gold's preferences from noisy labels
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "PPO" in report and "ILQL" in report and "(over_optimisation.png)" in report
