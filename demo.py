@@ -29,6 +29,7 @@ task of Stiennon et al. 2020 and the TRLx article, offline), with ROUGE against 
     python demo.py --task=summarize      # the summarization task
     python demo.py --quick=True          # tiny sizes and budgets: a smoke test of the wiring (~1 min on CPU)
     python demo.py --only=ilql           # rerun ILQL and the evaluation on a finished run's SFT model, labels, RM
+    python demo.py --fp32_heads=True     # the output heads in fp32, as the trainers default to (slower here)
 
 To put a real human in the loop instead of the gold labeler, label.py writes the same prompt/chosen/rejected JSONL.
 """
