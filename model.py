@@ -5,8 +5,9 @@ GPT-2 written out in plain PyTorch, with the few extras RLHF needs.
   returns the final hidden states; `lm_head` turns them into logits and `heads` (small `nn.Linear`s named in the
   config: "value", "reward", vocab-sized Q heads ...) into anything else. Positions come from the attention mask,
   so a left-padded row gives exactly the logits of the same row unpadded.
-- `GPT.from_pretrained`: Hugging Face GPT-2 weights (gpt2 ... gpt2-xl, a hub id, or a local folder), `save_hf`:
-  the reverse, a folder `transformers.GPT2LMHeadModel.from_pretrained` loads with identical logits.
+- `GPT.from_pretrained`: Hugging Face GPT-2 weights (gpt2 ... gpt2-xl, a hub id, or a local folder; hf_files.py
+  finds and reads the files), `save_hf`: the reverse, a folder `transformers.GPT2LMHeadModel.from_pretrained` loads
+  with identical logits.
 - `generate`: batched sampling of left-padded prompts with a preallocated KV cache; returns the sampled tokens'
   logprobs (fp32, `log_softmax(logits / temperature)`) and a response mask that ends at each row's first EOS.
 
@@ -17,8 +18,6 @@ Everything here is plain PyTorch. On CPU, speedups.py swaps in faster versions o
 import json
 import math
 import os
-import pickle
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -26,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import hf_files
 
 EOS = 50256  # <|endoftext|>: GPT-2's BOS and EOS
 
@@ -249,14 +250,8 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, heads=None, dropout=0.0):
         """GPT-2 from a local HF folder (config.json + model.safetensors or pytorch_model.bin) or a hub id."""
-        folder = name_or_path
-        if not os.path.isdir(folder):
-            folder = _download(name_or_path)
+        folder, hf = hf_files.folder_and_config(name_or_path)
         cfg_path = os.path.join(folder, "config.json")
-        if not os.path.exists(cfg_path):
-            raise ValueError(f"{folder}: no config.json, not a Hugging Face model folder")
-        with open(cfg_path) as f:
-            hf = json.load(f)
         if hf.get("model_type") != "gpt2":
             raise ValueError(f"{cfg_path}: model_type is {hf.get('model_type')!r}, expected 'gpt2'")
         variant = {k: hf.get(k, v) for k, v in GPT2_FIXED.items() if hf.get(k, v) != v}
@@ -265,7 +260,7 @@ class GPT(nn.Module):
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, heads=dict(heads or {}))
         model = cls(config)
-        sd = _load_weights(folder)
+        sd = hf_files.load_weights(folder)
         # Two key layouts exist: hub `gpt2` has no prefix, save_pretrained adds "transformer.".
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
         lm_head = sd.pop("lm_head.weight", None)
@@ -312,59 +307,6 @@ class GPT(nn.Module):
 GPT2_FIXED = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
               "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # an HF folder's weights: one file, or shards and an .index.json
-
-
-def _download(repo_id):
-    """The config and the weights of a hub repository: safetensors if it has them, else PyTorch's pickle files."""
-    try:
-        from huggingface_hub import snapshot_download
-        for name in WEIGHTS:  # shards: model-00001-of-00002.safetensors, pytorch_model-00001-of-00002.bin
-            folder = snapshot_download(repo_id, allow_patterns=["config.json", name + "*", name.replace(".", "-*.")])
-            if any(os.path.exists(os.path.join(folder, f)) for w in WEIGHTS for f in (w, w + ".index.json")):
-                return folder
-        return folder  # no weights: _load_weights says so
-    except Exception as e:  # no network, unknown id, ...: say what was asked for
-        raise ValueError(f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
-                         f"({type(e).__name__}: {e})") from e
-
-
-def _load_weights(folder):
-    """The state dict of an HF folder: model.safetensors or pytorch_model.bin, whole or in shards listed by an
-    .index.json. A .bin file is a pickle: loaded with weights_only=True, which reads tensors and plain containers
-    only, never code."""
-    for name in WEIGHTS:
-        index = os.path.join(folder, name + ".index.json")
-        if os.path.exists(os.path.join(folder, name)):
-            files = [name]
-        elif os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            continue
-        sd = {}
-        for file in files:
-            sd.update(_load_file(os.path.join(folder, file)))
-        return sd
-    raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin (nor shards of either with their "
-                     f".index.json); the folder holds {sorted(os.listdir(folder))[:10]}")
-
-
-def _load_file(path):
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
-        # mmap: read as used, not copied into memory by every rank at once (old non-zip files cannot be mapped)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:  # torch's message advises loading it unsafely: not advice to pass on
-        raise ValueError(f"{path}: holds Python objects other than tensors; not loaded, as that could run code from "
-                         f"the file") from e
-    except Exception as e:  # a missing shard, a file cut short, ...
-        message = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {message})") from e
 
 
 # ---------------------------------------------------------------------- logprobs and sampling

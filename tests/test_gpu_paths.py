@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import common
 import dpo
+import hf_files
 import ilql
 import model
 import ppo
@@ -344,7 +345,7 @@ def test_checkpoints_and_bin_files_are_memory_mapped(tmp_path):
     ckpt = load_checkpoint(path)
     assert path in open("/proc/self/maps").read()
     save_bin_folder(hf_gpt2(), tmp_path / "bin")
-    sd = model._load_weights(str(tmp_path / "bin"))
+    sd = hf_files.load_weights(str(tmp_path / "bin"))
     assert str(tmp_path / "bin" / "pytorch_model.bin") in open("/proc/self/maps").read()
     assert ckpt["model"]["w"].sum() == 1 << 16 and len(sd) > 0
 
