@@ -16,15 +16,17 @@ Our choices, where public implementations differ:
   batch the policy sees. Precomputing them once needs a pass over the data before step 0 and memory proportional to
   it, and saves nothing on a run of one epoch or less (the same forwards, done earlier). On the fly, the reference
   runs the policy's kernels on the same shapes, so while policy == reference every log-ratio is exactly 0 (the first
-  loss is exactly ln 2), and a resume needs nothing but the SFT model.
+  loss is exactly ln 2; IPO's 1 / (4 beta^2); not so under compile, see Config), and a resume needs nothing but the
+  SFT model.
 - Dropout is off: both models stay in eval mode, also while training (train mode would only change dropout, which
   adds noise to the log-ratios the loss is built on and breaks policy == reference at step 0).
 - loss_type="sigmoid" with label_smoothing eps is conservative DPO (Mitchell 2023; TRL's label_smoothing): the
   preference is taken as flipped with probability eps, loss = (1 - eps) * -log sigmoid(beta h) + eps *
   -log sigmoid(-beta h). loss_type="ipo" is IPO (Azar et al. 2023, their Eq. 17): (h - 1 / (2 beta))^2, which pulls h
   to a finite target instead of pushing it to infinity. The IPO paper writes h with sequence probabilities pi(y|x),
-  i.e. summed token log-probs; TRL averages the log-probs over the response tokens for IPO instead, which the IPO
-  authors told TRL's maintainers is what they meant. We average for IPO, as TRL: with sums the target 1 / (2 beta)
+  i.e. summed token log-probs; TRL averages the log-probs over the response tokens for IPO instead (TRL PR #1265,
+  after the IPO authors' remark reported in Hugging Face's "Preference Tuning LLMs" blog post). We average for IPO,
+  as TRL: with sums the target 1 / (2 beta)
   would be a margin for the whole response, so what beta means would change with response length, and long
   responses would dominate the squared loss. Under IPO every logged log-prob and reward is a per-token mean.
 - Watch logp_chosen: it often goes DOWN during DPO, the rejected one faster. The loss only sees the margin between
@@ -121,13 +123,13 @@ def sequence_logprobs(model, lm_head, tokens, mask, loss_mask, average=False):
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair losses (B,) from the sequence log-probs (B,) of policy and reference, and the implicit rewards
     beta * (policy - reference) of chosen and rejected (B,), detached."""
-    r_chosen, r_rejected = pi_chosen - ref_chosen, pi_rejected - ref_rejected  # log-ratios
-    h = r_chosen - r_rejected
+    ratio_chosen, ratio_rejected = pi_chosen - ref_chosen, pi_rejected - ref_rejected  # log-ratios
+    h = ratio_chosen - ratio_rejected
     if loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:  # label_smoothing 0: plain DPO
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return losses, beta * r_chosen.detach(), beta * r_rejected.detach()
+    return losses, beta * ratio_chosen.detach(), beta * ratio_rejected.detach()
 
 
 # The per-step and held-out metrics, means over pairs (acc: ties count as wrong; margin: reward_chosen - rejected)
@@ -147,12 +149,12 @@ def dpo_forward(model, lm_head, ref, b, cfg, s):
     tokens, loss_mask = b["tokens"], b["loss_mask"]
     with s.autocast():
         with torch.no_grad():
-            ref_logps = sequence_logprobs(ref, ref.lm_head, tokens, None, loss_mask, ipo)  # (2B,): chosen, rejected
-        logps = sequence_logprobs(model, lm_head, tokens, None, loss_mask, ipo)  # (2B,)
-    losses, r_chosen, r_rejected = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], cfg.beta,
-                                            cfg.loss_type, cfg.label_smoothing)
-    sums = [losses.sum(), (r_chosen > r_rejected).sum(), (r_chosen - r_rejected).sum(), r_chosen.sum(),
-            r_rejected.sum(), logps[:n].sum(), logps[n:].sum(), b["mask"].sum()]
+            ref_logprobs = sequence_logprobs(ref, ref.lm_head, tokens, None, loss_mask, ipo)  # (2B,): chosen, rejected
+        logprobs = sequence_logprobs(model, lm_head, tokens, None, loss_mask, ipo)  # (2B,)
+    losses, reward_chosen, reward_rejected = dpo_loss(  # reward_*: the implicit rewards
+        logprobs[:n], logprobs[n:], ref_logprobs[:n], ref_logprobs[n:], cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    sums = [losses.sum(), (reward_chosen > reward_rejected).sum(), (reward_chosen - reward_rejected).sum(),
+            reward_chosen.sum(), reward_rejected.sum(), logprobs[:n].sum(), logprobs[n:].sum(), b["mask"].sum()]
     return losses, torch.stack([x.detach().double() for x in sums])
 
 

@@ -172,7 +172,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, weights, n_responses, cliprang
     ref_logprobs, weights (B, N); advantages (B,). Returns (loss, stats): pg_loss, kl_loss (the k3 term, unscaled by
     beta), and approx_kl (k3 of the ratio), clipfrac (tokens where the clipped branch is taken) and ratio, each a mean
     over a response's tokens, summed over the responses and divided by n_responses as the loss is (so they add up
-    over micro-batches and ranks as the loss does)."""
+    over micro-batches as the loss does; ranks are averaged, as DDP averages their gradients)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     A = advantages[:, None]
@@ -298,9 +298,9 @@ def save(path, policy, optimizer, step, cfg, init_from):
 
 def iteration_metrics(r, f, rewards, kl, stats, s):
     """The diagnostics of one iteration, over all ranks: scores, KL (summed over the response), zero_adv (the fraction
-    of groups whose rewards are all equal: advantage 0, no signal), response length, responses without EOS, the
-    update's stats averaged over its minibatches, and ppo.token_stats: entropy, lp_gap and the number of response
-    tokens (as tok_per_s, which main divides by the time)."""
+    of groups whose rewards are all equal: advantage 0, no signal; with the k1 KL in the rewards, next to never),
+    response length, responses without EOS, the update's stats averaged over its minibatches, and ppo.token_stats:
+    entropy, lp_gap and the number of response tokens (as tok_per_s, which main divides by the time)."""
     response_mask = r["response_mask"]
     entropy, lp_gap, n_tokens = token_stats(r, f, s)
     batch = dict(score=r["scores"].mean(), **({"kl": kl.mean()} if kl is not None else {}),

@@ -19,7 +19,8 @@ V(s))`, then temperature and top-k (beta = 0 is the behaviour policy); sample.il
 model.generate.
 
 Our choices, where public implementations differ:
-- Targets are Polyak-averaged after *every* optimizer step (trlx since mid-2023 syncs them once per data pass).
+- Targets are Polyak-averaged after *every* optimizer step (trlx's trainer calls its sync once per pass over the
+  data, after the loop over batches, and only when the step count is a multiple of steps_for_target_q_sync).
 - Rewards are z-scored over the training set (mean/std stored in the checkpoint) and sit on the last response token.
   Every response ends its episode, also one truncated at max_len: its reward was given for the text as stored.
 - Heads are single nn.Linear layers (trlx: 2-layer MLPs), so the heads are plain `GPTConfig.heads`. The
@@ -207,7 +208,8 @@ def ilql_outputs(raw_model, h, batch):
     # cost a device sync per use on GPU)
     real = lambda x: x.flatten(0, 1).index_select(0, batch["real_ixs"])
     ha, a = real(hs[:, :-1]), real(batch["actions"])  # (N, C) the states that choose the actions, (N,)
-    target_q = torch.minimum(head_at(heads["q1_target"], ha, a), head_at(heads["q2_target"], ha, a))
+    with torch.no_grad():  # a target: no graph through ha
+        target_q = torch.minimum(head_at(heads["q1_target"], ha, a), head_at(heads["q2_target"], ha, a))
     boot = batch["boot_ixs"]  # (B, A) the state each action's target bootstraps from (t + 1 for one-step TD)
     return dict(logits=raw_model.lm_head(ha), qs=(heads["q1"](ha), heads["q2"](ha)), target_q=target_q,
                 v=real(vs[:, :-1]), v_next=real(vs.gather(1, boot)), actions=a, returns=real(batch["returns"]),

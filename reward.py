@@ -5,13 +5,13 @@ The algorithm: r(x, y) = a linear "reward" head on GPT-2's final hidden state at
 prompt + response (the EOS that ends the response). For each pair, loss = -log sigmoid(r(x, chosen) - r(x, rejected)).
 
 Our choices, where public implementations differ:
-- Chosen and rejected go through ONE forward (concatenated along the batch), dropout off: both see the same weights
-  and normalisation, and the loss sees no dropout noise in the difference it is built on.
+- Chosen and rejected go through ONE forward (concatenated along the batch): one call of the model per micro-batch
+  instead of two. Dropout is off: the loss sees no dropout noise in the difference it is built on.
 - The score is read at the last position where mask == 1, never by looking for a pad/EOS token id (pad == EOS in
   GPT-2), so right- and left-padded rows, or rows with junk after their end, score the same. The head runs in fp32.
 - Accuracy counts ties as wrong (a constant model gets none right, not half).
 - The loss only sees differences, so the score's offset is arbitrary. After each evaluation we measure the scores of
-  a reference set (the held-out chosen responses by default) and fold "minus their mean" (and, with
+  a normalisation set (norm_data; the held-out chosen responses by default) and fold "minus their mean" (and, with
   normalize_std, "divided by their std", as OpenAI did so a KL coefficient keeps its meaning) into the head's weight
   and bias of every checkpoint written. Every consumer of a checkpoint (ppo.py, evaluation, `score`) then gets
   normalised scores with no extra code; the numbers are recorded as ckpt["reward_norm"]. The un-normalised head,
@@ -64,8 +64,8 @@ class Config:
     max_prompt_len: int = 384  # prompts are left-truncated to this many tokens
     max_len: int = 512  # prompt + response (+ EOS) tokens; longer responses are cut (and lose their EOS)
     # Bradley-Terry: normalisation of the scores
-    norm_data: str = ""  # reference set: "" = held-out chosen responses, or an SFT-format source (prompt/completion)
-    normalize_std: bool = False  # also scale the reference scores to std 1 (not only mean 0)
+    norm_data: str = ""  # normalisation set: "" = the held-out chosen responses, else SFT-format (prompt/completion)
+    normalize_std: bool = False  # also scale the normalisation set's scores to std 1 (not only mean 0)
     # optimisation
     batch_size: int = 8  # preference pairs per micro-batch, per rank (2 * batch_size sequences per forward)
     grad_accum: int = 1  # micro-batches per optimizer step, per rank
@@ -119,8 +119,8 @@ def forward_backward(model, batches, s):
         # DDP all-reduces gradients in backward; only the last micro-batch of the step needs to.
         with model.no_sync() if s.ddp and i < len(batches) - 1 else nullcontext():
             with s.autocast():
-                rewards = score_tokens(model, tokens, mask, right_padded=True)  # (2B,): chosen rows, then rejected
-            loss, acc = bt_loss(rewards[:len(pairs)], rewards[len(pairs):])
+                scores = score_tokens(model, tokens, mask, right_padded=True)  # (2B,): chosen rows, then rejected
+            loss, acc = bt_loss(scores[:len(pairs)], scores[len(pairs):])
             # Every micro-batch holds batch_size pairs, so the step's mean is the sum of the grad_accum micro-batch
             # means / grad_accum. DDP then averages over ranks, which hold as many pairs each: the global mean.
             (loss / len(batches)).backward()
@@ -148,7 +148,7 @@ def tokenize_pairs(prefs, cfg):
 
 
 def load_data(cfg, s):
-    """(train, eval) pairs of token lists, and the reference set's token lists (None: the held-out chosen ones)."""
+    """(train, eval) pairs of token lists, and the normalisation set's token lists (None: the held-out chosen ones)."""
     with rank0_first(s):
         train_prefs = load_preferences(cfg.data, cfg.data_split, cfg.data_subset, cfg.skip_bad)
         eval_prefs = load_preferences(cfg.data, cfg.eval_split, cfg.data_subset, cfg.skip_bad)
@@ -203,7 +203,7 @@ def mean_std(x, s):
 
 @torch.no_grad()
 def evaluate(model, eval_pairs, norm_seqs, cfg, s):
-    """Held-out accuracy, loss and mean margin; mean/std of the held-out scores and of the reference set's scores
+    """Held-out accuracy, loss and mean margin; mean/std of the held-out scores and of the normalisation set's scores
     (all ranks)."""
     model.eval()
     mine = eval_pairs[s.rank::s.world_size]
@@ -214,27 +214,27 @@ def evaluate(model, eval_pairs, norm_seqs, cfg, s):
                      margin.sum()])
     n, loss, correct, margin_sum = all_reduce_sum(t, s).tolist()
     reward_mean, reward_std = mean_std(torch.cat([r_chosen, r_rejected]), s)
-    ref = r_chosen if norm_seqs is None else score_seqs(model, norm_seqs[s.rank::s.world_size], cfg, s)
-    ref_mean, ref_std = mean_std(ref, s)
+    norm_scores = r_chosen if norm_seqs is None else score_seqs(model, norm_seqs[s.rank::s.world_size], cfg, s)
+    norm_mean, norm_std = mean_std(norm_scores, s)
     model.train()
     return {"eval_loss": loss / n, "eval_acc": correct / n, "eval_margin": margin_sum / n, "reward_mean": reward_mean,
-            "reward_std": reward_std, "ref_mean": ref_mean, "ref_std": ref_std}
+            "reward_std": reward_std, "norm_mean": norm_mean, "norm_std": norm_std}
 
 
 def save(path, model, optimizer, step, ev, best_eval_acc, cfg):
-    """A checkpoint whose reward head gives normalised scores, (r - ref_mean) / std, folded into a copy of the head
-    (std = ref_std with normalize_std, else 1). With the optimizer (ckpt.pt, for resume; it also keeps the head
+    """A checkpoint whose reward head gives normalised scores, (r - norm_mean) / std, folded into a copy of the head
+    (std = norm_std with normalize_std, else 1). With the optimizer (ckpt.pt, for resume; it also keeps the head
     training continues from as train_head) or without (best.pt)."""
-    std = ev["ref_std"] if cfg.normalize_std else 1.0
+    std = ev["norm_std"] if cfg.normalize_std else 1.0
     if std < 1e-6:
-        print0(f"reference scores have std {std:.3g}: not scaling them")
+        print0(f"the normalisation set's scores have std {std:.3g}: not scaling them")
         std = 1.0
     head, sd = model.heads["reward"], model.state_dict()
     sd["heads.reward.weight"], sd["heads.reward.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
-    fold_normalization(sd["heads.reward.weight"], sd["heads.reward.bias"], ev["ref_mean"], std)
+    fold_normalization(sd["heads.reward.weight"], sd["heads.reward.bias"], ev["norm_mean"], std)
     extra = dict(optimizer=optimizer.state_dict(), train_head=head.state_dict()) if optimizer else {}
     save_checkpoint(path, kind="reward", model_config=asdict(model.config), model=sd, step=step, config=asdict(cfg),
-                    best_eval_acc=best_eval_acc, reward_norm={"mean": ev["ref_mean"], "std": ev["ref_std"],
+                    best_eval_acc=best_eval_acc, reward_norm={"mean": ev["norm_mean"], "std": ev["norm_std"],
                                                               "scaled_by": std}, **extra)
 
 
@@ -282,8 +282,8 @@ def main(cfg):
                     save(best_path, raw_model, None, done, ev, best_eval_acc, cfg)
 
     if s.master and ev:
-        print0(f"saved {ckpt_path} and {best_path}; scores shifted by {-ev['ref_mean']:.4g}"
-               + (f" and scaled by 1/{ev['ref_std']:.4g}" if cfg.normalize_std else ""))
+        print0(f"saved {ckpt_path} and {best_path}; scores shifted by {-ev['norm_mean']:.4g}"
+               + (f" and scaled by 1/{ev['norm_std']:.4g}" if cfg.normalize_std else ""))
     cleanup(s)
     return {**metrics, **ev, "eval_acc_start": ev_start.get("eval_acc"), "eval_loss_start": ev_start.get("eval_loss"),
             "best_eval_acc": best_eval_acc}

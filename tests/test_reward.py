@@ -172,7 +172,7 @@ def test_short_run_learns_easy_preference_and_normalizes(tmp_path):
                                        max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len))
     assert abs(scores.mean().item()) < 1e-4 and abs(scores.std(correction=0).item() - 1) < 1e-4
     ckpt = load_checkpoint(str(Path(cfg.out_dir) / "ckpt.pt"), "reward")
-    assert abs(ckpt["reward_norm"]["mean"] - out["ref_mean"]) < 1e-9 and ckpt["reward_norm"]["scaled_by"] != 1.0
+    assert abs(ckpt["reward_norm"]["mean"] - out["norm_mean"]) < 1e-9 and ckpt["reward_norm"]["scaled_by"] != 1.0
     rejected = scoring.score(model, [p.prompt for p in held_out], [p.rejected for p in held_out],
                             max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len)
     assert sum(c > r for c, r in zip(scores.tolist(), rejected, strict=True)) >= 0.9 * len(held_out)
@@ -224,7 +224,7 @@ def test_every_preference_format(tmp_path, fixture):
     assert out["eval_acc"] == sum(m > 0 for m in margins) / n
     assert out["eval_loss"] == pytest.approx(sum(math.log1p(math.exp(-m)) for m in margins) / n, abs=1e-5)
     assert out["eval_margin"] == pytest.approx(sum(margins) / n, abs=1e-5)
-    assert out["ref_mean"] == pytest.approx(out["reward_mean"] + out["eval_margin"] / 2, abs=1e-5)  # ref = chosen
+    assert out["norm_mean"] == pytest.approx(out["reward_mean"] + out["eval_margin"] / 2, abs=1e-5)  # norm set = chosen
 
 
 def test_init_from_sft_checkpoint_and_hf_folder(tmp_path):
