@@ -15,12 +15,9 @@ Each iteration, on every rank:
 Choices where public implementations differ:
 - Old logprobs come from one no-grad forward (3), not from the sampler: the KV-cache sampler runs other kernels on
   other shapes, so its logprobs differ from a full forward by rounding (more under bf16), and the first ratio would
-  not be exactly 1. That forward runs on the very micro-batches of the first epoch (the row orders are drawn first):
-  the LM head sees the (n, C) matrix of a micro-batch's real tokens, whose n depends on which rows sit together, and
-  a matmul's rounding may depend on its shape; on the first epoch's own micro-batches, the first minibatch's ratio is
-  exactly 1 (same rows, shapes and kernels; later minibatches train on updated weights). It is shared with the
-  values (same trunk when critic="shared"); the sampler/forward gap is logged as `lp_gap`, a live check of positions
-  and padding (rounding-sized in fp32).
+  not be exactly 1. A matmul's rounding may depend on its shape, so that forward runs on the first epoch's own
+  micro-batches (the row orders are drawn first): the first minibatch's ratio is then exactly 1. The values come from
+  the same forward; the sampler/forward gap is logged as `lp_gap`, a live check of positions and padding.
 - The LM head runs only at the positions that choose a real response token (response_logprobs), not at the padding
   after an early EOS: responses end long before the longest one of their batch, and the vocabulary-sized logits of
   the padding would cost as much as the rest of the forward. Values come from the one-wide value head everywhere.
@@ -28,11 +25,11 @@ Choices where public implementations differ:
   would round GPT-2's large logits by up to 0.25 nats in steps, which ratios, the KL penalty and the sampled
   distribution would all see. TRL keeps bf16 logits.
 - critic="separate" (default with a reward model): its own GPT, initialised from the reward model with the reward
-  head copied into its value head, so values start on the score's scale (Stiennon et al. 2020; the "N+
-  implementation details of RLHF with PPO" reproduction found it better than a head on the policy). It costs one
-  more forward and backward per minibatch. critic="shared": a value head on the policy trunk, one forward for both,
-  initialised to zero as in OpenAI's lm-human-preferences; the default with a reward_fn (there is no reward model
-  to start from) unless critic_init_from names a checkpoint.
+  head copied into its value head, so values start on the score's scale (Stiennon et al. 2020, and the "N+
+  implementation details of RLHF with PPO" reproduction of it). It costs one more forward and backward per
+  minibatch. critic="shared": a value head on the policy trunk, one forward for both, initialised to zero as in
+  OpenAI's lm-human-preferences; the default with a reward_fn (there is no reward model to start from) unless
+  critic_init_from names a checkpoint.
 - AdamW with betas (0.9, 0.999) and eps 1e-5, as lm-human-preferences and the N+ details.
 - whiten_rewards (off by default, as in TRL): scale the per-token rewards to unit variance over the batch before GAE
   (lm-human-preferences' option; the mean is kept).
@@ -380,8 +377,8 @@ def ppo_update(model, optimizer, batch, P, cfg, s, epochs, step=0):
                     loss = (pg_loss + cfg.vf_coef * vf_loss) * s.world_size  # DDP averages grads over ranks
                     loss.backward()
                 mb_loss = mb_loss + loss.detach()
-                # x world_size: this rank's share of the global token mean -> ~its own mean (all_reduce_mean later)
                 st.update(pg_loss=pg_loss, vf_loss=vf_loss)
+                # x world_size: this rank's share of the global token mean -> ~its own mean (all_reduce_mean later)
                 mb_stats = mb_stats + torch.stack([st[k] for k in names]).detach().double() * s.world_size
             # a NaN/inf loss stops the run here, before the weights see it
             grad_norms.append(optimizer_step(optimizer, model.parameters(), cfg.grad_clip, step, loss=mb_loss))
