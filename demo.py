@@ -168,9 +168,12 @@ def write_labels(task, policy, cfg, s, path, sampling):
                         task.gold_score)
     n_heldout = len(label_pairs(heldout, heldout_a, heldout_b, cfg.seed, 0, path("data", "prefs", "test.jsonl"),
                                 task.gold_score))
-    agree = sum(task.gold_score(r["prompt"], r["chosen"]) > task.gold_score(r["prompt"], r["rejected"]) for r in prefs)
-    print0(f"{len(prefs)} labeled pairs of {len(prompts)} prompts ({agree / max(1, len(prefs)):.1%} agree with the "
-           f"noiseless gold), {n_heldout} held-out pairs")
+    golds = [(task.gold_score(r["prompt"], r["chosen"]), task.gold_score(r["prompt"], r["rejected"])) for r in prefs]
+    unequal = [(c, r) for c, r in golds if c != r]  # on a tie of gold scores any label is the gold's coin flip
+    agree = sum(c > r for c, r in unequal) / max(1, len(unequal))
+    ties = 1 - len(unequal) / max(1, len(prefs))
+    print0(f"{len(prefs)} labeled pairs of {len(prompts)} prompts ({ties:.1%} tie on the gold score; {agree:.1%} of "
+           f"the others labeled as the noiseless gold would), {n_heldout} held-out pairs")
 
 
 def sample_pairs(model, prompts, seed, progress=False, **sampling):
@@ -263,9 +266,10 @@ def grpo_trainer(cfg, path, shared):
 
 
 def train_in_chunks(name, train, iters, ref, rm, task, cfg, s, path, sampling):
-    """Train in five chunks, each resuming the last (exact: a constant LR, and the checkpoint holds all other state);
-    the policy before and after each chunk is probed (gold, RM, KL to SFT): the method's over-optimisation curve.
-    train(max_iters, init_from) runs the trainer, which writes out_dir/<name>/ckpt.pt."""
+    """Train in chunks of iters // 5 steps (and the remainder), each resuming the last (exact: a constant LR, and the
+    checkpoint holds all other state); the policy before and after each chunk is probed (gold, RM, KL to SFT): the
+    method's over-optimisation curve. train(max_iters, init_from) runs the trainer, which writes
+    out_dir/<name>/ckpt.pt."""
     chunk, curve, ckpt = max(1, iters // 5), [], path(name.lower(), "ckpt.pt")
     prompts = [r["prompt"] for r in task.make_corpus(cfg.n_probe_prompts, cfg.seed + 6)]
     for step in sorted({0, *range(chunk, iters, chunk), iters}):
@@ -347,9 +351,10 @@ def best_of_n_curve(policy, rm, task, cfg, s, sampling):
 
 def evaluate_methods(task, cfg, s, policy, rm, path, sampling):
     """Every method's row, through eval.py: one sample per evaluation prompt, every policy with the same seed (paired
-    samples: differences are the methods'), judged by the gold and by the RM, KL to SFT; best-of-n from its own
-    samples with its analytic KL. Writes eval.md (scores with standard errors, length, diversity, the win-rate
-    matrix) and eval.json; returns the report's rows {name: gold, rm, kl, win_rate (gold, vs SFT), samples}."""
+    samples: differences are the methods'), judged by the gold and by the RM, KL to SFT; best-of-n from its own samples
+    (drawn apart from SFT's: not paired) with its analytic KL. Writes eval.md (scores with standard errors, length,
+    diversity, the win-rate matrix) and eval.json; returns the report's rows {name: gold, rm, kl, win_rate (gold, vs
+    SFT), samples}."""
     import ilql
     rows = task.make_corpus(cfg.n_eval_prompts, cfg.seed + 4)
     prompts = [r["prompt"] for r in rows]
@@ -399,8 +404,8 @@ def write_report(out_dir, results, curves, ppo_log):
         lines.append(f"| {name} | {fmt(m.get('gold'))} | {fmt(m.get('rm'))} | {fmt(m.get('kl'))} | "
                      f"{fmt(m.get('win_rate'))} |" + "".join(f" {m[k]:.1f} |" for k in ("rouge1", "rouge2", "rougeL")
                                                              if rouge))
-    lines += ["", "Every statistic with its standard error, response lengths, diversity and the win-rate matrix: "
-              "[eval.md](eval.md)."]
+    lines += ["", "Scores with their standard errors, response lengths, diversity and the win-rate matrix with 95% "
+              "intervals: [eval.md](eval.md)."]
     if results.get("rm_accuracy") is not None:
         lines += ["", f"Reward model accuracy vs the noiseless gold on held-out pairs: {results['rm_accuracy']:.3f}"]
     if results.get("run"):

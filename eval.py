@@ -7,9 +7,12 @@ pairwise win-rate matrix by one judge. A markdown table (printed, and out_dir/ev
 numbers, and every prompt, response and score).
 
 Our choices:
-- Paired samples: every policy samples with the same seeds (batch i from mix_seed(seed, i)), so on each prompt the
-  policies draw the same uniform numbers and differ only by their distributions. A win rate compares the two
-  responses to the same prompt.
+- Paired samples (common random numbers): every policy samples with the same seeds (batch i from mix_seed(seed, i)),
+  so on each prompt the policies draw the same uniform numbers: identical policies give identical responses (KL 0,
+  win rate exactly 0.5), and differences of mean scores carry less noise than independent samples would give them.
+  A win rate compares the two responses to the same prompt, so it is the win rate of responses coupled this way; it
+  can differ from that of independently drawn responses (the usual definition) when the two policies' distributions
+  overlap; by how much, and in which direction, depends on the two distributions.
 - KL(policy || ref) per response is the sum over its tokens of logprob - ref_logprob (fp32) on the policy's own
   samples, averaged over prompts: an unbiased estimate of the sequence KL. Plain sampling only (temperature, no
   top-k/top-p), so the samples come from the distribution whose logprobs are scored. An ILQL policy's logprobs are

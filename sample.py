@@ -114,7 +114,8 @@ def sample(model, prompts, cfg, logits_fn=None, score_fn=None, block_size=None):
 
 
 def best_of_n_kl(n):
-    """The analytic bound on KL(best-of-n || policy): log n - (n - 1) / n nats (Stiennon et al. 2020)."""
+    """KL(best-of-n || policy) <= log n - (n - 1) / n nats: the formula of Stiennon et al. 2020, an upper bound (Beirami
+    et al. 2024), exact when no two of the n samples can tie."""
     return math.log(n) - (n - 1) / n
 
 
