@@ -27,7 +27,7 @@ task of Stiennon et al. 2020 and the TRLx article, offline), with ROUGE against 
     python demo.py                       # make demo: the full run
     python demo.py --seed=1              # the same with other seeds everywhere (the README's spread over seeds)
     python demo.py --task=summarize      # the summarization task
-    python demo.py --quick=True          # tiny sizes and budgets: a smoke test of the wiring (~1 min on CPU)
+    python demo.py --quick=True          # tiny sizes and budgets: a smoke test of the wiring
     python demo.py --only=ilql           # rerun ILQL and the evaluation on a finished run's SFT model, labels, RM
     python demo.py --fp32_heads=True     # the output heads in fp32, as the trainers default to (slower here)
 
@@ -106,7 +106,7 @@ class Config:
     ilql_iters: int = 120
     target_kl: float = 6.0  # PPO's KL target (nats per response); the controller's horizon is a tenth of the run
     group_size: int = 4  # GRPO: samples per prompt
-    ilql_betas: tuple = (4.0, 8.0)  # ILQL decoding: log_softmax(logits) + beta * (Q - V), each one evaluated
+    ilql_betas: tuple = (4.0, 8.0)  # ILQL decoding: log_softmax(logits) + beta * (min target Q - V), each evaluated
     best_of_n: int = 8  # n of the best-of-n baseline
     curve_n: int = 64  # best-of-n in the over-optimisation plot: n = 1, 2, 4, ..., curve_n
 
@@ -128,6 +128,9 @@ def check_config(cfg):
                                  "max_prompt_len", "max_new_tokens", "sft_iters", "rm_iters", "ppo_iters",
                                  "grpo_iters", "dpo_iters", "ilql_iters", "target_kl", "group_size", "best_of_n",
                                  "curve_n"), non_negative=("n_heldout_prompts", "bt_temperature"))
+    if cfg.block_size < cfg.max_prompt_len + cfg.max_new_tokens:  # found here, not minutes later in PPO
+        raise ConfigError(f"block_size {cfg.block_size} is shorter than max_prompt_len + max_new_tokens "
+                          f"({cfg.max_prompt_len} + {cfg.max_new_tokens})")
 
 # ----------------------------------------------------------------------------- 1 corpus
 def write_corpus(task, cfg, path):
@@ -150,9 +153,9 @@ def train_sft(cfg, path, shared):
 def load_policy(ckpt, kind, cfg, s, heads=None):
     """A trained policy for sampling and KL, its output heads in the precision the RL stages train them in
     (cfg.fp32_heads; SFT trains bf16 heads either way). The demo's default is bf16, unlike the trainers': fp32 heads
-    are for GPT-2, whose logits (about -50 to -150) bf16 rounds by up to 0.25, while the demo's small model keeps its
-    logits within about -12 to 14, where a response's log-prob moves by a few hundredths of a nat; and the fp32
-    vocabulary head was the demo's largest cost (docs/speed.md)."""
+    are for GPT-2's large logits, which bf16 would round coarsely; the demo's small model keeps its logits in a range
+    where bf16 moves a response's log-prob little, and the fp32 vocabulary head was the demo's largest cost (both
+    measured in docs/speed.md)."""
     return fp32_heads(load_model(ckpt, heads=heads, kind=kind)[0], cfg.fp32_heads).to(s.device)
 
 # ----------------------------------------------------------------------------- 3 label
@@ -164,10 +167,10 @@ def write_labels(task, policy, cfg, s, path, sampling):
     with s.autocast():
         a, b = sample_pairs(policy, prompts, seed=cfg.seed + 2, progress=True, **sampling)
         heldout_a, heldout_b = sample_pairs(policy, heldout, seed=cfg.seed + 3, **sampling)
-    prefs = label_pairs(prompts, a, b, cfg.seed, cfg.bt_temperature, path("data", "prefs", "train.jsonl"),
-                        task.gold_score)
-    n_heldout = len(label_pairs(heldout, heldout_a, heldout_b, cfg.seed, 0, path("data", "prefs", "test.jsonl"),
-                                task.gold_score))
+    prefs = label_pairs(prompts, a, b, task.gold_score, cfg.seed, cfg.bt_temperature,
+                        path("data", "prefs", "train.jsonl"))
+    n_heldout = len(label_pairs(heldout, heldout_a, heldout_b, task.gold_score, cfg.seed, 0,
+                                path("data", "prefs", "test.jsonl")))
     golds = [(task.gold_score(r["prompt"], r["chosen"]), task.gold_score(r["prompt"], r["rejected"])) for r in prefs]
     unequal = [(c, r) for c, r in golds if c != r]  # on a tie of gold scores any label is the gold's coin flip
     agree = sum(c > r for c, r in unequal) / max(1, len(unequal))
@@ -182,7 +185,7 @@ def sample_pairs(model, prompts, seed, progress=False, **sampling):
     return texts[0::2], texts[1::2]
 
 
-def label_pairs(prompts, responses_a, responses_b, seed, temperature=1.0, path=None, gold=reviews.gold_score):
+def label_pairs(prompts, responses_a, responses_b, gold, seed, temperature=1.0, path=None):
     """Label (prompt, a, b) triples with the `gold` labeler through BT noise -> rows {"prompt", "chosen", "rejected"},
     the format reward.py reads (written to `path` as JSONL if given). Skipped: identical responses (no preference) and
     empty ones (data.load_preferences rejects them); with temperature 0, also pairs of equal gold score."""
@@ -215,7 +218,7 @@ def bt_label(score_a, score_b, rng, temperature=1.0):
 # ----------------------------------------------------------------------------- 4 reward model
 def train_reward(cfg, path, shared):
     """From the SFT model, on the labeled pairs. Scores not std-normalised (normalize_std): on SFT samples their std
-    is already ~1.2-1.4 (docs/results.md), near the 1 that PPO's missing-EOS penalty and beta are set for."""
+    is already near the 1 that PPO's missing-EOS penalty and beta are set for (docs/results.md)."""
     import reward
     reward.main(reward.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("reward"),
                               max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),
@@ -223,16 +226,16 @@ def train_reward(cfg, path, shared):
                               **shared))
 
 
-def rm_scores(rm, prompts, responses, max_prompt_len=32):
+def rm_scores(rm, prompts, responses, max_prompt_len):
     """Reward-model scores of texts, tokenized as reward.py trains on them (prompt + response + EOS)."""
     return scoring.score(rm, prompts, responses, batch_size=64, max_prompt_len=max_prompt_len)
 
 
-def rm_accuracy(rm, rows, **kwargs):
+def rm_accuracy(rm, rows, max_prompt_len):
     """Fraction of pairs where the RM scores chosen above rejected (ties count as wrong)."""
     prompts = [r["prompt"] for r in rows]
-    chosen = rm_scores(rm, prompts, [r["chosen"] for r in rows], **kwargs)
-    rejected = rm_scores(rm, prompts, [r["rejected"] for r in rows], **kwargs)
+    chosen = rm_scores(rm, prompts, [r["chosen"] for r in rows], max_prompt_len)
+    rejected = rm_scores(rm, prompts, [r["rejected"] for r in rows], max_prompt_len)
     return sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
 
 # ----------------------------------------------------------------------------- 5 PPO and 6 GRPO: in chunks, probed
@@ -252,10 +255,10 @@ def ppo_trainer(cfg, path, shared):
 
 
 def grpo_trainer(cfg, path, shared):
-    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times
-    (the same 64 samples per step as PPO's 32 x 2 would be), one pass in four optimizer steps, the k3 KL in the loss
+    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times,
+    one pass in four optimizer steps, the k3 KL in the loss
     with a fixed beta 0.1 (a per-token penalty: not PPO's adaptive coefficient on the KL in the reward, nor DPO's
-    beta), lr 1e-4: chosen on seed 1337 (docs/results.md: lr 3e-5 with one step per iteration reached 0.77)."""
+    beta), lr 1e-4: chosen on seed 1337 against the alternatives in docs/results.md."""
     import grpo
     prompts = max(1, cfg.batch_size // 2)
     return lambda step, init_from: grpo.main(grpo.Config(
@@ -293,8 +296,8 @@ def probe(model, ref, rm, task, prompts, seed, s, sampling):
 # ----------------------------------------------------------------------------- 7 DPO
 def train_dpo(cfg, path, shared):
     """The RM's labeled pairs straight into the policy. lr 1e-4 at a constant rate for two epochs, beta 0.1 (DPO's
-    beta: the weight of the implicit KL, no kin of PPO's or GRPO's), chosen on seed 1337 (docs/results.md: one
-    epoch reached 0.67, lr 3e-4 overshot to 18 nats)."""
+    beta: the weight of the implicit KL, no kin of PPO's or GRPO's), chosen on seed 1337 against one epoch and lr
+    3e-4 (docs/results.md)."""
     import dpo
     dpo.main(dpo.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("dpo"),
                         max_iters=cfg.dpo_iters, learning_rate=1e-4, beta=0.1, fp32_heads=cfg.fp32_heads,
@@ -523,7 +526,7 @@ def main(cfg):
     methods = evaluate_methods(task, cfg, s, policy, rm, path, sampling)
     heldout = read_log(path("data", "prefs", "test.jsonl"))
     with s.autocast():
-        rm_acc = rm_accuracy(rm, heldout, max_prompt_len=cfg.max_prompt_len) if heldout else None
+        rm_acc = rm_accuracy(rm, heldout, cfg.max_prompt_len) if heldout else None
     curves = {name: read_log(path(name.lower(), "curve.jsonl")) for name in ("PPO", "GRPO")
               if os.path.exists(path(name.lower(), "curve.jsonl"))}
     curves["best-of-n"] = best_of_n_curve(policy, rm, task, cfg, s, sampling)

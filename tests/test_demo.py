@@ -111,16 +111,16 @@ def test_label_pairs_roundtrip_through_load_preferences(tmp_path):
     a = [" is great.", " is awful.", " is fine.", "", " is dull, really."]
     b = [" is awful.", " is great and clever.", " is fine.", " is good.", " is nice"]
     path = str(tmp_path / "prefs.jsonl")
-    rows = demo.label_pairs(prompts, a, b, seed=0, temperature=1.0, path=path)
+    rows = demo.label_pairs(prompts, a, b, reviews.gold_score, seed=0, temperature=1.0, path=path)
     assert len(rows) == 3  # the identical pair and the pair with an empty response are skipped
     assert [r["prompt"] for r in rows] == ["This movie", "This film", "This movie"]
     assert all({r["chosen"], r["rejected"]} == {x, y} for r, x, y in zip(rows, [a[0], a[1], a[4]], [b[0], b[1], b[4]]))
     loaded = data.load_preferences(path)
     assert [(p.prompt, p.chosen, p.rejected) for p in loaded] == [tuple(r.values()) for r in rows]
     assert all(list(r) == ["prompt", "chosen", "rejected"] for r in rows)
-    assert demo.label_pairs(prompts, a, b, seed=0) == rows  # seeded
+    assert demo.label_pairs(prompts, a, b, reviews.gold_score, seed=0) == rows  # seeded
     # the noiseless labeler always prefers the higher gold score
-    for r in demo.label_pairs(prompts, a, b, seed=1, temperature=0):
+    for r in demo.label_pairs(prompts, a, b, reviews.gold_score, seed=1, temperature=0):
         assert reviews.gold_score(r["prompt"], r["chosen"]) > reviews.gold_score(r["prompt"], r["rejected"])
 
 

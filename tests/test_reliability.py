@@ -550,6 +550,8 @@ def test_failing_reward_fn_on_the_command_line_is_one_error_line(tmp_path, art):
 
 
 @pytest.mark.parametrize("script,arg,message", [("demo", "--nope=1", r"unknown config key 'nope'"),
+                                                 ("demo", "--block_size=50", r"block_size 50 is shorter than "
+                                                  r"max_prompt_len \+ max_new_tokens \(32 \+ 40\)"),
                                                  ("label", "--temperature=abc", r"'abc' is not a valid float")])
 def test_bad_value_for_demo_and_label_is_one_error_line(script, arg, message):
     """The two entry points that are not trainers end the same way: status 2, one `error:` line, no traceback."""
