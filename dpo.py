@@ -217,7 +217,7 @@ def build_models(cfg, s, init_from, ckpt):
     fp32_heads is off. Both are init_from (the SFT model); a resumed policy then takes its checkpoint's weights."""
     scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     torch.manual_seed(cfg.seed)  # scratch: the same weights on every rank and on resume
-    ref, _ = load_model(init_from, heads={}, scratch=scratch)
+    ref, _ = load_model(init_from, heads={}, kind=("sft", "dpo"), scratch=scratch)
     if cfg.max_len > ref.config.block_size:
         raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({ref.config.block_size})")
     policy = copy.deepcopy(ref)  # exactly the reference's weights (a deepcopy keeps lm_head tied to wte)

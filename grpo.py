@@ -267,7 +267,7 @@ def build_models(cfg, s, init_from, ckpt=None):
     score_fn, _ = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast,
                               (cfg.minibatch_size or cfg.batch_size * cfg.group_size) // cfg.grad_accum)
     torch.manual_seed(cfg.seed)  # the same scratch weights on every rank and on resume
-    policy, _ = load_model(init_from, heads={}, scratch=scratch)
+    policy, _ = load_model(init_from, heads={}, kind=("sft", "grpo"), scratch=scratch)
     if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:
         raise ConfigError(f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} exceeds the "
                           f"policy's block_size {policy.config.block_size}")

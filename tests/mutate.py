@@ -130,6 +130,10 @@ MUTATIONS = [
      "clip_grad_norm_(params, grad_clip)", "tests/test_gpu_paths.py -k grad_clip_zero"),
     ("run-error-is-a-traceback", "common.py", "except (ConfigError, DataError, RunError) as e:",
      "except (ConfigError, DataError) as e:", "tests/test_reliability.py -k reward_fn_on_the_command_line"),
+    ("grpo-any-checkpoint-as-policy", "grpo.py", 'heads={}, kind=("sft", "grpo"), ', "heads={}, ",
+     "tests/test_grpo.py -k refused"),
+    ("dpo-any-checkpoint-as-start", "dpo.py", 'heads={}, kind=("sft", "dpo"), ', "heads={}, ",
+     "tests/test_dpo.py -k refused"),
 ]
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dpo
-from common import Setup, load_checkpoint, load_model, parse_config, save_checkpoint
+from common import ConfigError, Setup, load_checkpoint, load_model, parse_config, save_checkpoint
 from data import EOS, PrefExample, collate_sft, load_preferences, pad_left, tokenize_example
 from model import GPT, GPTConfig
 from tests.helpers import assert_same_weights, torchrun, train_log
@@ -220,3 +220,16 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     for x, y in rows:
         assert all(x[k] == y[k] for k in ("step", *dpo.STATS, "lr", "grad_norm")), (x, y)
     assert_same_weights(tmp_path / "ddp" / "ckpt.pt", tmp_path / "one" / "ckpt.pt", step=3, atol=0)
+
+
+def test_a_reward_checkpoint_is_refused_as_the_start(tmp_path):
+    """A reward model's checkpoint where the SFT model belongs is named, not trained from: its trunk would load as
+    policy and reference and the run would look normal."""
+    model = tiny_model()
+    rm = tmp_path / "rm.pt"
+    save_checkpoint(str(rm), kind="reward", model_config=dataclasses.asdict(model.config), model=model.state_dict(),
+                    step=0)
+    data = marker_prefs(tmp_path / "prefs.jsonl", n=20)
+    with pytest.raises(ConfigError, match=r"rm\.pt: is a 'reward' checkpoint, expected 'sft' or 'dpo'"):
+        dpo.main(tiny_cfg(tmp_path, data, init_from=str(rm)))
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")

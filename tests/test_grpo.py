@@ -10,12 +10,13 @@ import math
 import os
 import statistics
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import grpo
-from common import Setup, load_checkpoint, load_model
+from common import ConfigError, Setup, load_checkpoint, load_model, save_checkpoint
 from tests.helpers import torchrun
 from data import EOS
 from tests.test_ppo import PROMPTS, THE, biased_gpt, save_sft
@@ -294,3 +295,14 @@ def test_torchrun_two_processes_equal_one_process_and_groups_stay_whole(tmp_path
         counts0, counts1 = collections.Counter(rank0), collections.Counter(rank1)
         assert set(counts0.values()) == set(counts1.values()) == {one.group_size}  # every group whole
         assert len(counts0) == len(counts1) == 4 and not counts0.keys() & counts1.keys()
+
+
+def test_a_reward_checkpoint_is_refused_as_the_policy(tmp_path, prompts_file):
+    """A reward model's checkpoint where the policy belongs (a slip between two paths) is named, not trained from:
+    its trunk would load and the run would look normal."""
+    rm = tmp_path / "rm.pt"
+    model = start_model()
+    save_checkpoint(str(rm), kind="reward", model_config=asdict(model.config), model=model.state_dict())
+    with pytest.raises(ConfigError, match=r"rm\.pt: is a 'reward' checkpoint, expected 'sft' or 'grpo'"):
+        grpo.main(run_cfg(tmp_path, prompts_file, init_from=str(rm)))
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
