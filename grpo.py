@@ -44,6 +44,7 @@ Our choices, where public implementations differ:
   r::world_size (ppo.rollout's shard), i.e. all group_size samples of prompts r, r + world_size, ... With each rank's
   loss a mean over its own responses and DDP's average over ranks, N ranks compute what one process does with the
   same global batch: the same rollouts (one sampler seed per step), the same advantages, the same update.
+- AdamW with torch's default eps 1e-8, as TRL's GRPO (ppo.py's 1e-5 follows lm-human-preferences).
 - bf16, dropout, seeds and resume as ppo.py: logits in fp32 (fp32_heads), logprobs, KL and advantages in fp32; every
   model in eval mode (dropout off); prompts and rollouts seeded by (seed, step); minibatch shuffles by
   (seed, step, rank); a resumed run continues exactly like an uninterrupted one.
@@ -125,7 +126,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; logprob/KL/advantage math stays fp32)
     seed: int = 1337  # prompts and rollouts are seeded by (seed, step), minibatch shuffles by (seed, step, rank)
-    compile: bool = False  # torch.compile the policy's trunk (rollout forward and update; the reference stays eager)
+    compile: bool = False  # torch.compile the policy's trunk (step 3 and the update; not sampling, not the reference)
     grad_checkpointing: bool = False  # the policy recomputes blocks in backward: less memory, +1 forward
 
 

@@ -138,7 +138,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; logprob/KL/GAE math stays fp32)
     seed: int = 1337  # prompts and rollouts are seeded by (seed, step), minibatch shuffles by (seed, step, rank)
-    compile: bool = False  # torch.compile the policy+critic forward (rollout and update; the reference stays eager)
+    compile: bool = False  # torch.compile the policy+critic forward (step 3, update; not sampling, not the reference)
     grad_checkpointing: bool = False  # policy and critic recompute blocks in backward: less memory, +1 forward
     frozen_bf16: bool = False  # hold reference + reward model in bf16: half their memory (needs dtype=bfloat16)
 
