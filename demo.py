@@ -256,9 +256,9 @@ def ppo_trainer(cfg, path, shared):
 
 def grpo_trainer(cfg, path, shared):
     """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times,
-    one pass in four optimizer steps, the k3 KL in the loss
-    with a fixed beta 0.1 (a per-token penalty: not PPO's adaptive coefficient on the KL in the reward, nor DPO's
-    beta), lr 1e-4: chosen on seed 1337 against the alternatives in docs/results.md."""
+    one pass in four optimizer steps, the k3 KL in the loss with a fixed beta 0.1 (a per-token penalty: not PPO's
+    adaptive coefficient on the KL in the reward, nor DPO's beta), lr 1e-4: chosen on seed 1337 against the
+    alternatives in docs/results.md."""
     import grpo
     prompts = max(1, cfg.batch_size // 2)
     return lambda step, init_from: grpo.main(grpo.Config(
