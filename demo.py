@@ -255,11 +255,11 @@ def ppo_trainer(cfg, path, shared):
 
 
 def grpo_trainer(cfg, path, shared):
-    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times,
-    one pass in four optimizer steps, lr 1e-4, and the KL in the reward (kl_estimator "k1": each response's score
-    minus beta 0.1 times its summed log-ratio, then normalised in its group, as RLOO does) rather than the GRPO
-    paper's k3 term in the loss, which let the KL run away on one seed of three and held it less well on the
-    summarize task (docs/results.md). beta is fixed: not PPO's adaptive coefficient, nor DPO's beta."""
+    """train(max_iters, init_from) for train_in_chunks: half PPO's prompts per step, each sampled group_size times, one
+    pass in four optimizer steps, lr 1e-4, and the KL in the reward (kl_estimator "k1": each response's score minus beta
+    0.1 times its summed log-ratio, RLOO's KL-regularised reward, then GRPO's group normalisation) rather than the GRPO
+    paper's k3 term in the loss, which let the KL run away on one seed of three and held it less well on the summarize
+    task (docs/results.md). beta is fixed: not PPO's adaptive coefficient, nor DPO's beta."""
     import grpo
     prompts = max(1, cfg.batch_size // 2)
     return lambda step, init_from: grpo.main(grpo.Config(

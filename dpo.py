@@ -123,13 +123,13 @@ def sequence_logprobs(model, lm_head, tokens, mask, loss_mask, average=False):
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair losses (B,) from the sequence log-probs (B,) of policy and reference, and the implicit rewards
     beta * (policy - reference) of chosen and rejected (B,), detached."""
-    ratio_chosen, ratio_rejected = pi_chosen - ref_chosen, pi_rejected - ref_rejected  # log-ratios
-    h = ratio_chosen - ratio_rejected
+    log_ratio_chosen, log_ratio_rejected = pi_chosen - ref_chosen, pi_rejected - ref_rejected
+    h = log_ratio_chosen - log_ratio_rejected
     if loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:  # label_smoothing 0: plain DPO
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return losses, beta * ratio_chosen.detach(), beta * ratio_rejected.detach()
+    return losses, beta * log_ratio_chosen.detach(), beta * log_ratio_rejected.detach()
 
 
 # The per-step and held-out metrics, means over pairs (acc: ties count as wrong; margin: reward_chosen - rejected)

@@ -64,8 +64,8 @@ def load_file(path):
     """One weights file's tensors: safetensors, or a PyTorch pickle read with weights_only=True."""
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path)
+            from safetensors.torch import load_file as load_safetensors
+            return load_safetensors(path)
         # mmap: read as used, not copied into memory by every rank at once (old non-zip files cannot be mapped)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:  # torch's message advises loading it unsafely: not advice to pass on

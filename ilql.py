@@ -208,7 +208,7 @@ def ilql_outputs(raw_model, h, batch):
     # cost a device sync per use on GPU)
     real = lambda x: x.flatten(0, 1).index_select(0, batch["real_ixs"])
     ha, a = real(hs[:, :-1]), real(batch["actions"])  # (N, C) the states that choose the actions, (N,)
-    with torch.no_grad():  # a target: no graph through ha
+    with torch.no_grad():  # a target (ilql_loss detaches it too): no graph through ha kept in memory
         target_q = torch.minimum(head_at(heads["q1_target"], ha, a), head_at(heads["q2_target"], ha, a))
     boot = batch["boot_ixs"]  # (B, A) the state each action's target bootstraps from (t + 1 for one-step TD)
     return dict(logits=raw_model.lm_head(ha), qs=(heads["q1"](ha), heads["q2"](ha)), target_q=target_q,

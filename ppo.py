@@ -16,8 +16,9 @@ Choices where public implementations differ:
 - Old logprobs come from one no-grad forward (3), not from the sampler: the KV-cache sampler runs other kernels on
   other shapes, so its logprobs differ from a full forward by rounding (more under bf16), and the first ratio would
   not be exactly 1. A matmul's rounding may depend on its shape, so that forward runs on the first epoch's own
-  micro-batches (the row orders are drawn first): the first minibatch's ratio is then exactly 1. The values come from
-  the same forward; the sampler/forward gap is logged as `lp_gap`, a live check of positions and padding.
+  micro-batches (the row orders are drawn first): the first minibatch's ratio is then exactly 1. The old values come
+  from the same step (the shared trunk's forward, or the separate critic's); the sampler/forward gap is logged as
+  `lp_gap`, a live check of positions and padding.
 - The LM head runs only at the positions that choose a real response token (response_logprobs), not at the padding
   after an early EOS: responses end long before the longest one of their batch, and the vocabulary-sized logits of
   the padding would cost as much as the rest of the forward. Values come from the one-wide value head everywhere.

@@ -213,9 +213,10 @@ def test_every_stage_runs_the_demos_head_precision(tmp_path, monkeypatch, on):
     """fp32_heads reaches the four trainers that have it and every policy the demo loads to sample or measure KL:
     a stage left at the trainers' default (fp32) would sample another policy than the one the demo evaluates."""
     import dpo, grpo, ilql, ppo
-    seen = {}
+    seen, configs = {}, {}
     for module in (ppo, grpo, dpo, ilql):
-        monkeypatch.setattr(module, "main", lambda c, name=module.__name__: seen.setdefault(name, c.fp32_heads))
+        monkeypatch.setattr(module, "main", lambda c, name=module.__name__: configs.setdefault(name, c)
+                            and seen.setdefault(name, c.fp32_heads))
     cfg, path = demo.Config(fp32_heads=on), lambda *parts: str(tmp_path.joinpath(*parts))
     shared = dict(device="cpu", dtype="bfloat16", seed=1, beta2=0.95, max_prompt_len=cfg.max_prompt_len)
     demo.ppo_trainer(cfg, path, shared)(1, "init")
@@ -223,6 +224,7 @@ def test_every_stage_runs_the_demos_head_precision(tmp_path, monkeypatch, on):
     demo.train_dpo(cfg, path, shared)
     demo.train_ilql(cfg, path, shared)
     assert seen == {"ppo": on, "grpo": on, "dpo": on, "ilql": on}
+    assert configs["grpo"].kl_estimator == "k1"  # the demo's GRPO: its KL in the reward (docs/results.md)
     gpt = tiny_gpt(0, heads={"v": 1})
     common.save_checkpoint(path("ckpt.pt"), kind="ilql", model_config=asdict(gpt.config), model=gpt.state_dict())
     model = demo.load_policy(path("ckpt.pt"), "ilql", cfg, SimpleNamespace(device="cpu"), heads={"v": 1})

@@ -232,4 +232,3 @@ def test_a_reward_checkpoint_is_refused_as_the_start(tmp_path):
     data = marker_prefs(tmp_path / "prefs.jsonl", n=20)
     with pytest.raises(ConfigError, match=r"rm\.pt: is a 'reward' checkpoint, expected 'sft' or 'dpo'"):
         dpo.main(tiny_cfg(tmp_path, data, init_from=str(rm)))
-    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")

@@ -553,10 +553,11 @@ def test_failing_reward_fn_on_the_command_line_is_one_error_line(tmp_path, art):
                                                  ("demo", "--block_size=50", r"block_size 50 is shorter than "
                                                   r"max_prompt_len \+ max_new_tokens \(32 \+ 40\)"),
                                                  ("label", "--temperature=abc", r"'abc' is not a valid float")])
-def test_bad_value_for_demo_and_label_is_one_error_line(script, arg, message):
+def test_bad_value_for_demo_and_label_is_one_error_line(tmp_path, script, arg, message):
     """The two entry points that are not trainers end the same way: status 2, one `error:` line, no traceback."""
-    r = subprocess.run([sys.executable, f"{script}.py", arg], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = [f"--out_dir={tmp_path}"] if script == "demo" else []  # a check that let the run start writes nothing here
+    r = subprocess.run([sys.executable, f"{script}.py", arg, *out], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert re.search("^error: .*" + message, r.stderr.strip().splitlines()[-1]), r.stderr
 
