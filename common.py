@@ -298,12 +298,20 @@ def wrap_ddp(model, s):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[s.local_rank] if "cuda" in s.device else None)
 
 
+_KEEP_ALIVE = []  # torchrun: the process group, kept until run_main's os._exit (see cleanup)
+
+
 def cleanup(s):
     if s.ddp:
         # All ranks leave together: a rank that tears gloo down while a peer is still busy (rank 0 writing the last
         # checkpoint) was seen to abort now and then ("terminate called without an active exception"); the rest of
         # those aborts happen at interpreter shutdown, which run_main skips under torchrun
         dist.barrier(device_ids=[s.local_rank] if s.device.startswith("cuda") else None)
+        # Without this reference, the process group's C++ destructor would run when main returns and DDP drops the
+        # last one: it joins gloo's worker thread while holding the GIL, and that thread may still be freeing the
+        # barrier's tensors, which needs the GIL: a deadlock, seen now and then (the rank never exits). Kept, the
+        # group is never destroyed: run_main ends a torchrun process with os._exit.
+        _KEEP_ALIVE.append(dist.group.WORLD)
         dist.destroy_process_group()
 
 

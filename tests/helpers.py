@@ -44,10 +44,28 @@ def torchrun(script, args, tmp_path, nproc=2):
     """`script` under torchrun with `nproc` CPU processes (gloo), one thread each, from the repository root; fails the
     test with the end of its output unless every rank exits 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_torchrun([f"--nproc_per_node={nproc}", script, *args], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def run_torchrun(args, env, timeout=300):
+    """`python -m torch.distributed.run --standalone ARGS` from the repository root -> CompletedProcess. A run still
+    going after `timeout` seconds fails the test with its output, and its ranks are stopped: each runs in a session
+    of its own, so killing the launcher alone (subprocess.run's timeout) would leave them running."""
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", *args], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()  # SIGTERM: the launcher stops its ranks, then exits
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        raise AssertionError(f"torchrun still running after {timeout} s, stopped:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def spy_on_compile(monkeypatch):

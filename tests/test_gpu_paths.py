@@ -16,8 +16,6 @@ import fnmatch
 import json
 import os
 import shutil
-import subprocess
-import sys
 from contextlib import nullcontext
 from fractions import Fraction
 
@@ -36,7 +34,7 @@ import sft
 from common import Setup, load_checkpoint, rank0_first, save_checkpoint, setup
 from data import EOS, collate_sft, pad_right
 from model import GPT, GPTConfig, Head, generate
-from tests.helpers import ROOT, write_jsonl
+from tests.helpers import ROOT, run_torchrun, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,9 +79,7 @@ def test_out_dir_that_ranks_do_not_share_stops_every_rank(tmp_path):
     for node in ("node0", "node1"):
         (tmp_path / node).mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), str(tmp_path), f"--shared={tmp_path / 'shared'}"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = run_torchrun(["--nproc_per_node=2", str(script), str(tmp_path), f"--shared={tmp_path / 'shared'}"], env)
     assert r.returncode != 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("rank 0 can read shared") == r.stdout.count("rank 1 can read shared") == 1, r.stdout
     assert "can read out" not in r.stdout, r.stdout

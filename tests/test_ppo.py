@@ -7,8 +7,6 @@ import collections
 import json
 import math
 import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -24,7 +22,7 @@ from model import GPT, GPTConfig, fp32_heads
 from ppo import (ActorCritic, AdaptiveKLController, Config, build_models, compute_rewards, forward_rollout, gae, main,
                  minibatches, ppo_losses, ppo_update, rollout, truncate_after_eos, whiten)
 from scoring import check_scores, load_reward_fn, make_scorer
-from tests.helpers import spy_on_compile
+from tests.helpers import run_torchrun, spy_on_compile
 
 THE = 262  # " the"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -479,8 +477,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, prompts_file):
                                                  "penalize_missing_eos")]
     args += [f"--out_dir={tmp_path / 'ddp'}", "--device=cpu", "--batch_size=4", "--minibatch_size=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "ppo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(["--nproc_per_node=2", "ppo.py", *args], env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     main(one)
     logs = [read_log(tmp_path / d) for d in ("one", "ddp")]
