@@ -396,8 +396,7 @@ def load_checkpoint(path, kind=None):
     if not zipfile.is_zipfile(path):
         raise ConfigError(f"{path}: not a readable checkpoint (not the zip archive torch.save writes; cut short?)")
     try:
-        # mmap: the tensors are read from the file as they are used, not copied into memory by every rank at once
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = _load_one_file(path)
     except pickle.UnpicklingError as e:  # torch's message ends with advice to load it unsafely: not for us to give
         raise ConfigError(f"{path}: not a checkpoint of this codebase (it holds Python objects other than tensors "
                           f"and plain containers; not loaded, as that could run code from the file)") from e
@@ -409,6 +408,19 @@ def load_checkpoint(path, kind=None):
     if kinds and ckpt["kind"] not in kinds:
         raise ConfigError(f"{path}: is a {ckpt['kind']!r} checkpoint, expected {' or '.join(map(repr, kinds))}")
     return ckpt
+
+
+def _load_one_file(path):
+    """torch.load with mmap: the tensors are read from the file as they are used, not copied into memory by every rank
+    at once. torch opens the path twice (the index, then the tensors' bytes), so a save replacing the file in between
+    would hand us one save's index over another's tensors. We hold the file open while loading: if the path still
+    names the file we hold afterwards, it named it all along (a save never brings back a file it replaced), so both
+    opens read it; if not, load again."""
+    while True:
+        with open(path, "rb") as held:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if os.path.samestat(os.fstat(held.fileno()), os.stat(path)):
+                return ckpt
 
 
 def restore(ckpt, optimizer):

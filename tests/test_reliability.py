@@ -165,6 +165,23 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail_i
     assert os.listdir(path.parent) == ["ckpt.pt"]  # a full disk must not stay full of our partial file
 
 
+def test_a_save_between_the_two_opens_of_a_load_is_not_mixed_in(tmp_path, monkeypatch):
+    """torch.load with mmap reads a checkpoint's index and its tensors through two opens of the path. A save that
+    replaces the file between them (another job reading a running job's ckpt.pt) must not give step 1's index over
+    step 2's tensors: the load returns one whole checkpoint."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(str(path), **checkpoint_of(1, n_tensors=4))
+    real_from_file, saved = torch.UntypedStorage.from_file, []
+
+    def save_then_open(*args, **kwargs):  # the second open, by name: a save gets in just before it, once
+        if not saved:
+            save_checkpoint(str(path), **checkpoint_of(2, n_tensors=4))
+            saved.append(2)
+        return real_from_file(*args, **kwargs)
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", save_then_open)
+    assert load_whole(path) == 2 and saved == [2]
+
+
 WRITER = """
 import sys, torch
 from common import save_checkpoint
