@@ -149,7 +149,11 @@ def print_help(cls):
 
 
 def print_config(cfg):
-    print0("config: " + " ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()))
+    """The run's settings on one line; the model-size fields ("scratch only") only when a model is built from scratch,
+    as a checkpoint's or a pretrained model's own size overrides them."""
+    scratch_only = [k for k, text in _field_help(type(cfg)).items() if text.startswith("scratch only")]
+    used = getattr(cfg, "init_from", "scratch") == "scratch"
+    print0("config: " + " ".join(f"{k}={v!r}" for k, v in asdict(cfg).items() if used or k not in scratch_only))
 
 
 # The fields the trainers share (most of them read here: make_optimizer, begin_step, rank_batch) and their ranges,

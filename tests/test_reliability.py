@@ -31,13 +31,14 @@ from fractions import Fraction
 
 import data
 import dpo
+import grpo
 import ilql
 import label
 import ppo
 import reward
 import sample
 import sft
-from common import ConfigError, RunError, load_checkpoint, parse_config, save_checkpoint
+from common import ConfigError, RunError, load_checkpoint, parse_config, print_config, save_checkpoint
 from data import DataError
 from model import GPT, GPTConfig
 from tests.helpers import ROOT, assert_same_weights, file_digest, write_jsonl
@@ -508,6 +509,19 @@ def test_sizes_counts_and_rates_out_of_range_are_named(tmp_path, script, field, 
     cfg = mod.Config(**{field: value, "device": "cpu"})
     with pytest.raises(ConfigError, match=f"^{re.escape(f'{field} must be {rule}, not {value!r}')}$"):
         mod.main(cfg)
+
+
+@pytest.mark.parametrize("script", ["sft", "reward", "ppo", "grpo", "dpo", "ilql"])
+def test_the_config_line_shows_model_sizes_only_for_a_model_from_scratch(capsys, script):
+    """A run that loads its model takes the loaded model's sizes, so its config line leaves out the "scratch only"
+    fields (n_layer, n_head, n_embd, block_size; SFT's dropout) instead of printing GPT-2 124M's defaults for them."""
+    mod = {**SCRIPTS, "dpo": dpo, "grpo": grpo}[script]
+    for init_from, shown in (("scratch", True), ("out/sft/ckpt.pt", False)):
+        print_config(mod.Config(init_from=init_from))
+        line = capsys.readouterr().out
+        assert line.startswith(f"config: init_from={init_from!r} ") and " learning_rate=" in line
+        assert (" n_layer=12 n_head=12 n_embd=768 block_size=1024 " in line) is shown
+        assert (" dropout=" in line) is (shown and script == "sft")
 
 
 def nan_reward(prompts, responses):  # the failing reward_fns: "tests.test_reliability:<name>"
