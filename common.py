@@ -61,7 +61,9 @@ def _convert(key, value, default, where):
                 return ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 return value
-        return ast.literal_eval(value)  # dicts, lists, tuples
+        return _check_type(key, ast.literal_eval(value), default, where)  # dicts, lists, tuples
+    except ConfigError:
+        raise
     except (ValueError, SyntaxError):
         raise ConfigError(f"{where}: --{key}={value!r} is not a valid {type(default).__name__}") from None
 
@@ -69,12 +71,14 @@ def _convert(key, value, default, where):
 def _check_type(key, value, default, where):
     """A config file's value must have its field's type (an int may stand for a float, a list for a tuple): a string
     "3" for max_iters would otherwise fail deep inside the training loop, after the data and model have loaded."""
-    if default is None or value is None:
+    if default is None:
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, tuple) and isinstance(value, list):
-        return tuple(value)
+        value = tuple(value)
+    if isinstance(default, tuple) and default and isinstance(value, tuple):  # each element: the type of the default's
+        return tuple(_check_type(f"{key}[{i}]", v, default[0], where) for i, v in enumerate(value))
     if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, type(default)):
         raise ConfigError(f"{where}: {key} = {value!r} is a {type(value).__name__}, expected {type(default).__name__}")
     return value
@@ -118,7 +122,7 @@ def parse_config(cls, argv=None):
         print_help(cls)
         sys.exit(0)
     values = {f.name: _default(f) for f in fields(cls)}
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if arg.startswith("--"):
             if "=" not in arg:
                 raise ConfigError(f"command line: {arg!r} must be written --key=value")
@@ -126,6 +130,8 @@ def parse_config(cls, argv=None):
             _check_key(cls, key, "command line")
             values[key] = _convert(key, value, values[key], "command line")
         else:
+            if any(a.startswith("--") for a in argv[:i]):  # it would overwrite them: they would not override
+                raise ConfigError(f"command line: config file {arg!r} after a --key=value: give config files first")
             if not os.path.exists(arg):
                 raise ConfigError(f"config file {arg!r} not found")
             scope = {}
@@ -199,7 +205,7 @@ def setup(device="auto", dtype="float32", seed=1337, out_dir=None):
     """Single process or torchrun, CPU or CUDA, fp32, TF32 or bf16 autocast. Seeds torch with seed + rank. Under
     torchrun, `out_dir` (where rank 0 writes what every rank reads) must be shared by every rank: check_shared_dir."""
     global _MASTER
-    _RUN.update(step=None, saved=None)
+    _RUN.update(step=None, saved=None, log_bytes=None)
     if dtype not in ("float32", "tf32", "bfloat16"):
         raise ConfigError(f"dtype must be 'float32', 'tf32' or 'bfloat16', not {dtype!r}")
     ddp = "RANK" in os.environ
@@ -353,7 +359,9 @@ class RunError(RuntimeError):
     failed. run_main prints it as one `error:` line."""
 
 
-_RUN = dict(step=None, saved=None)  # the step under way (begin_step), the step of the last checkpoint saved/resumed
+# the step under way (begin_step), the step of the last checkpoint saved or resumed, and the size of the log when the
+# resumed checkpoint was written (start_log cuts the log back to it)
+_RUN = dict(step=None, saved=None, log_bytes=None)
 
 
 def run_error(message, step=None):
@@ -377,8 +385,12 @@ def check_finite(value, what, step):
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path, **obj):
-    """Atomic write: a crash mid-write leaves the previous checkpoint as it was (temp file, fsync, rename)."""
+    """Atomic write: a crash mid-write leaves the previous checkpoint as it was (temp file, fsync, rename). It records
+    how long the run's log beside it is, for a resume from it to cut the log back to that (start_log)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    log = os.path.join(os.path.dirname(path), "log.jsonl")
+    if os.path.exists(log):
+        obj = {**obj, "log_bytes": os.path.getsize(log)}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -422,8 +434,14 @@ def _load_one_file(path):
     opens read it; if not, load again."""
     while True:
         with open(path, "rb") as held:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if os.path.samestat(os.fstat(held.fileno()), os.stat(path)):
+            unchanged = lambda: os.path.samestat(os.fstat(held.fileno()), os.stat(path))
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                if unchanged():
+                    raise
+                continue  # a save of another size got in between and broke the load: load the new file
+            if unchanged():
                 return ckpt
 
 
@@ -432,7 +450,7 @@ def restore(ckpt, optimizer):
     state: begin_step seeds each step.)"""
     optimizer.load_state_dict(ckpt["optimizer"])
     print0(f"resuming at step {ckpt['step']}")
-    _RUN["saved"] = ckpt["step"]
+    _RUN.update(saved=ckpt["step"], log_bytes=ckpt.get("log_bytes"))
     return ckpt["step"]
 
 
@@ -561,7 +579,8 @@ def rank_batch(step, cfg, n, s):
     """The data of optimizer step `step` out of n examples: (this rank's indices, the whole global batch's). Each rank
     takes a contiguous block of batch_size * grad_accum, so rank r runs exactly the micro-batches r * grad_accum ...
     of one process with world_size times the grad_accum: a torchrun run computes what that process computes (bit for
-    bit on CPU; on GPUs up to the rounding of kernels whose order of additions varies from run to run)."""
+    bit on CPU; on GPUs up to the rounding of kernels whose order of additions varies from run to run), with dropout
+    off, our default: dropout draws from each rank's own seed (begin_step), not from its micro-batches' places."""
     per_rank = cfg.batch_size * cfg.grad_accum
     idx = batch_indices(step, per_rank * s.world_size, n, cfg.seed)
     return idx[s.rank * per_rank:(s.rank + 1) * per_rank], idx
@@ -587,12 +606,16 @@ def rank0_first(s):
 
 def start_log(out_dir, resume, s):
     """log(step, metrics): one |-separated line on stdout and one JSON row in out_dir/log.jsonl, rank 0 only. A fresh
-    run starts a fresh log, or an earlier run's rows would mix into its curves; a resumed run appends to it."""
+    run starts a fresh log, or an earlier run's rows would mix into its curves; a resumed run cuts the log back to
+    where it was when its checkpoint was written (a crashed run logged steps after it, which the resume runs again),
+    then appends to it."""
     path = os.path.join(out_dir, "log.jsonl")
     if s.master:
         os.makedirs(out_dir, exist_ok=True)
         if not resume and os.path.exists(path):
             os.remove(path)
+        elif resume and _RUN["log_bytes"] is not None and os.path.exists(path):
+            os.truncate(path, min(_RUN["log_bytes"], os.path.getsize(path)))
 
     def log(step, metrics, shown=None):
         """shown: the keys of the printed line (default: all); the JSON row always holds every metric."""

@@ -15,6 +15,7 @@ are dropped and counted instead, and one summary line is printed.
 """
 
 import collections
+import csv
 import functools
 import json
 import math
@@ -92,7 +93,11 @@ def load_rows(source: str, split: str = "train", subset: str = "") -> list[dict]
     if os.path.isfile(source):
         if ext not in BUILDERS:
             raise DataError(f"{source}: unsupported file type {ext!r} (use one of {', '.join(BUILDERS)})")
+        if _blank(source):
+            raise DataError(f"{source}: the file is empty")
         args, kwargs = (BUILDERS[ext],), dict(data_files=source)
+        if ext == ".csv":
+            kwargs.update(_csv_as_text(source))
         json_files = [source] if BUILDERS[ext] == "json" else []
     elif os.path.isdir(source):
         args, kwargs = (source,), {}
@@ -115,10 +120,25 @@ def load_rows(source: str, split: str = "train", subset: str = "") -> list[dict]
         raise DataError(f"{source}: could not load split {split!r}: {type(root).__name__}: {root}") from e
 
 
+def _blank(path: str) -> bool:
+    """Nothing but whitespace (datasets' own errors for such a file say nothing useful)."""
+    with open(path, "rb") as f:
+        return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _csv_as_text(path: str) -> dict:
+    """load_dataset's settings for a CSV file: every cell read as the text written in it. pandas would turn a column
+    of digits into numbers, an empty cell or "NA" into a missing value, and a whole column of rewards into text for
+    one cell that is no number; _offline parses the rewards, row by row."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    return dict(converters={name: str for name in header}, na_filter=False)
+
+
 def _find_bad_json(path: str) -> str | None:
     """Locate the first undecodable row of a JSON Lines file (or the error of a single-document .json file)."""
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = f.read().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, which datasets reads past
     try:
         json.loads(raw)
         return None  # one valid JSON document: the problem is not its syntax
@@ -242,19 +262,25 @@ def _offline(row: dict) -> OfflineExample:
     reward = row.get("reward")
     if reward is None:
         raise DataError("missing field 'reward'")
+    if isinstance(reward, str):  # a CSV cell: load_rows reads them all as text
+        try:
+            reward = float(reward)
+        except ValueError:
+            raise DataError(f"field 'reward' is {reward!r}, not a number") from None
     if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
         raise DataError(f"field 'reward' is {reward!r}, not a finite number")
     return OfflineExample(_str(row, "prompt"), _str(row, "response", empty_ok=False), float(reward))
 
 
-def _parse_rows(rows: list[dict], source: str, parse_row, skip_bad: bool) -> list:
+def _parse_rows(rows: list[dict], source: str, split: str, parse_row, skip_bad: bool) -> list:
     examples, skipped = [], collections.Counter()
+    of_slice = f" of split {split!r}" if "[" in split else ""  # "train[50%:]": rows counted from the slice's start
     for i, row in enumerate(rows, start=1):
         try:
             examples.append(parse_row(row))
         except DataError as e:
             if not skip_bad:
-                raise DataError(f"{source}: row {i}: {e}") from None
+                raise DataError(f"{source}: row {i}{of_slice}: {e}") from None
             skipped[str(e)] += 1
     if skipped:
         reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
@@ -285,7 +311,7 @@ def load_sft(source, split="train", subset="", skip_bad=False) -> list[SFTExampl
         parse = lambda r: SFTExample("", _str(r, "text", empty_ok=False))
     else:
         raise _no_format(source, keys, "prompt/completion or text")
-    return _parse_rows(rows, source, parse, skip_bad)
+    return _parse_rows(rows, source, split, parse, skip_bad)
 
 
 def load_preferences(source, split="train", subset="", skip_bad=False) -> list[PrefExample]:
@@ -300,7 +326,7 @@ def load_preferences(source, split="train", subset="", skip_bad=False) -> list[P
         parse = _pref_hh
     else:
         raise _no_format(source, keys, "prompt/chosen/rejected, chosen/rejected or info/summaries/choice")
-    return _parse_rows(rows, source, parse, skip_bad)
+    return _parse_rows(rows, source, split, parse, skip_bad)
 
 
 def load_prompts(source, split="train", subset="", skip_bad=False, field=None) -> list[str]:
@@ -315,7 +341,7 @@ def load_prompts(source, split="train", subset="", skip_bad=False, field=None) -
         parse = lambda r: _hh_prompt(_str(r, "chosen", empty_ok=False), "field 'chosen'")
     else:
         raise _no_format(source, keys, "prompt, info or chosen (or pass field=)")
-    return _parse_rows(rows, source, parse, skip_bad)
+    return _parse_rows(rows, source, split, parse, skip_bad)
 
 
 def load_offline(source, split="train", subset="", skip_bad=False) -> list[OfflineExample]:
@@ -323,7 +349,7 @@ def load_offline(source, split="train", subset="", skip_bad=False) -> list[Offli
     rows, keys = _rows_and_keys(source, split, subset)
     if not {"response", "reward"} <= keys:
         raise _no_format(source, keys, "prompt/response/reward")
-    return _parse_rows(rows, source, _offline, skip_bad)
+    return _parse_rows(rows, source, split, _offline, skip_bad)
 
 
 def preferences_to_offline(prefs: list[PrefExample]) -> list[OfflineExample]:

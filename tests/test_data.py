@@ -230,6 +230,38 @@ def test_undecodable_jsonl_line(tmp_path):
         load_preferences(str(path))
 
 
+def test_a_byte_order_mark_does_not_hide_the_bad_row(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    lines = [json.dumps(GOOD)] * 2 + ['{"prompt": "p", "chosen": oops}']
+    path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())  # as some Windows editors save it
+    with pytest.raises(DataError, match=r"prefs\.jsonl: row 3 \(line 3\): not valid JSON"):
+        load_preferences(str(path))
+
+
+def test_a_row_of_a_sliced_split_is_numbered_within_its_slice(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [GOOD] * 4 + [BAD_PREFS[0][0]])
+    with pytest.raises(DataError, match=r"prefs\.jsonl: row 3 of split 'train\[2:\]': missing field 'chosen'"):
+        load_preferences(path, split="train[2:]")
+
+
+def test_csv_cells_are_read_as_written(tmp_path):
+    """Digits stay text, an empty cell is an empty string and "NA" a word (pandas would make them numbers and
+    missing values); each row's `reward` is parsed as a number, and a cell that is none is reported with its row."""
+    (tmp_path / "sft.csv").write_text('prompt,completion\n,42\nNA,007\n', encoding="utf-8")
+    assert load_sft(str(tmp_path / "sft.csv")) == [SFTExample("", "42"), SFTExample("NA", "007")]
+    (tmp_path / "offline.csv").write_text("prompt,response,reward\nQ,1,0.5\nQ,2,abc\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"offline\.csv: row 2: field 'reward' is 'abc', not a number$"):
+        load_offline(str(tmp_path / "offline.csv"))
+    assert load_offline(str(tmp_path / "offline.csv"), skip_bad=True) == [OfflineExample("Q", "1", 0.5)]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"], ids=["empty", "blank-lines"])
+def test_an_empty_file_is_named(tmp_path, content):
+    (tmp_path / "sft.jsonl").write_text(content)
+    with pytest.raises(DataError, match=r"sft\.jsonl: the file is empty$"):
+        load_sft(str(tmp_path / "sft.jsonl"))
+
+
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
         load_sft(str(tmp_path / "nope.jsonl"))

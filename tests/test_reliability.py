@@ -79,9 +79,10 @@ def art(tmp_path_factory):
     (d / "llama").mkdir()
     (d / "llama" / "config.json").write_text('{"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1}')
     (d / "badtype.py").write_text('max_iters = "3"  # a string where an int belongs\n')
+    (d / "none.py").write_text("max_iters = None  # no number at all\n")
     return {"sft_ckpt": str(d / "sft.pt"), "rm_ckpt": str(d / "reward.pt"), "broken_ckpt": str(d / "broken.pt"),
             "objects_ckpt": str(d / "objects.pt"),
-            "llama": str(d / "llama"), "badtype": str(d / "badtype.py"), "missing": str(d / "nosuchfile.jsonl"),
+            "llama": str(d / "llama"), "badtype": str(d / "badtype.py"), "nonefile": str(d / "none.py"), "missing": str(d / "nosuchfile.jsonl"),
             "missing_txt": str(d / "nosuchfile.txt")}
 
 
@@ -166,17 +167,18 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail_i
     assert os.listdir(path.parent) == ["ckpt.pt"]  # a full disk must not stay full of our partial file
 
 
-def test_a_save_between_the_two_opens_of_a_load_is_not_mixed_in(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [1000, 10], ids=["same-layout", "smaller"])
+def test_a_save_between_the_two_opens_of_a_load_is_not_mixed_in(tmp_path, monkeypatch, size):
     """torch.load with mmap reads a checkpoint's index and its tensors through two opens of the path. A save that
     replaces the file between them (another job reading a running job's ckpt.pt) must not give step 1's index over
-    step 2's tensors: the load returns one whole checkpoint."""
+    step 2's tensors, nor fail the load when step 2's file is smaller: the load returns one whole checkpoint."""
     path = tmp_path / "ckpt.pt"
     save_checkpoint(str(path), **checkpoint_of(1, n_tensors=4))
     real_from_file, saved = torch.UntypedStorage.from_file, []
 
     def save_then_open(*args, **kwargs):  # the second open, by name: a save gets in just before it, once
         if not saved:
-            save_checkpoint(str(path), **checkpoint_of(2, n_tensors=4))
+            save_checkpoint(str(path), **checkpoint_of(2, n_tensors=4, size=size))
             saved.append(2)
         return real_from_file(*args, **kwargs)
     monkeypatch.setattr(torch.UntypedStorage, "from_file", save_then_open)
@@ -361,6 +363,31 @@ def test_fresh_run_starts_a_fresh_log_and_resume_appends(tmp_path, art, script):
     assert all(r["step"] >= 1 for r in resumed[len(first):]), resumed[len(first):]
 
 
+@pytest.mark.parametrize("script", TRAINERS)
+def test_a_resume_after_a_crash_logs_each_step_once(tmp_path, monkeypatch, art, script):
+    """A run checkpointed at step 2 that dies in step 3, having logged step 2, then resumed from that checkpoint to
+    the end: its log.jsonl holds what an uninterrupted run's holds, every step once (the resume cuts the rows logged
+    after its checkpoint, then logs those steps again)."""
+    def rows(name):
+        return [timeless(json.loads(line)) for line in (tmp_path / name / "out" / "log.jsonl").read_text().splitlines()]
+    args = ["--max_iters=4", "--eval_interval=2"]
+    run(script, [write_base(script, tmp_path / "whole", art), *args])
+    base = write_base(script, tmp_path / "crashed", art)
+    real_begin_step = SCRIPTS[script].begin_step
+
+    def dies_in_step_3(optimizer, step, *rest):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_begin_step(optimizer, step, *rest)
+    monkeypatch.setattr(SCRIPTS[script], "begin_step", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(script, [base, *args])
+    monkeypatch.undo()
+    assert rows("crashed")[-1]["step"] == 2  # step 2's training row, logged after the checkpoint
+    run(script, [base, *args, "--init_from=resume"])
+    assert rows("crashed") == rows("whole")
+
+
 # ============================================================================ bad input
 FAULT_FIELD = {"sft": "completion", "reward": "rejected", "ppo": "prompt", "ilql": "response"}
 DATA_FAULTS = {  # fault -> ((good row, field) -> broken row, the message after "file: ")
@@ -398,6 +425,12 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
     "sft-max-iters-negative": ("sft", ["--max_iters=-1"], r"^max_iters must be >= 0, not -1$", {}),
     "reward-config-file-value-of-wrong-type": ("reward", ["{badtype}"], r"badtype\.py: max_iters = '3' is a str, "
                                                r"expected int", {}),
+    "ilql-tuple-element-of-wrong-type": ("ilql", ["--eval_betas=[1.0, 'a']"], r"command line: eval_betas\[1\] = 'a' "
+                                         r"is a str, expected float", {}),
+    "sft-config-file-value-none": ("sft", ["{nonefile}"], r"none\.py: max_iters = None is a NoneType, expected int",
+                                   {}),
+    "sft-config-file-after-an-override": ("sft", ["--max_iters=2", "{badtype}"], r"command line: config file "
+                                          r"'.*badtype\.py' after a --key=value: give config files first", {}),
     "sft-missing-data-file": ("sft", ["--data={missing}"], r"nosuchfile\.jsonl: no such file", {}),
     "sft-empty-data-string": ("sft", ["--data="], r"(?i)\bdata\b.*\b(empty|none given|no source)\b", {}),
     "sample-empty-init-from": ("sample", ["--init_from="], r"'' is not a local folder", {}),
