@@ -88,11 +88,13 @@ def _default(f):
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
-def _check_key(cls, key, where):
+def _check_key(cls, key, where, helper_hint=False):
     names = [f.name for f in fields(cls)]
     if key not in names:
         near = difflib.get_close_matches(key, names, n=3)
         hint = f" (did you mean {', '.join(near)}?)" if near else f" (valid keys: {', '.join(names)})"
+        if helper_hint and not near:  # a config file's own variable: private by its name
+            hint += f"; a helper variable of the file is named with a leading underscore, _{key}"
         raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
 
 
@@ -138,9 +140,9 @@ def parse_config(cls, argv=None):
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), scope)
             for key, value in scope.items():
-                if key.startswith("_") or inspect.ismodule(value):
-                    continue
-                _check_key(cls, key, arg)
+                if key.startswith("_") or inspect.ismodule(value) or inspect.isroutine(value) or inspect.isclass(value):
+                    continue  # private helpers, imports
+                _check_key(cls, key, arg, helper_hint=True)
                 values[key] = _check_type(key, value, values[key], arg)
     return cls(**values)
 

@@ -14,6 +14,7 @@ Every run uses a 1-layer, 32-wide scratch GPT and 1-3 steps."""
 import errno
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -80,9 +81,10 @@ def art(tmp_path_factory):
     (d / "llama" / "config.json").write_text('{"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1}')
     (d / "badtype.py").write_text('max_iters = "3"  # a string where an int belongs\n')
     (d / "none.py").write_text("max_iters = None  # no number at all\n")
+    (d / "helper.py").write_text("from math import sqrt\nbase_lr = 1e-3\nlearning_rate = base_lr * sqrt(4)\n")
     return {"sft_ckpt": str(d / "sft.pt"), "rm_ckpt": str(d / "reward.pt"), "broken_ckpt": str(d / "broken.pt"),
             "objects_ckpt": str(d / "objects.pt"),
-            "llama": str(d / "llama"), "badtype": str(d / "badtype.py"), "nonefile": str(d / "none.py"), "missing": str(d / "nosuchfile.jsonl"),
+            "llama": str(d / "llama"), "badtype": str(d / "badtype.py"), "nonefile": str(d / "none.py"), "helperfile": str(d / "helper.py"), "missing": str(d / "nosuchfile.jsonl"),
             "missing_txt": str(d / "nosuchfile.txt")}
 
 
@@ -429,6 +431,9 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
                                          r"is a str, expected float", {}),
     "sft-config-file-value-none": ("sft", ["{nonefile}"], r"none\.py: max_iters = None is a NoneType, expected int",
                                    {}),
+    "sft-config-file-helper-variable": ("sft", ["{helperfile}"], r"helper\.py: unknown config key 'base_lr' .*; a "
+                                        r"helper variable of the file is named with a leading underscore, _base_lr$",
+                                        {}),
     "sft-config-file-after-an-override": ("sft", ["--max_iters=2", "{badtype}"], r"command line: config file "
                                           r"'.*badtype\.py' after a --key=value: give config files first", {}),
     "sft-missing-data-file": ("sft", ["--data={missing}"], r"nosuchfile\.jsonl: no such file", {}),
@@ -491,6 +496,15 @@ def prepare(case, tmp_path, art):
     for name, key in plant.items():
         shutil.copy(art[key], out / name)
     return script, [base, *(a.format(**art) for a in args)], message, out
+
+
+def test_a_config_file_may_import_and_compute(tmp_path):
+    """A config file is Python: imported functions and modules, functions of its own and _private helpers are not
+    settings, and what it computes from them is."""
+    path = tmp_path / "cfg.py"
+    path.write_text("import math\nfrom math import sqrt\n_base = 1e-3\n\n\ndef _double(x):\n    return 2 * x\n\n\n"
+                    "def helper():\n    pass\n\n\nlearning_rate = _double(_base) * sqrt(4) * math.e\n")
+    assert parse_config(sft.Config, [str(path)]).learning_rate == 4e-3 * math.e
 
 
 @pytest.mark.parametrize("case", CASES)
