@@ -102,18 +102,25 @@ class KVCache(model.KVCache):
 
 
 # ---------------------------------------------------------------------------- decoding
+def onednn_bf16():
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BF16, AMX, or their emulation on AVX-512 BW/VL/DQ)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 @contextmanager
 def packed_linears(gpt, batch_size):
     """While active, every nn.Linear of `gpt` multiplies with its weight packed once for oneDNN (packing costs about
     one pass over the weights, made at a layer's first use: a layer decoding never calls costs nothing). Under
     autocast the packed weights are in the autocast dtype, except for a model.Head with fp32 set. The weights must
-    not change while it is active. A no-op off CPU or without oneDNN."""
+    not change while it is active. A no-op off CPU, without oneDNN, and for bf16 on a CPU whose oneDNN has no bf16
+    kernels (no AVX-512): packing would raise there, while plain PyTorch computes bf16 all the same."""
     linears = [m for m in gpt.modules() if isinstance(m, nn.Linear)]
-    if not linears or linears[0].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else linears[0].weight.dtype if linears else None
+    if (not linears or linears[0].weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+            or (dtype == torch.bfloat16 and not onednn_bf16())):
         yield
         return
-    autocast = torch.is_autocast_enabled("cpu")
-    dtype = torch.get_autocast_dtype("cpu") if autocast else linears[0].weight.dtype
     packed = {}  # module -> (weight, bias)
 
     def forward(m, as_dtype, x):

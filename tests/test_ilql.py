@@ -340,14 +340,15 @@ def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
-    """2 ranks x 2 rows == 1 process x 4 rows: the same global batch gives the same weights (to 1e-6), logged loss and
-    gradient norm per step, and held-out loss."""
+    """2 ranks x 2 rows == 1 process x 2 micro-batches of 2 rows: the same global batch in the same pieces gives the
+    same weights bit for bit, and the same logged loss and gradient norm per step, and held-out loss."""
     args = ["config/ilql_tiny.py", "--max_iters=2", "--eval_interval=2", "--eval_prompts=2", "--max_new_tokens=2",
             "--grad_accum=1", "--learning_rate=1e-3"]
     torchrun("ilql.py", [*args, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"], tmp_path)
     monkeypatch.chdir(ROOT)  # the tiny config's data path is relative to the repository
-    one = ilql.main(parse_config(ilql.Config, args + ["--batch_size=4", f"--out_dir={tmp_path / 'one'}"]))
-    assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt", step=2, atol=1e-6)
+    one = ilql.main(parse_config(ilql.Config, args + ["--batch_size=2", "--grad_accum=2",
+                                                      f"--out_dir={tmp_path / 'one'}"]))
+    assert_same_weights(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt", step=2, atol=0)
     # Adam is blind to a gradient's scale, so compare the logged loss and gradient norm too (a missing world_size
     # factor halves the norm and leaves the weights alone)
     for x, y in zip(train_log(tmp_path / "one"), train_log(tmp_path / "two"), strict=True):
@@ -389,4 +390,4 @@ def test_bf16_decodes_from_fp32_heads(tmp_path, monkeypatch):
     for h, logits in seen:
         with torch.no_grad():
             want = ilql_logits_fn(model, 2.0)(h.float())  # no autocast: fp32 throughout
-        torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)  # fp32 rounding

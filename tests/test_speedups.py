@@ -224,6 +224,27 @@ def test_packed_linears_compute_the_same_and_restore(gpt, dtype):
     assert not any("forward" in vars(m) for m in gpt.modules())
 
 
+def test_bf16_without_onednn_bf16_kernels_samples_on_the_plain_path(gpt, monkeypatch):
+    """On a CPU whose oneDNN has no bf16 kernels (weight packing raises there), packed_linears leaves every Linear
+    as it is: the same logits as the plain path, and bf16 generate with the speed-ups on samples instead of failing."""
+    def no_bf16_kernels(*args):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw")
+    monkeypatch.setattr(speedups, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", no_bf16_kernels)
+    tokens, mask = prompts()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = gpt.lm_head(gpt(tokens, mask))
+        with speedups.packed_linears(gpt, tokens.shape[0]):
+            assert not any("forward" in vars(m) for m in gpt.modules())
+            assert torch.equal(gpt.lm_head(gpt(tokens, mask)), plain)
+        speedups.enable()
+        try:
+            out, logprobs, _ = model.generate(gpt, tokens, mask, max_new_tokens=3)  # would raise if it packed
+        finally:
+            speedups.enable(False)
+    assert out.shape[1] > tokens.shape[1] and torch.isfinite(logprobs).all()
+
+
 def test_fp32_heads_stay_fp32_in_the_packed_sampler(gpt):
     """fp32_heads(model) under bf16 autocast: lm_head packed for generate computes in fp32 too (the sampler samples
     the policy that is trained), while the blocks stay bf16."""
