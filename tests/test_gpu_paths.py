@@ -79,7 +79,10 @@ def test_out_dir_that_ranks_do_not_share_stops_every_rank(tmp_path):
     for node in ("node0", "node1"):
         (tmp_path / node).mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = run_torchrun(["--nproc_per_node=2", str(script), str(tmp_path), f"--shared={tmp_path / 'shared'}"], env)
+    # torchrun stops the other ranks once one has failed, looking every 0.1 s by default: a rank still on its way to
+    # its own error (descheduled on a busy machine) would be stopped before it printed it. Look every 5 s.
+    r = run_torchrun(["--nproc_per_node=2", "--monitor-interval=5", str(script), str(tmp_path),
+                      f"--shared={tmp_path / 'shared'}"], env)
     assert r.returncode != 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("rank 0 can read shared") == r.stdout.count("rank 1 can read shared") == 1, r.stdout
     assert "can read out" not in r.stdout, r.stdout

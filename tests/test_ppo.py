@@ -432,12 +432,15 @@ def rigged_reward_model(path):
 
 
 def test_learning_with_reward_model(tmp_path, prompts_file):
-    # PPO must raise the rigged reward model's score
+    # PPO must raise the rigged reward model's score. Its reward is sparse (a final " the"): in 6 iterations at lr
+    # 1e-3 a third of seeds found it too late, and another CPU's rounding samples as another seed would; at these
+    # settings the gain over seeds 1-14 and 1337 was 2.0 to 5.6, four times this bound or more
     path = rigged_reward_model(tmp_path / "rm.pt")
-    cfg = run_cfg(tmp_path, prompts_file, reward_model=str(path), eval_size=16, eval_interval=1000)
+    cfg = run_cfg(tmp_path, prompts_file, reward_model=str(path), eval_size=16, eval_interval=1000, max_iters=10,
+                  learning_rate=2e-3)
     out = main(cfg)
     evals = eval_log(cfg.out_dir)
-    assert [row["step"] for row in evals] == [0, 6]  # before training and after the last (6th) step
+    assert [row["step"] for row in evals] == [0, 10]  # before training and after the last (10th) step
     assert evals[1]["eval_score"] > evals[0]["eval_score"] + 0.5, evals
     assert evals[0]["eval_kl"] == 0.0 and evals[1]["eval_kl"] < 15
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), "ppo")
