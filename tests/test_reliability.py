@@ -436,6 +436,8 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
                                         {}),
     "sft-config-file-after-an-override": ("sft", ["--max_iters=2", "{badtype}"], r"command line: config file "
                                           r"'.*badtype\.py' after a --key=value: give config files first", {}),
+    "sft-out-dir-under-a-file": ("sft", ["--out_dir={sft_ckpt}/out"], r"out_dir '.*sft\.pt/out' cannot be made: Not a "
+                                 r"directory$", {}),
     "sft-missing-data-file": ("sft", ["--data={missing}"], r"nosuchfile\.jsonl: no such file", {}),
     "sft-empty-data-string": ("sft", ["--data="], r"(?i)\bdata\b.*\b(empty|none given|no source)\b", {}),
     "sample-empty-init-from": ("sample", ["--init_from="], r"'' is not a local folder", {}),
@@ -482,7 +484,7 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
            ("no-module", "nosuchmodule:fn", r"reward_fn 'nosuchmodule:fn': cannot import module 'nosuchmodule'"),
            ("no-function", "ppo:nosuchfn", r"reward_fn 'ppo:nosuchfn': module 'ppo' has no function 'nosuchfn'"))},
 }
-CLI_CASES = ["sft-unknown-key", "reward-config-file-value-of-wrong-type", "ppo-reward-fn-no-module",
+CLI_CASES = ["sft-unknown-key", "sft-out-dir-under-a-file", "reward-config-file-value-of-wrong-type", "ppo-reward-fn-no-module",
              "ilql-llama-folder", "sample-truncated-checkpoint", "sft-batch-size-zero", "sft-max-iters-negative",
              "sample-pickle-with-other-objects"]
 
