@@ -284,6 +284,9 @@ def write_results(results, out_dir):
 
 def check_config(cfg):
     check_numbers(cfg, positive=("max_prompt_len", "max_new_tokens"), non_negative=("n_prompts", "temperature"))
+    if cfg.ref and cfg.temperature == 0:  # greedy responses are not draws from the distribution the KL averages over
+        raise ConfigError("temperature 0 (greedy decoding) gives no KL estimate: use temperature > 0 with --ref, or no "
+                          "--ref")
 
 
 def parse_policies(spec):

@@ -123,7 +123,7 @@ def ask():
     while True:
         try:
             answer = input(f"Which is better? {KEYS}: ").strip().lower()
-        except EOFError:
+        except (EOFError, RuntimeError):  # end of input; RuntimeError: no stdin at all (closed, or a daemon's)
             print()
             return "q"
         if not sys.stdin.isatty():
@@ -146,6 +146,8 @@ def main(cfg):
                   non_negative=("max_prompts", "temperature", "top_k"))
     if cfg.active and not cfg.reward_model:
         raise ConfigError("active=True needs --reward_model=<reward checkpoint>")
+    if cfg.active and cfg.n_candidates < 2:
+        raise ConfigError(f"active=True shows a pair of n_candidates: n_candidates must be >= 2, not {cfg.n_candidates}")
     prompts = load_prompt_list(cfg)
     ties_path = cfg.out + ".ties.jsonl"
     done = answered([cfg.out, ties_path], prompts)

@@ -124,6 +124,8 @@ def main(cfg):
     print_config(cfg)
     check_numbers(cfg, positive=("num_samples", "max_new_tokens", "best_of"), non_negative=("temperature", "top_k"),
                   fraction=("top_p",))
+    if not math.isfinite(cfg.beta):
+        raise ConfigError(f"beta must be a finite number, not {cfg.beta}")
     model, ckpt = load_model(cfg.init_from)
     logits_fn = None
     if cfg.beta != 0:

@@ -70,6 +70,10 @@ def load_reward_fn(spec):
     except ImportError as e:
         raise ConfigError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
                           f"is it on PYTHONPATH?") from e
+    except Exception as e:  # the module itself fails as it is imported: a SyntaxError, an error at its top level
+        message = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"reward_fn {spec!r}: importing module {module_name!r} failed "
+                          f"({type(e).__name__}: {message})") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"reward_fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
@@ -87,8 +91,8 @@ def check_scores(scores, n, name):
     for i, x in enumerate(scores):
         if isinstance(x, bool) or not isinstance(x, numbers.Real):
             raise ValueError(f"reward_fn {name!r}: score {i} is {x!r} ({type(x).__name__}), not a number")
-        if not math.isfinite(x):
-            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, not a finite number")
+        if not math.isfinite(x) or abs(x) > torch.finfo(torch.float32).max:  # 1e39 is inf in fp32
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, not a finite number in fp32")
     return torch.tensor(scores, dtype=torch.float32)
 
 

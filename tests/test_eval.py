@@ -298,6 +298,7 @@ def test_main_policy_against_itself_and_the_report(tmp_path, checkpoints, capsys
     (dict(policies="{rm}"), "is a 'reward' checkpoint, expected"),
     (dict(policies="{sft},{sft}"), "is listed twice"),
     (dict(n_prompts=-1), "n_prompts must be >= 0, not -1"),
+    (dict(temperature=0.0), "temperature 0 (greedy decoding) gives no KL estimate"),
     (dict(reward_fn="tests.test_eval:broken_judge"), "judge 'tests.test_eval:broken_judge' raised ZeroDivisionError: "
                                                      "division by zero"),
     (dict(reward_fn="tests.test_eval:short_judge"), "reward_fn 'tests.test_eval:short_judge' returned 1 scores for "),

@@ -17,7 +17,7 @@ import torch
 import data
 import label
 import speedups
-from common import parse_config, save_checkpoint
+from common import ConfigError, parse_config, save_checkpoint
 from model import EOS, GPT, GPTConfig, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +105,19 @@ def test_answers_through_a_pipe_then_resume(files, tmp_path, monkeypatch, capsys
     assert "3 answered in earlier sessions, 3 to go" in stdout
     a3, b3 = candidates(files, 3)
     assert read(out)[2] == {"prompt": PROMPTS[3], "chosen": b3, "rejected": a3, "prompt_id": 3}
+
+
+def test_no_stdin_at_all_quits_like_the_end_of_input(monkeypatch, capsys):
+    """A closed stdin (input() raises RuntimeError: lost sys.stdin) quits cleanly, as the end of a pipe does."""
+    monkeypatch.setattr(sys, "stdin", None)
+    assert label.ask() == "q"
+
+
+def test_active_needs_two_candidates(files, tmp_path, monkeypatch, capsys):
+    """Active querying shows a pair of the n_candidates: one candidate would skip every prompt, silently."""
+    with pytest.raises(ConfigError, match=r"n_candidates must be >= 2, not 1"):
+        run_main(args(files, tmp_path / "prefs.jsonl", "--active=True", f"--reward_model={files / 'rm.pt'}",
+                      "--n_candidates=1"), "q\n", monkeypatch, capsys)
 
 
 def test_resume_refuses_another_prompt_list(files, tmp_path, monkeypatch, capsys):

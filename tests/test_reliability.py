@@ -38,6 +38,7 @@ import label
 import ppo
 import reward
 import sample
+import scoring
 import sft
 from common import ConfigError, RunError, load_checkpoint, parse_config, print_config, save_checkpoint
 from data import DataError
@@ -478,6 +479,7 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
     "ppo-shared-critic-with-critic-init": ("ppo", ["--critic=shared", "--critic_init_from={sft_ckpt}"],
                                            r"critic_init_from is the separate critic's start", {}),
     "sample-ilql-beta-on-an-sft-checkpoint": ("sample", ["--beta=1"], r"is not an ilql checkpoint", {}),
+    "sample-beta-not-finite": ("sample", ["--beta=nan"], r"^beta must be a finite number, not nan$", {}),
     # reward functions that cannot be found
     **{f"{s}-reward-fn-{what}": (s, [f"--reward_fn={spec}"], message, {})
        for s in ("ppo", "ilql") for what, spec, message in (
@@ -571,6 +573,26 @@ def test_the_config_line_shows_model_sizes_only_for_a_model_from_scratch(capsys,
         assert line.startswith(f"config: init_from={init_from!r} ") and " learning_rate=" in line
         assert (" n_layer=12 n_head=12 n_embd=768 block_size=1024 " in line) is shown
         assert (" dropout=" in line) is (shown and script == "sft")
+
+
+@pytest.mark.parametrize("source, error", [("def f(prompts, responses):\n    return [0.0] * len(responses\n",
+                                            "SyntaxError: "), ("X = 1 / 0\n", "ZeroDivisionError: division by zero")],
+                         ids=["syntax-error", "raises-at-import"])
+def test_a_reward_fn_module_that_fails_as_it_is_imported_is_named(tmp_path, monkeypatch, source, error):
+    """A reward_fn whose module cannot even be imported is one error naming it and the error (every script that
+    takes --reward_fn: scoring.load_reward_fn), not a traceback."""
+    (tmp_path / "failing_rewards.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=re.escape(f"reward_fn 'failing_rewards:f': importing module "
+                                                    f"'failing_rewards' failed ({error}")):
+        scoring.load_reward_fn("failing_rewards:f")
+
+
+def test_a_score_too_large_for_fp32_is_refused():
+    """A reward_fn's 1e39 is finite in Python but inf in the fp32 tensor the trainers use: refused like inf."""
+    with pytest.raises(ValueError, match=r"reward_fn 'f': score 0 is 1e\+39, not a finite number in fp32"):
+        scoring.check_scores([1e39, 0.0], 2, "f")
+    assert scoring.check_scores([3.0e38, -1], 2, "f").tolist() == [pytest.approx(3.0e38, rel=1e-6), -1.0]
 
 
 def nan_reward(prompts, responses):  # the failing reward_fns: "tests.test_reliability:<name>"
