@@ -22,8 +22,9 @@ Our choices:
   [0, 1]. Ties shrink the variance, which a binomial (Wilson) interval would ignore; like any normal interval, it
   is too narrow for few prompts or rates near 0 or 1 (all outcomes equal: a single point).
 - Standard errors: the sample standard deviation over prompts (divisor n - 1) / sqrt(n).
-- Length: GPT-2 tokens of the response text, without the EOS. Distinct-n (Li et al. 2016): distinct word n-grams /
-  all word n-grams of all responses (words split on whitespace).
+- Length: GPT-2 tokens of the response text, without the EOS. Distinct-n: distinct word n-grams / all word n-grams
+  of all responses (words split on whitespace), the common reading of Li et al. 2016, who divide by the number of
+  generated words (the two agree for n = 1).
 - ROUGE: rouge-score's F1 with Porter stemming (as the TL;DR papers), x 100, mean over prompts. BLEU: sacrebleu's
   corpus BLEU (13a tokenizer, exp smoothing). References: SFT rows' `completion`, preference rows' `chosen` (HH with
   the prompt split off as data.load_preferences does, TL;DR comparisons).
