@@ -164,6 +164,9 @@ def main(cfg):
     # Prompts are left-truncated so that prompt + response fits the policy's and the reward model's context.
     max_prompt_len = min(cfg.max_prompt_len, model.config.block_size - cfg.max_new_tokens,
                          rm.config.block_size - cfg.max_new_tokens - 1 if rm else cfg.max_prompt_len)
+    if rm and max_prompt_len < 1:  # the reward model's context is the shorter one (sample_candidates names the policy's)
+        raise ConfigError(f"max_new_tokens {cfg.max_new_tokens} + the EOS leave no room for a prompt in the reward "
+                          f"model's block_size {rm.config.block_size}")
     counts = dict(labeled=0, ties=0, skipped=0)
     for n, i in enumerate(todo):
         prompt = prompts[i]

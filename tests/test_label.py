@@ -120,6 +120,15 @@ def test_active_needs_two_candidates(files, tmp_path, monkeypatch, capsys):
                       "--n_candidates=1"), "q\n", monkeypatch, capsys)
 
 
+def test_a_reward_model_context_too_short_is_named(files, tmp_path, monkeypatch, capsys):
+    """Room for a 1-token prompt in the policy's 64 tokens, none in the reward model's once the EOS is added: the
+    error names the reward model's block_size, not the policy's."""
+    with pytest.raises(ConfigError, match=r"max_new_tokens 63 \+ the EOS leave no room for a prompt in the reward "
+                                          r"model's block_size 64"):
+        run_main(args(files, tmp_path / "prefs.jsonl", "--active=True", f"--reward_model={files / 'rm.pt'}",
+                      "--max_new_tokens=63"), "q\n", monkeypatch, capsys)
+
+
 def test_resume_refuses_another_prompt_list(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "prefs.jsonl"
     out.write_text(json.dumps({"prompt": "something else", "chosen": "a", "rejected": "b", "prompt_id": 0}) + "\n")
