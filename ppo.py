@@ -466,22 +466,26 @@ def load_data(cfg, s):
 
 @torch.no_grad()
 def evaluate(policy, ref, score_fn, prompts, cfg, s):
-    """Mean score, KL to the reference (summed over response tokens) and response length on the held-out `prompts`
-    (each rank its share rank::world_size); sampled like the rollouts but with a fixed seed, so evaluations differ
-    only by the policy. Prints eval_samples samples."""
-    prompts = prompts[s.rank::s.world_size]  # a rank's share may be empty: it still joins the all-reduce
-    generator = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, -1, s.rank))
+    """Mean score, KL to the reference (summed over response tokens) and response length on the held-out `prompts`,
+    sampled like the rollouts: in global batches of batch_size prompts, each rank its rows rank::world_size, but
+    each batch with a fixed seed, so evaluations differ only by the policy, and N ranks evaluate what one process
+    does. Prints eval_samples samples."""
     sums = torch.zeros(4, dtype=torch.float64, device=s.device)  # score, kl, response length, count
     shown = []
     for i in range(0, len(prompts), cfg.batch_size):
-        r = rollout(policy, score_fn, prompts[i:i + cfg.batch_size], cfg, generator, s.autocast)
+        batch = prompts[i:i + cfg.batch_size]
+        if s.rank >= len(batch):  # a last batch smaller than world_size: no rows here (still joins the all-reduce)
+            continue
+        generator = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, -1, i))
+        r = rollout(policy, score_fn, batch, cfg, generator, s.autocast, shard=(s.rank, s.world_size))
         tokens, mask, P, response_mask = r["tokens"], r["mask"], r["P"], r["response_mask"]
         with s.autocast():
             logprobs = forward_logprobs(policy, policy.lm_head, tokens, mask, response_mask, P, cfg.temperature)[0]
             ref_logprobs = forward_logprobs(ref, ref.lm_head, tokens, mask, response_mask, P, cfg.temperature)[0]
         kl = (logprobs - ref_logprobs).sum(1)  # both 0 on padding
         sums += torch.tensor([r["scores"].sum(), kl.sum(), response_mask.sum(), len(kl)], device=s.device)
-        shown += list(zip(prompts[i:], r["texts"], r["scores"].tolist()))[:cfg.eval_samples - len(shown)]
+        mine = batch[s.rank::s.world_size]
+        shown += list(zip(mine, r["texts"], r["scores"].tolist()))[:cfg.eval_samples - len(shown)]
     for prompt, text, score in shown:
         print0(f"--- sample (score {score:.3f})\n{prompt!r} -> {text!r}")
     score, kl, length, n = all_reduce_sum(sums, s).tolist()
