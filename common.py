@@ -277,19 +277,23 @@ def check_shared_dir(out_dir, s):
     """Under torchrun: can every rank read what rank 0 writes in out_dir? Rank 0 alone writes the checkpoints and
     every rank reads them (resume), so on several nodes out_dir must be on a filesystem they share. Rank 0 writes a
     random token there and every rank reads it back; if any rank cannot, every rank raises the same ConfigError
-    (a rank stopping alone would leave the others waiting in a collective until the timeout). Any run: rank 0 makes
-    out_dir, or raises a ConfigError saying why it cannot."""
-    if s.master:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as e:  # a file in the way, no permission: say so before any data or model is loaded
-            raise ConfigError(f"out_dir {out_dir!r} cannot be made: {e.strerror}") from None
+    (a rank stopping alone would leave the others waiting in a collective until the timeout). Any run: a ConfigError
+    if out_dir cannot be made (a file in the way, no permission)."""
+    if s.master:  # say so before any data or model is loaded, and make nothing yet (a bad setting may follow)
+        existing = os.path.abspath(out_dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(f"out_dir {out_dir!r} cannot be made: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"out_dir {out_dir!r} cannot be made: no permission to write in {existing}")
     if not s.ddp:
         return
     path = os.path.join(out_dir, ".shared_check")
     token = torch.zeros(1, dtype=torch.int64, device=s.device)
     if s.master:
         token += int.from_bytes(os.urandom(7), "little")  # not the file an earlier run left on another node
+        os.makedirs(out_dir, exist_ok=True)
         with open(path, "w") as f:
             f.write(str(token.item()))
     dist.broadcast(token, 0)  # after the write: every rank looks once the file is there

@@ -388,7 +388,7 @@ def ppo_update(model, optimizer, batch, P, cfg, s, epochs, step=0):
 
 
 # ----------------------------------------------------------------------------- set-up, evaluation, checkpoints
-def check_config(cfg):
+def check_config(cfg, world_size=1):
     """The config's ranges and cross-field rules; returns the critic kind ("separate" or "shared")."""
     check_numbers(cfg, positive=("max_prompt_len", "max_new_tokens", "minibatch_size", "ppo_epochs", "temperature",
                                  "kl_horizon"),
@@ -406,6 +406,13 @@ def check_config(cfg):
     if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.grad_accum:
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
                           f"({cfg.minibatch_size}), itself a multiple of grad_accum ({cfg.grad_accum})")
+    if cfg.target_kl and cfg.init_kl_coef == 0:
+        raise ConfigError("target_kl adapts beta by multiplying it, so init_kl_coef 0 would stay 0: set init_kl_coef "
+                          "> 0, or target_kl=0 for a fixed beta")
+    if cfg.target_kl and cfg.kl_horizon <= 0.2 * cfg.batch_size * world_size:
+        raise ConfigError(f"kl_horizon ({cfg.kl_horizon}) must exceed a fifth of the responses per iteration "
+                          f"({cfg.batch_size * world_size}): beta's factor 1 + e * responses / kl_horizon, with e as "
+                          f"low as -0.2, would turn it negative")
     if cfg.frozen_bf16 and cfg.dtype != "bfloat16":
         raise ConfigError("frozen_bf16 needs dtype='bfloat16' (fp32 activations would meet bf16 weights)")
     return critic
@@ -467,13 +474,13 @@ def load_data(cfg, s):
 @torch.no_grad()
 def evaluate(policy, ref, score_fn, prompts, cfg, s):
     """Mean score, KL to the reference (summed over response tokens) and response length on the held-out `prompts`,
-    sampled like the rollouts: in global batches of batch_size prompts, each rank its rows rank::world_size, but
+    sampled like the rollouts: in global batches (batch_size per rank), each rank its rows rank::world_size, but
     each batch with a fixed seed, so evaluations differ only by the policy, and N ranks evaluate what one process
-    does. Prints eval_samples samples."""
+    with N times the batch_size does. Prints eval_samples samples."""
     sums = torch.zeros(4, dtype=torch.float64, device=s.device)  # score, kl, response length, count
-    shown = []
-    for i in range(0, len(prompts), cfg.batch_size):
-        batch = prompts[i:i + cfg.batch_size]
+    shown, global_batch = [], cfg.batch_size * s.world_size
+    for i in range(0, len(prompts), global_batch):
+        batch = prompts[i:i + global_batch]
         if s.rank >= len(batch):  # a last batch smaller than world_size: no rows here (still joins the all-reduce)
             continue
         generator = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, -1, i))
@@ -536,9 +543,12 @@ SHOWN = ("score", "kl", "beta", "approx_kl", "clipfrac", "vf_loss", "explained_v
 def main(cfg):
     s = setup(cfg.device, cfg.dtype, cfg.seed, cfg.out_dir)
     print_config(cfg)
-    critic_kind = check_config(cfg)
+    critic_kind = check_config(cfg, s.world_size)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path, "ppo") if cfg.init_from == "resume" else None
+    if ckpt and (ckpt["critic"] is not None) != (critic_kind == "separate"):
+        raise ConfigError(f"{ckpt_path}: its critic is {'separate' if ckpt['critic'] is not None else 'shared'}, "
+                          f"this run's {critic_kind}: resume with the critic settings it was trained with")
     init_from = ckpt["config"]["init_from"] if ckpt else cfg.init_from  # the SFT model: reference and start
     policy, critic, ref, score_fn = build_models(cfg, s, init_from, critic_kind)
     prompts, eval_prompts = load_data(cfg, s)

@@ -91,8 +91,10 @@ def check_scores(scores, n, name):
     for i, x in enumerate(scores):
         if isinstance(x, bool) or not isinstance(x, numbers.Real):
             raise ValueError(f"reward_fn {name!r}: score {i} is {x!r} ({type(x).__name__}), not a number")
-        if not math.isfinite(x) or abs(x) > torch.finfo(torch.float32).max:  # 1e39 is inf in fp32
-            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, not a finite number in fp32")
+        if not math.isfinite(x):
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, not a finite number")
+        if abs(x) > torch.finfo(torch.float32).max:  # inf in the fp32 tensor the trainers use
+            raise ValueError(f"reward_fn {name!r}: score {i} is {x}, beyond fp32's range")
     return torch.tensor(scores, dtype=torch.float32)
 
 

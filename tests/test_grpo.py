@@ -19,6 +19,7 @@ import grpo
 from common import ConfigError, Setup, load_checkpoint, load_model, save_checkpoint
 from tests.helpers import torchrun
 from data import EOS
+from model import GPT, GPTConfig
 from tests.test_ppo import PROMPTS, THE, biased_gpt, save_sft
 
 CPU = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
@@ -297,6 +298,16 @@ def test_torchrun_two_processes_equal_one_process_and_groups_stay_whole(tmp_path
         counts0, counts1 = collections.Counter(rank0), collections.Counter(rank1)
         assert set(counts0.values()) == set(counts1.values()) == {one.group_size}  # every group whole
         assert len(counts0) == len(counts1) == 4 and not counts0.keys() & counts1.keys()
+
+
+def test_a_reward_model_shorter_than_prompt_and_response_is_refused(tmp_path, prompts_file):
+    """prompt + response (16 + 8 tokens) fits the policy's 64 but not a reward model's 16: one error at start-up,
+    not a ValueError once a response grows long enough to be scored."""
+    rm = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32, heads={"reward": 1}))
+    save_checkpoint(str(tmp_path / "rm.pt"), kind="reward", model_config=asdict(rm.config), model=rm.state_dict())
+    with pytest.raises(ConfigError, match=r"max_prompt_len \+ max_new_tokens = 24 exceeds the reward model's "
+                                          r"block_size 16"):
+        grpo.main(run_cfg(tmp_path, prompts_file, reward_fn="", reward_model=str(tmp_path / "rm.pt")))
 
 
 def test_a_reward_checkpoint_is_refused_as_the_policy(tmp_path, prompts_file):

@@ -329,7 +329,8 @@ def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
     assert m["score_beta0"] == 1.0 + len(calls[2][1][0]) and m["score_beta2"] == 1.0 + len(calls[3][1][0])
 
     # a reward model is read through scoring.load_reward_model / score_tokens on prompt + response tokens and mask
-    monkeypatch.setattr(scoring, "load_reward_model", lambda path, device: path)
+    fake_rm = types.SimpleNamespace(config=types.SimpleNamespace(block_size=64))  # as long as the policy's context
+    monkeypatch.setattr(scoring, "load_reward_model", lambda path, device: fake_rm)
     monkeypatch.setattr(scoring, "score_tokens", lambda rm, tokens, mask: mask.sum(1).float())  # prompt + response
     m = ilql.main(run_cfg(tmp_path, "rm", max_iters=1, grad_accum=1, reward_model="rm.pt", eval_prompts=3,
                           eval_split="train"))

@@ -8,7 +8,7 @@ import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -594,15 +594,17 @@ def test_shared_value_head_starts_at_zero(tmp_path):
 
 def test_evaluation_on_two_ranks_is_the_one_process_evaluation(monkeypatch):
     """The held-out evaluation in global batches with one seed each, every rank its rows of a batch: the sums two
-    ranks add up (score, KL, response tokens, responses) are the ones a single process computes, also when the last
-    batch has fewer prompts than ranks. (Each rank seeded apart, an evaluation changed with the number of ranks.)"""
+    ranks with batch_size 2 add up (score, KL, response tokens, responses) are the ones one process with batch_size 4
+    computes, also when the last batch has fewer prompts than ranks. (Each rank seeded apart, an evaluation changed
+    with the number of ranks.)"""
     policy, ref = biased_gpt(THE, 5.0).eval(), biased_gpt(THE, 2.0).eval()
     score_fn, _ = ppo.make_scorer(reward_fn="tests.test_ppo:count_the")
-    cfg = Config(max_prompt_len=16, max_new_tokens=6, batch_size=4, eval_samples=0, penalize_missing_eos=False)
-    prompts = PROMPTS[:9]  # batches of 4, 4 and 1 prompts
+    cfg = Config(max_prompt_len=16, max_new_tokens=6, eval_samples=0, penalize_missing_eos=False)
+    prompts = PROMPTS[:9]  # global batches of 4, 4 and 1 prompts
     sums = []  # what each call would all-reduce
     monkeypatch.setattr(ppo, "all_reduce_sum", lambda x, s: sums.append(x.clone()) or x)
     for rank, world_size in ((0, 1), (0, 2), (1, 2)):
+        cfg = replace(cfg, batch_size=4 // world_size)
         s = Setup(ddp=world_size > 1, rank=rank, local_rank=rank, world_size=world_size, device="cpu",
                   master=rank == 0, autocast=nullcontext)
         ppo.evaluate(policy, ref, score_fn, prompts, cfg, s)

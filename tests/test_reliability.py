@@ -73,9 +73,10 @@ def art(tmp_path_factory):
     config file with a wrongly typed value."""
     d = tmp_path_factory.mktemp("artifacts")
     torch.manual_seed(0)
-    for kind, heads in (("sft", {}), ("reward", {"reward": 1})):
-        m = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, heads=heads))
-        save_checkpoint(str(d / f"{kind}.pt"), kind=kind, model_config=asdict(m.config), model=m.state_dict(), step=1)
+    for name, kind, heads, block_size in (("sft", "sft", {}, 64), ("reward", "reward", {"reward": 1}, 64),
+                                          ("reward_short", "reward", {"reward": 1}, 16)):
+        m = GPT(GPTConfig(block_size=block_size, n_layer=1, n_head=2, n_embd=32, heads=heads))
+        save_checkpoint(str(d / f"{name}.pt"), kind=kind, model_config=asdict(m.config), model=m.state_dict(), step=1)
     (d / "broken.pt").write_bytes((d / "sft.pt").read_bytes()[:20_000])  # a copy cut short
     torch.save({"kind": "sft", "model": {}, "note": Fraction(1, 3)}, d / "objects.pt")  # unpickling runs its code
     (d / "llama").mkdir()
@@ -83,7 +84,7 @@ def art(tmp_path_factory):
     (d / "badtype.py").write_text('max_iters = "3"  # a string where an int belongs\n')
     (d / "none.py").write_text("max_iters = None  # no number at all\n")
     (d / "helper.py").write_text("from math import sqrt\nbase_lr = 1e-3\nlearning_rate = base_lr * sqrt(4)\n")
-    return {"sft_ckpt": str(d / "sft.pt"), "rm_ckpt": str(d / "reward.pt"), "broken_ckpt": str(d / "broken.pt"),
+    return {"sft_ckpt": str(d / "sft.pt"), "rm_ckpt": str(d / "reward.pt"), "rm_short": str(d / "reward_short.pt"), "broken_ckpt": str(d / "broken.pt"),
             "objects_ckpt": str(d / "objects.pt"),
             "llama": str(d / "llama"), "badtype": str(d / "badtype.py"), "nonefile": str(d / "none.py"), "helperfile": str(d / "helper.py"), "missing": str(d / "nosuchfile.jsonl"),
             "missing_txt": str(d / "nosuchfile.txt")}
@@ -243,6 +244,18 @@ def test_sigkill_mid_write_leaves_the_last_whole_checkpoint(tmp_path):
     # 3. the leftover temp file (another pid's) is no obstacle to the next save
     save_checkpoint(str(path), **checkpoint_of(last + 1, n_tensors=32, size=1 << 17))
     assert load_whole(path) == last + 1 and tmp.exists()
+
+
+def test_a_resume_with_another_critic_is_named(tmp_path, art):
+    """A PPO run with a shared critic (a reward_fn) resumed with a reward model (a separate critic): one error naming
+    both, not a state_dict error about a value head, and the checkpoint as it was."""
+    base = write_base("ppo", tmp_path, art)
+    run("ppo", [base])
+    digest = file_digest(tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(ConfigError, match=r"ckpt\.pt: its critic is shared, this run's separate: resume with the "
+                                          r"critic settings it was trained with"):
+        run("ppo", [base, "--init_from=resume", "--max_iters=2", "--reward_fn=", f"--reward_model={art['rm_ckpt']}"])
+    assert file_digest(tmp_path / "out" / "ckpt.pt") == digest
 
 
 def test_leftover_temp_files_break_nothing(tmp_path, art):
@@ -437,8 +450,8 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
                                         {}),
     "sft-config-file-after-an-override": ("sft", ["--max_iters=2", "{badtype}"], r"command line: config file "
                                           r"'.*badtype\.py' after a --key=value: give config files first", {}),
-    "sft-out-dir-under-a-file": ("sft", ["--out_dir={sft_ckpt}/out"], r"out_dir '.*sft\.pt/out' cannot be made: Not a "
-                                 r"directory$", {}),
+    "sft-out-dir-under-a-file": ("sft", ["--out_dir={sft_ckpt}/out"], r"out_dir '.*sft\.pt/out' cannot be made: .*sft\.pt is "
+                                 r"a file$", {}),
     "sft-missing-data-file": ("sft", ["--data={missing}"], r"nosuchfile\.jsonl: no such file", {}),
     "sft-empty-data-string": ("sft", ["--data="], r"(?i)\bdata\b.*\b(empty|none given|no source)\b", {}),
     "sample-empty-init-from": ("sample", ["--init_from="], r"'' is not a local folder", {}),
@@ -467,6 +480,9 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
                                         r"reward\.pt: is a 'reward' checkpoint, expected 'sft' or 'ppo'", {}),
     "ilql-reward-checkpoint-as-policy": ("ilql", ["--init_from={rm_ckpt}"],
                                          r"reward\.pt: is a 'reward' checkpoint, expected 'sft' or 'ilql'", {}),
+    "ilql-reward-model-shorter-than-its-samples": ("ilql", ["--reward_model={rm_short}", "--max_new_tokens=8"],
+                                                   r"max_prompt_len \+ max_new_tokens = 24 exceeds the reward "
+                                                   r"model's block_size 16", {}),
     "ilql-sft-checkpoint-as-reward-model": ("ilql", ["--reward_model={sft_ckpt}"],
                                             r"sft\.pt: is a 'sft' checkpoint, expected 'reward'", {}),
     "sft-resume-from-a-reward-checkpoint": ("sft", ["--init_from=resume"],
@@ -475,6 +491,10 @@ CASES = {  # id -> (script, arguments after the base config file, what the error
     "reward-resume-from-an-sft-checkpoint": ("reward", ["--init_from=resume"],
                                              r"ckpt\.pt: is a 'sft' checkpoint, expected 'reward'",
                                              {"ckpt.pt": "sft_ckpt"}),
+    "ppo-init-kl-coef-zero-with-a-target": ("ppo", ["--init_kl_coef=0", "--target_kl=6"], r"init_kl_coef 0 would "
+                                            r"stay 0", {}),
+    "ppo-kl-horizon-too-short": ("ppo", ["--target_kl=6", "--batch_size=10", "--minibatch_size=2", "--kl_horizon=2"],
+                                 r"kl_horizon \(2\) must exceed a fifth of the responses per iteration \(10\)", {}),
     "ppo-resume-without-checkpoint": ("ppo", ["--init_from=resume"], r"checkpoint '.*ckpt\.pt' not found", {}),
     "ppo-shared-critic-with-critic-init": ("ppo", ["--critic=shared", "--critic_init_from={sft_ckpt}"],
                                            r"critic_init_from is the separate critic's start", {}),
@@ -590,7 +610,7 @@ def test_a_reward_fn_module_that_fails_as_it_is_imported_is_named(tmp_path, monk
 
 def test_a_score_too_large_for_fp32_is_refused():
     """A reward_fn's 1e39 is finite in Python but inf in the fp32 tensor the trainers use: refused like inf."""
-    with pytest.raises(ValueError, match=r"reward_fn 'f': score 0 is 1e\+39, not a finite number in fp32"):
+    with pytest.raises(ValueError, match=r"reward_fn 'f': score 0 is 1e\+39, beyond fp32's range"):
         scoring.check_scores([1e39, 0.0], 2, "f")
     assert scoring.check_scores([3.0e38, -1], 2, "f").tolist() == [pytest.approx(3.0e38, rel=1e-6), -1.0]
 
