@@ -329,7 +329,8 @@ def filter_logits(logits, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p (>= 1 token)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p (as HF)...
+        drop[..., 0] = False  # ...and at least one token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 

@@ -300,6 +300,9 @@ def test_top_p_keeps_exactly_the_nucleus():
         g = torch.Generator().manual_seed(1)
         drawn = set(sample_token(logits.expand(4000, -1), 1.0, top_p=top_p, generator=g)[0].unique().tolist())
         assert drawn == nucleus, (top_p, drawn)
+    # a prefix whose mass is exactly top_p is the nucleus: no token past it (equal logits: exact quarters and halves)
+    for n, top_p, n_kept in ((4, 0.5, 2), (4, 0.75, 3), (2, 0.5, 1), (4, 0.0, 1)):
+        assert torch.isfinite(filter_logits(torch.zeros(1, n), top_p=top_p)).sum() == n_kept, (n, top_p)
     # top_k and top_p together: top_k first, then the nucleus of what is left, renormalised (2/3, 1/3)
     for top_p, nucleus in {0.6: {1}, 0.7: {1, 3}}.items():
         assert set(torch.isfinite(filter_logits(logits, top_k=2, top_p=top_p)).nonzero().flatten().tolist()) == nucleus
