@@ -426,7 +426,7 @@ def write_report(out_dir, results, curves, ppo_log):
             axes[1].axhline(results["target_kl"], color="gray", linestyle="--", label="target")
             axes[1].legend()
         axes[2].plot(steps, [r["beta"] for r in rows])
-        for ax, title in zip(axes, ("PPO: RM score of the rollouts", "PPO: KL to SFT (nats)", "PPO: beta")):
+        for ax, title in zip(axes, ("PPO: RM score of the rollouts (missing EOS: penalty)", "PPO: KL to SFT (nats)", "PPO: beta")):
             ax.set(title=title, xlabel="step")
         figures.append(("ppo_training", fig))
     if curves:

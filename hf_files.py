@@ -48,8 +48,12 @@ def load_weights(folder):
         if os.path.exists(os.path.join(folder, name)):
             files = [name]
         elif os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, no weight_map, not a dict
+                raise ValueError(f"{index}: not a shard index (a JSON object with a weight_map of tensor -> file): "
+                                 f"{type(e).__name__}: {e}") from None
         else:
             continue
         sd = {}
@@ -67,10 +71,13 @@ def load_file(path):
             from safetensors.torch import load_file as load_safetensors
             return load_safetensors(path)
         # mmap: read as used, not copied into memory by every rank at once (old non-zip files cannot be mapped)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:  # torch's message advises loading it unsafely: not advice to pass on
         raise ValueError(f"{path}: holds Python objects other than tensors; not loaded, as that could run code from "
                          f"the file") from e
     except Exception as e:  # a missing shard, a file cut short, ...
         message = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {message})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: not a state dict (a dict of names -> tensors)")
+    return sd

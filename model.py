@@ -237,7 +237,8 @@ class GPT(nn.Module):
             attn_mask = attn_mask[:, None]  # (B, 1, T, L+T)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
-            if self.grad_checkpointing and torch.is_grad_enabled():  # not .training: PPO trains in eval mode
+            # checkpointing whenever gradients are on (not .training: PPO trains in eval mode), never with a cache
+            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
                 x = block(x, attn_mask, cache)

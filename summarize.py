@@ -90,7 +90,7 @@ def gold_score(prompt, response):
     " my roommate broke my phone and I want an apology." = 4 - 0.1*10 = 3.0; " roommate broke my phone, I want an
     apology." = 3.2 (the same facts in fewer words); " my roommate broke my phone." = 3 - 0.5 = 2.5 (a fact left
     out); " my sister broke my phone and I want an apology." = 3 - 2 - 1.0 = 0.0 (a fact invented: worse than one
-    left out); the first with "at the gym" = 2.8 (longer), with "at the park" = 0.8 ("park" invented).
+    left out); the first with "at the gym" = 2.7 (longer), with "at the park" = 0.7 ("park" invented).
     A reference summary invents nothing and ends with ".": it scores (facts named) - 0.1 * (its words)."""
     p = gold_parts(prompt, response)
     return p["facts"] - 2.0 * p["invented"] - 0.1 * p["words"] - 1.0 * p["no_ending"]

@@ -334,6 +334,24 @@ def test_pytorch_model_bin_with_python_objects_is_refused_without_unsafe_advice(
     assert "holds Python objects other than tensors" in str(err.value) and "weights_only" not in str(err.value)
 
 
+@pytest.mark.parametrize("content", [{"transformer.wte.weight": 3}, [1, 2], torch.zeros(3)],
+                         ids=["an-int-among-the-weights", "a-list", "a-tensor"])
+def test_pytorch_model_bin_that_is_no_state_dict_is_named(tmp_path, content):
+    """weights_only=True lets ints, lists and bare tensors through: a .bin of those is one ValueError naming it."""
+    hf_gpt2().config.save_pretrained(tmp_path)
+    torch.save(content, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: not a state dict \(a dict of names -> tensors\)$"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("index", ["{not json", "{}", "[]"], ids=["not-json", "no-weight-map", "not-an-object"])
+def test_a_broken_shard_index_is_named(tmp_path, index):
+    hf_gpt2().config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not a shard index"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_checkpoints_and_bin_files_are_memory_mapped(tmp_path):
     """load_checkpoint and a pytorch_model.bin map the file (its tensors are read as used: every rank of a node
     loading a multi-GB checkpoint does not copy it into memory), rather than reading it whole."""
