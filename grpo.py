@@ -265,11 +265,9 @@ def build_models(cfg, s, init_from, ckpt=None):
     """The policy (a resumed run's weights from `ckpt`), its frozen reference (None when beta is 0) and the scorer,
     on the device, in eval mode (dropout off), heads in fp32 under bf16."""
     scratch = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    score_fn, rm = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast,
-                               (cfg.minibatch_size or cfg.batch_size * cfg.group_size) // cfg.grad_accum)
-    if rm is not None and cfg.max_prompt_len + cfg.max_new_tokens > rm.config.block_size:
-        raise ConfigError(f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} exceeds the "
-                          f"reward model's block_size {rm.config.block_size}")
+    score_fn, _ = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast,
+                              (cfg.minibatch_size or cfg.batch_size * cfg.group_size) // cfg.grad_accum,
+                              max_len=cfg.max_prompt_len + cfg.max_new_tokens)
     torch.manual_seed(cfg.seed)  # the same scratch weights on every rank and on resume
     policy, _ = load_model(init_from, heads={}, kind=("sft", "grpo"), scratch=scratch)
     if cfg.max_prompt_len + cfg.max_new_tokens > policy.config.block_size:

@@ -437,10 +437,8 @@ def main(cfg):
     raw_model, ckpt = build_model(cfg, s)
     score_fn = None
     if cfg.reward_model or cfg.reward_fn:
-        score_fn, rm = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast, cfg.batch_size)
-        if rm is not None and cfg.max_prompt_len + cfg.max_new_tokens > rm.config.block_size:  # it scores eval samples
-            raise ConfigError(f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len + cfg.max_new_tokens} exceeds "
-                              f"the reward model's block_size {rm.config.block_size}")
+        score_fn, _ = make_scorer(cfg.reward_model, cfg.reward_fn, s.device, s.autocast, cfg.batch_size,
+                                  max_len=cfg.max_prompt_len + cfg.max_new_tokens)  # it scores the eval samples
     optimizer = make_optimizer(raw_model, cfg)  # the frozen targets are not in it
     resume = cfg.init_from == "resume"
     start = restore(ckpt, optimizer) if resume else 0

@@ -71,9 +71,8 @@ def load_reward_fn(spec):
         raise ConfigError(f"reward_fn {spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); "
                           f"is it on PYTHONPATH?") from e
     except Exception as e:  # the module itself fails as it is imported: a SyntaxError, an error at its top level
-        message = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(f"reward_fn {spec!r}: importing module {module_name!r} failed "
-                          f"({type(e).__name__}: {message})") from e
+                          f"({type(e).__name__}: {first_line(e)})") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"reward_fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
@@ -98,11 +97,12 @@ def check_scores(scores, n, name):
     return torch.tensor(scores, dtype=torch.float32)
 
 
-def make_scorer(reward_model="", reward_fn="", device="cpu", autocast=nullcontext, batch_size=None):
+def make_scorer(reward_model="", reward_fn="", device="cpu", autocast=nullcontext, batch_size=None, max_len=None):
     """The score of sampled responses, for RL: score_fn(prompts, texts, tokens, mask) -> (B,) fp32 scores, from
     exactly one of a reward model checkpoint (read at each row's last real token of tokens/mask = prompt + response,
     in batches of batch_size rows) or a Python reward_fn "module:function", f(prompts, responses) -> list of floats
-    (trlx style). Returns (score_fn, the reward model or None)."""
+    (trlx style). max_len: max_prompt_len + max_new_tokens, which the reward model's context must hold (a
+    ConfigError now, not a ValueError once a long response is scored). Returns (score_fn, the reward model or None)."""
     if bool(reward_model) == bool(reward_fn):
         raise ConfigError("set exactly one of reward_model (a reward.py checkpoint) and reward_fn ('module:function')")
     if reward_fn:
@@ -120,6 +120,9 @@ def make_scorer(reward_model="", reward_fn="", device="cpu", autocast=nullcontex
                 raise run_error(str(e)) from e
         return score_fn, None
     rm = load_reward_model(reward_model, device)
+    if max_len and max_len > rm.config.block_size:
+        raise ConfigError(f"max_prompt_len + max_new_tokens = {max_len} exceeds the reward model's block_size "
+                          f"{rm.config.block_size}")
 
     @torch.no_grad()
     def score_fn(prompts, texts, tokens, mask):
