@@ -399,6 +399,7 @@ def save_checkpoint(path, **obj):
     """Atomic write: a crash mid-write leaves the previous checkpoint as it was (temp file, fsync, rename). It records
     how long the run's log beside it is, for a resume from it to cut the log back to that (start_log)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    obj = {**obj, "world_size": dist.get_world_size() if dist.is_initialized() else 1}  # a resume compares it
     log = os.path.join(os.path.dirname(path), "log.jsonl")
     if os.path.exists(log):
         obj = {**obj, "log_bytes": os.path.getsize(log)}
@@ -417,7 +418,8 @@ def save_checkpoint(path, **obj):
 
 
 def load_checkpoint(path, kind=None):
-    """Load one of our checkpoints; `kind` ("sft", "reward", "ppo", "ilql") or a tuple of kinds it must be."""
+    """Load one of our checkpoints; `kind` ("sft", "reward", "ppo", "grpo", "dpo", "ilql") or a tuple of kinds it
+    must be."""
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path!r} not found")
     if not zipfile.is_zipfile(path):
@@ -456,11 +458,22 @@ def _load_one_file(path):
                 return ckpt
 
 
-def restore(ckpt, optimizer):
+def restore(ckpt, optimizer, cfg):
     """A resumed run's optimizer state from its checkpoint; returns the step to continue from. (Random numbers need no
-    state: begin_step seeds each step.)"""
+    state: begin_step seeds each step.) A resume is exact when it runs with the checkpoint's settings; any setting
+    that differs (another batch size, number of processes, max_iters that moves the learning-rate schedule) is named
+    in a note: from there the run does what those settings do."""
     optimizer.load_state_dict(ckpt["optimizer"])
     print0(f"resuming at step {ckpt['step']}")
+    changed = [f"{k} {v!r} (was {ckpt['config'][k]!r})" for k, v in asdict(cfg).items()
+               if k not in ("init_from", "out_dir") and k in ckpt["config"] and v != ckpt["config"][k]]
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size != ckpt.get("world_size", world_size):
+        changed.append(f"world_size {world_size} (was {ckpt['world_size']})")
+    if changed:
+        print0(f"note: resuming with settings other than the checkpoint's run: {', '.join(changed)}")
+    if ckpt["step"] >= cfg.max_iters:
+        print0(f"note: the checkpoint is at step {ckpt['step']}, max_iters is {cfg.max_iters}: no step left to run")
     _RUN.update(saved=ckpt["step"], log_bytes=ckpt.get("log_bytes"))
     return ckpt["step"]
 

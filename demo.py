@@ -43,7 +43,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import data
 import reviews
 import scoring
 from common import ConfigError, check_numbers, cpu_info, load_model, print0, print_config, run_main, setup

@@ -14,7 +14,8 @@ Our choices, where public implementations differ:
   response token. Chosen and rejected go through ONE forward, as in reward.py.
 - The reference log-probs are computed on the fly: one no-grad forward of the reference per micro-batch, on the very
   batch the policy sees. Precomputing them once needs a pass over the data before step 0 and memory proportional to
-  it, and saves nothing on a run of one epoch or less (the same forwards, done earlier). On the fly, the reference
+  it, and saves nothing on a run of one epoch or less (the same forwards, done earlier; each further epoch costs one
+  more no-grad reference forward per pair). On the fly, the reference
   runs the policy's kernels on the same shapes, so while policy == reference every log-ratio is exactly 0 (the first
   loss is exactly ln 2; IPO's 1 / (4 beta^2); not so under compile, see Config), and a resume needs nothing but the
   SFT model.
@@ -26,9 +27,9 @@ Our choices, where public implementations differ:
   to a finite target instead of pushing it to infinity. The IPO paper writes h with sequence probabilities pi(y|x),
   i.e. summed token log-probs; TRL averages the log-probs over the response tokens for IPO instead (TRL PR #1265,
   after the IPO authors' remark reported in Hugging Face's "Preference Tuning LLMs" blog post). We average for IPO,
-  as TRL: with sums the target 1 / (2 beta)
-  would be a margin for the whole response, so what beta means would change with response length, and long
-  responses would dominate the squared loss. Under IPO every logged log-prob and reward is a per-token mean.
+  as TRL: with sums the target 1 / (2 beta) would be a margin for the whole response, so what beta means would
+  change with response length, and long responses would dominate the squared loss. Under IPO every logged log-prob
+  and reward is a per-token mean.
 - Watch logp_chosen: it often goes DOWN during DPO, the rejected one faster. The loss only sees the margin between
   the two log-ratios, and lowering both (probability moving to responses in neither set) raises the margin as well
   as raising the chosen one would. A rising margin with a falling logp_chosen is expected, not a bug.
@@ -66,7 +67,7 @@ from model import GPTConfig, fp32_heads, token_logprobs
 @dataclass
 class Config:
     # model
-    init_from: str = "out-sft-hh/ckpt.pt"  # policy + reference: SFT .pt | HF folder | hub id | scratch | resume
+    init_from: str = "out-sft/ckpt.pt"  # policy + reference: SFT .pt | HF folder | hub id | scratch | resume
     n_layer: int = 12  # scratch only (default: GPT-2 124M's shape)
     n_head: int = 12  # scratch only
     n_embd: int = 768  # scratch only
@@ -120,10 +121,12 @@ def sequence_logprobs(model, lm_head, tokens, mask, loss_mask, average=False):
     return per_token.sum(-1) / sel.sum(-1) if average else per_token.sum(-1)
 
 
-def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
-    """Per-pair losses (B,) from the sequence log-probs (B,) of policy and reference, and the implicit rewards
-    beta * (policy - reference) of chosen and rejected (B,), detached."""
-    log_ratio_chosen, log_ratio_rejected = pi_chosen - ref_chosen, pi_rejected - ref_rejected
+def dpo_loss(logprobs_chosen, logprobs_rejected, ref_logprobs_chosen, ref_logprobs_rejected, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """From the sequence log-probs (B,) of policy and reference: the per-pair losses (B,), and the implicit rewards
+    beta * (logprobs - ref_logprobs) of chosen and of rejected, (B,) each, detached."""
+    log_ratio_chosen = logprobs_chosen - ref_logprobs_chosen
+    log_ratio_rejected = logprobs_rejected - ref_logprobs_rejected
     h = log_ratio_chosen - log_ratio_rejected
     if loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
@@ -160,7 +163,8 @@ def dpo_forward(model, lm_head, ref, b, cfg, s):
 
 def forward_backward(model, lm_head, ref, batches, cfg, s):
     """Accumulate into .grad the gradient of the mean DPO loss over the pairs of `batches` of every rank.
-    Returns the sums of STATS and the real tokens over those pairs, all ranks (fp64, identical on every rank)."""
+    Returns the means of STATS over those pairs, all ranks (identical on every rank), and their real tokens."""
+    n_pairs = sum(map(len, batches)) * s.world_size  # every rank has as many
     total = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=s.device)
     # on the device up front: a copy to the GPU inside the loop would wait for the kernels queued before it
     batches = [collate_pairs(pairs, s.device) for pairs in batches]
@@ -172,7 +176,8 @@ def forward_backward(model, lm_head, ref, batches, cfg, s):
             # grad_accum micro-batch means / grad_accum; DDP averages the ranks: the mean over the global batch.
             (losses.mean() / len(batches)).backward()
         total += sums
-    return all_reduce_sum(total, s)
+    total = all_reduce_sum(total, s)
+    return mean_stats(total[:-1], n_pairs), total[-1].item()
 
 
 def mean_stats(sums, n_pairs, prefix=""):
@@ -201,14 +206,14 @@ def tokenize_prefs(prefs, cfg):
 
 
 def load_data(cfg, s):
-    """(train, held-out) pairs of (prompt_ids, response_ids)."""
+    """(train, held-out) lists of ((prompt_ids, chosen_ids), (prompt_ids, rejected_ids))."""
     with rank0_first(s):
         prefs = [load_preferences(cfg.data, split, cfg.data_subset, cfg.skip_bad)
                  for split in (cfg.data_split, cfg.eval_split)]
-    (train, ties), (held_out, held_out_ties) = (tokenize_prefs(p, cfg) for p in prefs)
+    (train, identical), (held_out, held_out_identical) = (tokenize_prefs(p, cfg) for p in prefs)
     cut = sum(c[-1] != EOS or r[-1] != EOS for (_, c), (_, r) in train)
-    print0(f"data: {len(train)} train / {len(held_out)} eval pairs; dropped {ties + held_out_ties} identical after "
-           f"truncation; {cut} train pairs have a response cut at max_len")
+    print0(f"data: {len(train)} train / {len(held_out)} eval pairs; dropped {identical + held_out_identical} "
+           f"identical after truncation; {cut} train pairs have a response cut at max_len")
     if not train or not held_out:
         raise DataError(f"{cfg.data}: no usable preference pairs in {cfg.data_split!r} or {cfg.eval_split!r}")
     return train, held_out
@@ -258,13 +263,12 @@ def main(cfg):
     ckpt = load_checkpoint(ckpt_path, "dpo") if cfg.init_from == "resume" else None
     init_from = ckpt["config"]["init_from"] if ckpt else cfg.init_from  # the SFT model: reference and start
     train_pairs, eval_pairs = load_data(cfg, s)
-    raw_model, ref = build_models(cfg, s, init_from, ckpt)
+    raw_model, ref = build_models(cfg, s, init_from, ckpt)  # both in eval mode, also while training: dropout off
     optimizer = make_optimizer(raw_model, cfg)
-    start = restore(ckpt, optimizer) if ckpt else 0
+    start = restore(ckpt, optimizer, cfg) if ckpt else 0
     resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(raw_model) if cfg.compile else raw_model, s)  # what trains: compiled, DDP
     log = start_log(cfg.out_dir, resume, s)
-    n_pairs = cfg.batch_size * cfg.grad_accum * s.world_size  # per step
 
     ev_start = ev = {}
     if start == 0:
@@ -275,12 +279,12 @@ def main(cfg):
         t0 = time.time()
         lr = begin_step(optimizer, step, cfg, s)
         # 1. policy and reference log-probs of chosen and rejected, the DPO loss of this step's global batch, backward
-        sums = forward_backward(model, raw_model.lm_head, ref, micro_batches(train_pairs, step, cfg, s), cfg, s)
-        metrics = mean_stats(sums, n_pairs)
+        metrics, n_tokens = forward_backward(model, raw_model.lm_head, ref, micro_batches(train_pairs, step, cfg, s),
+                                             cfg, s)
         check_finite(metrics["loss"], "loss", step)  # before the weights or any checkpoint see it
         # 2. clip, step
         grad_norm = optimizer_step(optimizer, raw_model.parameters(), cfg.grad_clip, step)
-        metrics.update(lr=lr, grad_norm=grad_norm, tok_per_s=sums[-1].item() / (time.time() - t0))
+        metrics.update(lr=lr, grad_norm=grad_norm, tok_per_s=n_tokens / (time.time() - t0))
         log(step, {**metrics, "eta": timer.eta(step)})
 
         done = step + 1  # the next step to run: where a resume starts

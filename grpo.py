@@ -329,7 +329,7 @@ def main(cfg):
     policy, ref, score_fn = build_models(cfg, s, init_from, ckpt)
     prompts, eval_prompts = load_data(cfg, s)
     optimizer = make_optimizer(policy, cfg)
-    start = restore(ckpt, optimizer) if ckpt else 0
+    start = restore(ckpt, optimizer, cfg) if ckpt else 0
     resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(policy) if cfg.compile else policy, s)  # what trains: compiled, DDP
     log = start_log(cfg.out_dir, resume, s)

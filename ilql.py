@@ -162,6 +162,7 @@ def nstep_targets(rewards, response_lens, gamma, n_step):
         target_t = returns_t + discounts_t * (1 - done at state t + m) * V(s_{t+m}),
         returns_t = sum_{k < m} gamma^k r_{t+k},   discounts_t = gamma^m.
 
+    (These returns are only the rewards before the bootstrap, not PPO's value targets.)
     n_step = 1 is ILQL's target r_t + gamma * V(s_{t+1}); n_step >= R makes every target the Monte-Carlo return
     (the episode ends first, so V(s_R) never counts). rewards (B, A), zero past each row's R actions; response_lens
     (B,). Returns returns (B, A), discounts (B, A) and boot_ixs (B, A), the state index t + m (padding slots: t + 1)."""
@@ -273,7 +274,7 @@ def batch_loss(model, raw_model, b, n, cfg):
                      beta_awac=cfg.beta_awac, n=n)
 
 
-def micro_batches(items, step, cfg, s):
+def collated_micro_batches(items, step, cfg, s):
     """This rank's micro-batches of optimizer step `step` (common.rank_batch), and the action count of the whole
     global batch: the loss is one mean over it."""
     mine, idx = rank_batch(step, cfg, len(items), s)
@@ -384,7 +385,7 @@ def eval_loss(raw_model, eval_items, cfg, s):
 
 
 @torch.no_grad()
-def eval_samples(raw_model, prompts, score_fn, step, cfg, s):
+def eval_samples(raw_model, prompts, score_fn, cfg, s):
     """The prompts sampled at each eval beta: mean response length and, with a score_fn, mean score (all ranks).
     Rank 0 prints the first sample of each beta."""
     metrics, chunk_size = {}, cfg.batch_size * s.world_size
@@ -413,11 +414,11 @@ def eval_samples(raw_model, prompts, score_fn, step, cfg, s):
     return metrics
 
 
-def evaluate(raw_model, eval_items, prompts, score_fn, step, cfg, s):
+def evaluate(raw_model, eval_items, prompts, score_fn, cfg, s):
     """Held-out loss terms (with an eval_split) and the samples of each eval beta."""
     raw_model.eval()
     metrics = {**(eval_loss(raw_model, eval_items, cfg, s) if eval_items else {}),
-               **eval_samples(raw_model, prompts, score_fn, step, cfg, s)}
+               **eval_samples(raw_model, prompts, score_fn, cfg, s)}
     raw_model.train()
     return metrics
 
@@ -441,7 +442,7 @@ def main(cfg):
                                   max_len=cfg.max_prompt_len + cfg.max_new_tokens)  # it scores the eval samples
     optimizer = make_optimizer(raw_model, cfg)  # the frozen targets are not in it
     resume = cfg.init_from == "resume"
-    start = restore(ckpt, optimizer) if resume else 0
+    start = restore(ckpt, optimizer, cfg) if resume else 0
     ckpt = None  # free the CPU copy of the weights and optimizer state
     # DDP's find_unused_parameters stays off: every trainable parameter gets a gradient every step (V from L_V, Q from
     # L_Q and L_CQL, the LM head from L_AWAC); the frozen targets are ignored
@@ -450,7 +451,7 @@ def main(cfg):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     if start == 0:
-        log(0, evaluate(raw_model, eval_items, prompts, score_fn, 0, cfg, s))
+        log(0, evaluate(raw_model, eval_items, prompts, score_fn, cfg, s))
     timer, metrics = Timer(cfg.max_iters, start), {}
     model.train()
     for step in range(start, cfg.max_iters):
@@ -458,7 +459,7 @@ def main(cfg):
         lr = begin_step(optimizer, step, cfg, s)
         # 1. forward and backward of L_Q + L_V + cql_scale * L_CQL + awac_scale * L_AWAC: one mean over the actions
         # of this step's global batch, accumulated over this rank's micro-batches
-        batches, n_actions = micro_batches(train_items, step, cfg, s)
+        batches, n_actions = collated_micro_batches(train_items, step, cfg, s)
         stats, n_tokens = forward_backward(model, raw_model, batches, n_actions, cfg, s)
         check_finite(stats["loss"], "loss", step)  # before the weights or any checkpoint see it
         # 2. clip, step
@@ -470,7 +471,7 @@ def main(cfg):
 
         done = step + 1  # the next step to run: where a resume starts
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
-            ev = evaluate(raw_model, eval_items, prompts, score_fn, done, cfg, s)
+            ev = evaluate(raw_model, eval_items, prompts, score_fn, cfg, s)
             log(done, ev)  # the weights after `done` steps
             metrics.update(ev)
             if s.master:

@@ -561,7 +561,7 @@ def main(cfg):
         if critic is not None:
             critic.load_state_dict(ckpt["critic"])
         kl_ctl.load_state_dict(ckpt["kl_ctl"])
-        start = restore(ckpt, optimizer)
+        start = restore(ckpt, optimizer, cfg)
     resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(model) if cfg.compile else model, s)
     log = start_log(cfg.out_dir, resume, s)

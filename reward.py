@@ -2,7 +2,8 @@
 Reward model (RM): a scalar score for a response to a prompt, learned from human preferences (Bradley-Terry).
 
 The algorithm: r(x, y) = a linear "reward" head on GPT-2's final hidden state at the last real token of
-prompt + response (the EOS that ends the response). For each pair, loss = -log sigmoid(r(x, chosen) - r(x, rejected)).
+prompt + response (the EOS that ends the response; a response cut at max_len: its last kept token). For each pair,
+loss = -log sigmoid(r(x, chosen) - r(x, rejected)).
 
 Our choices, where public implementations differ:
 - Chosen and rejected go through ONE forward (concatenated along the batch): one call of the model per micro-batch
@@ -21,8 +22,8 @@ Our choices, where public implementations differ:
 - Reads every preference format of data.py: prompt/chosen/rejected, Anthropic HH dialogues, TL;DR comparisons.
 Outputs in out_dir: ckpt.pt (always the last step, for resume), best.pt (best held-out accuracy), log.jsonl.
 
-The score r(x, y) is scoring.score_tokens, which every consumer of a reward model reads it with (scoring.py: a
-checkpoint's scores for ppo.py, evaluation and best-of-n sampling).
+The score r(x, y) is computed by scoring.score_tokens, one function for training here and for every consumer of a
+reward model (ppo.py, grpo.py, eval.py, best-of-n sampling).
 
     python reward.py config/reward_tiny.py
     python reward.py config/reward_tiny.py --normalize_std=True --dtype=bfloat16
@@ -153,9 +154,9 @@ def load_data(cfg, s):
         train_prefs = load_preferences(cfg.data, cfg.data_split, cfg.data_subset, cfg.skip_bad)
         eval_prefs = load_preferences(cfg.data, cfg.eval_split, cfg.data_subset, cfg.skip_bad)
         norm_rows = load_sft(cfg.norm_data, "train", "", cfg.skip_bad) if cfg.norm_data else None
-    (train_pairs, ties), (eval_pairs, eval_ties) = tokenize_pairs(train_prefs, cfg), tokenize_pairs(eval_prefs, cfg)
+    (train_pairs, identical), (eval_pairs, eval_identical) = (tokenize_pairs(p, cfg) for p in (train_prefs, eval_prefs))
     cut = sum(c[-1] != EOS or r[-1] != EOS for c, r in train_pairs)
-    print0(f"data: {len(train_pairs)} train / {len(eval_pairs)} eval pairs; dropped {ties + eval_ties} pairs "
+    print0(f"data: {len(train_pairs)} train / {len(eval_pairs)} eval pairs; dropped {identical + eval_identical} pairs "
            f"identical after truncation; {cut} train pairs have a response cut at max_len")
     if not train_pairs or not eval_pairs:
         raise DataError(f"{cfg.data}: no usable preference pairs in {cfg.data_split!r} or {cfg.eval_split!r}")
@@ -247,7 +248,7 @@ def main(cfg):
     raw_model, ckpt = build_model(cfg, s)
     optimizer = make_optimizer(raw_model, cfg)
     resume = cfg.init_from == "resume"  # then build_model loaded out_dir/ckpt.pt
-    start, best_eval_acc = (restore(ckpt, optimizer), ckpt["best_eval_acc"]) if resume else (0, -1.0)
+    start, best_eval_acc = (restore(ckpt, optimizer, cfg), ckpt["best_eval_acc"]) if resume else (0, -1.0)
     ckpt = None  # free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(raw_model) if cfg.compile else raw_model, s)  # what trains: compiled, DDP
     log = start_log(cfg.out_dir, resume, s)

@@ -216,7 +216,7 @@ def main(cfg):
     raw_model, ckpt = build_model(cfg, s)
     optimizer = make_optimizer(raw_model, cfg)
     resume = cfg.init_from == "resume"  # then build_model loaded out_dir/ckpt.pt
-    start, best_eval_loss = (restore(ckpt, optimizer), ckpt["best_eval_loss"]) if resume else (0, math.inf)
+    start, best_eval_loss = (restore(ckpt, optimizer, cfg), ckpt["best_eval_loss"]) if resume else (0, math.inf)
     ckpt = None  # free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(raw_model) if cfg.compile else raw_model, s)  # what trains: compiled, DDP
     log = start_log(cfg.out_dir, resume, s)

@@ -404,6 +404,29 @@ def test_a_resume_after_a_crash_logs_each_step_once(tmp_path, monkeypatch, art, 
     assert rows("crashed") == rows("whole")
 
 
+@pytest.mark.parametrize("script", TRAINERS)
+def test_a_resume_names_the_settings_it_changes(tmp_path, capsys, art, script):
+    """A resume is exact only with the checkpoint's settings: one with the same settings prints no note, one with
+    another seed, max_iters or number of processes names each of them with the checkpoint's value, and a checkpoint
+    already at max_iters says that no step is left."""
+    base = write_base(script, tmp_path, art)
+    run(script, [base])  # max_iters 1: a checkpoint at step 1
+    capsys.readouterr()
+    run(script, [base, "--init_from=resume"])
+    out = capsys.readouterr().out
+    assert "note: resuming with settings" not in out
+    assert "note: the checkpoint is at step 1, max_iters is 1: no step left to run" in out
+    ckpt_path = tmp_path / "out" / "ckpt.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["world_size"] == 1
+    torch.save({**ckpt, "world_size": 2}, ckpt_path)  # as if written by a 2-process torchrun
+    run(script, [base, "--init_from=resume", "--seed=7", "--max_iters=2"])
+    out = capsys.readouterr().out
+    note = re.search(r"note: resuming with settings other than the checkpoint's run: (.*)", out).group(1)
+    assert sorted(note.split(", ")) == ["max_iters 2 (was 1)", "seed 7 (was 1337)", "world_size 1 (was 2)"]
+    assert "no step left" not in out
+
+
 # ============================================================================ bad input
 FAULT_FIELD = {"sft": "completion", "reward": "rejected", "ppo": "prompt", "ilql": "response"}
 DATA_FAULTS = {  # fault -> ((good row, field) -> broken row, the message after "file: ")
