@@ -174,8 +174,9 @@ SHARED_NUMBERS = dict(positive=("batch_size", "grad_accum", "eval_interval", "le
 
 def check_numbers(cfg, positive=(), non_negative=(), fraction=()):
     """A ConfigError naming the first field out of its range: `positive` fields must be > 0 (an int: >= 1),
-    `non_negative` >= 0, `fraction` in [0, 1]; the SHARED_NUMBERS too, for every field cfg has. NaN and inf are out of
-    every range. Each script's check_config calls it first, so a bad size or rate stops the run before any work."""
+    `non_negative` >= 0, `fraction` in [0, 1]; the SHARED_NUMBERS too, for every field cfg has; and max_len above
+    max_prompt_len (room for a response) where cfg has both. NaN and inf are out of every range. Each script's
+    check_config calls it first, so a bad size or rate stops the run before any work."""
     tests = {"> 0": lambda x: x > 0, ">= 0": lambda x: x >= 0, "in [0, 1]": lambda x: 0 <= x <= 1,
              "in [0, 1)": lambda x: 0 <= x < 1}
     names = {"> 0": positive + SHARED_NUMBERS["positive"], ">= 0": non_negative + SHARED_NUMBERS["non_negative"],
@@ -186,6 +187,8 @@ def check_numbers(cfg, positive=(), non_negative=(), fraction=()):
             if value is not None and not (math.isfinite(value) and tests[rule](value)):
                 rule = ">= 1" if rule == "> 0" and isinstance(value, int) else rule  # a count
                 raise ConfigError(f"{name} must be {rule}, not {value!r}")
+    if hasattr(cfg, "max_len") and hasattr(cfg, "max_prompt_len") and cfg.max_len <= cfg.max_prompt_len:
+        raise ConfigError(f"max_len ({cfg.max_len}) must exceed max_prompt_len ({cfg.max_prompt_len})")
 
 
 # ---------------------------------------------------------------------------- device, DDP, precision
@@ -463,7 +466,10 @@ def restore(ckpt, optimizer, cfg):
     state: begin_step seeds each step.) A resume is exact when it runs with the checkpoint's settings; any setting
     that differs (another batch size, number of processes, max_iters that moves the learning-rate schedule) is named
     in a note: from there the run does what those settings do."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])  # the moments, and the checkpoint's settings with them...
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)  # ...which this run's Config replaces (weight_decay, betas; begin_step sets the lr)
     print0(f"resuming at step {ckpt['step']}")
     changed = [f"{k} {v!r} (was {ckpt['config'][k]!r})" for k, v in asdict(cfg).items()
                if k not in ("init_from", "out_dir") and k in ckpt["config"] and v != ckpt["config"][k]]
@@ -561,6 +567,8 @@ def lr_at(step, learning_rate, warmup_iters, decay_iters, min_lr_ratio=0.1):
     """Linear warmup, then cosine decay to min_lr_ratio * learning_rate at decay_iters."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
+    if step >= decay_iters:  # also when the warmup ends at or after decay_iters
+        return learning_rate * min_lr_ratio
     progress = min(1.0, (step - warmup_iters) / max(1, decay_iters - warmup_iters))
     return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 

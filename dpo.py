@@ -188,8 +188,6 @@ def mean_stats(sums, n_pairs, prefix=""):
 # ----------------------------------------------------------------------------- data, models, evaluation
 def check_config(cfg):
     check_numbers(cfg, positive=("max_prompt_len", "max_len", "eval_batch_size", "beta"))
-    if cfg.max_len <= cfg.max_prompt_len:
-        raise ConfigError(f"max_len ({cfg.max_len}) must exceed max_prompt_len ({cfg.max_prompt_len})")
     if cfg.loss_type not in ("sigmoid", "ipo"):
         raise ConfigError(f"loss_type must be 'sigmoid' or 'ipo', not {cfg.loss_type!r}")
     if not 0 <= cfg.label_smoothing < 0.5 or (cfg.label_smoothing and cfg.loss_type != "sigmoid"):

@@ -310,8 +310,6 @@ def check_config(cfg):
                   fraction=("gamma", "tau", "alpha"))
     if cfg.data_format not in ("offline", "preferences"):
         raise ConfigError(f"data_format must be 'offline' or 'preferences', not {cfg.data_format!r}")
-    if cfg.max_len <= cfg.max_prompt_len:
-        raise ConfigError(f"max_len ({cfg.max_len}) must exceed max_prompt_len ({cfg.max_prompt_len})")
     if cfg.reward_model and cfg.reward_fn:
         raise ConfigError("set at most one of reward_model and reward_fn (they score the evaluation samples)")
 

@@ -162,6 +162,9 @@ def build_model(cfg, s):
     model, ckpt = load_model(init, heads={}, kind="sft" if resume else None, scratch=scratch)
     if cfg.max_len > model.config.block_size:
         raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({model.config.block_size})")
+    if cfg.n_samples and cfg.sample_tokens >= model.config.block_size:
+        raise ConfigError(f"sample_tokens ({cfg.sample_tokens}) leaves no room for a prompt in the model's block_size "
+                          f"({model.config.block_size})")
     model.grad_checkpointing = cfg.grad_checkpointing
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters from {init}")
     return model.to(s.device), ckpt

@@ -2,7 +2,8 @@
 # config/reward_hh_gpt2.py (run those first). No critic: each prompt is answered group_size times and a reply's
 # advantage is its score against its group's.
 #   torchrun --standalone --nproc_per_node=8 grpo.py config/grpo_hh_gpt2.py
-#   python grpo.py config/grpo_hh_gpt2.py --batch_size=64 --grad_accum=8   # 1 GPU: 8x the prompts of one GPU
+#   python grpo.py config/grpo_hh_gpt2.py --batch_size=64 --minibatch_size=128 --grad_accum=16   # 1 GPU: the same
+#   512 episodes and 4 optimizer steps of 128 per iteration, 8 sequences per forward
 init_from = "out-sft-hh/ckpt.pt"
 reward_model = "out-rm-hh/ckpt.pt"  # normalize_std=True there: held-out chosen replies score mean 0, std 1
 data = "Anthropic/hh-rlhf"  # prompt = each dialogue of `chosen` up to its last "\n\nAssistant:"

@@ -221,12 +221,6 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     assert_same_weights(tmp_path / "ddp" / "ckpt.pt", tmp_path / "one" / "ckpt.pt", step=3, atol=0)
 
 
-def test_max_len_must_leave_room_for_a_response(tmp_path):
-    data = marker_prefs(tmp_path / "prefs.jsonl", n=20)
-    with pytest.raises(ConfigError, match=r"^max_len \(32\) must exceed max_prompt_len \(32\)$"):
-        dpo.main(tiny_cfg(tmp_path, data, max_len=32, max_prompt_len=32))
-
-
 def test_a_reward_checkpoint_is_refused_as_the_start(tmp_path):
     """A reward model's checkpoint where the SFT model belongs is named, not trained from: its trunk would load as
     policy and reference and the run would look normal."""

@@ -40,7 +40,8 @@ import reward
 import sample
 import scoring
 import sft
-from common import ConfigError, RunError, load_checkpoint, parse_config, print_config, save_checkpoint
+from common import (ConfigError, RunError, load_checkpoint, make_optimizer, parse_config, print_config, restore,
+                    save_checkpoint)
 from data import DataError
 from model import GPT, GPTConfig
 from tests.helpers import ROOT, assert_same_weights, file_digest, write_jsonl
@@ -603,6 +604,43 @@ def test_sizes_counts_and_rates_out_of_range_are_named(tmp_path, script, field, 
     cfg = mod.Config(**{field: value, "device": "cpu"})
     with pytest.raises(ConfigError, match=f"^{re.escape(f'{field} must be {rule}, not {value!r}')}$"):
         mod.main(cfg)
+
+
+@pytest.mark.parametrize("script", ["sft", "reward", "dpo", "ilql"])
+def test_max_len_must_leave_room_for_a_response(script):
+    """Every trainer with a max_len (prompt + response) refuses one that leaves no token after max_prompt_len, before
+    it loads anything (a traceback from the tokenizer before, for sft and reward)."""
+    mod = {**SCRIPTS, "dpo": dpo}[script]
+    with pytest.raises(ConfigError, match=r"^max_len \(32\) must exceed max_prompt_len \(32\)$"):
+        mod.main(mod.Config(max_len=32, max_prompt_len=32, device="cpu"))
+
+
+def test_sft_samples_must_leave_room_for_a_prompt(tmp_path, art):
+    """sample_tokens filling the whole context is refused at start-up, naming it (it crashed at the first evaluation,
+    after training, naming max_prompt_len); with n_samples 0 nothing is sampled and it does not matter."""
+    base = write_base("sft", tmp_path, art)
+    with pytest.raises(ConfigError, match=r"^sample_tokens \(64\) leaves no room for a prompt in the model's "
+                                          r"block_size \(64\)$"):
+        run("sft", [base, "--n_samples=1", "--sample_tokens=64"])
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    run("sft", [base, "--n_samples=0", "--sample_tokens=64"])
+
+
+def test_a_resume_trains_with_its_own_optimizer_settings():
+    """restore takes the checkpoint's AdamW moments but keeps this run's weight_decay and betas (load_state_dict
+    brings back the saved ones, and begin_step resets only the learning rate)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    old = make_optimizer(net, sft.Config(weight_decay=0.0, beta1=0.9, beta2=0.999))
+    net(torch.randn(4, 3)).sum().backward()
+    old.step()
+    cfg = sft.Config(weight_decay=0.5, beta1=0.8, beta2=0.95, max_iters=10)
+    ckpt = dict(optimizer=old.state_dict(), step=1, config=asdict(sft.Config()))
+    new = make_optimizer(net, cfg)
+    restore(ckpt, new, cfg)
+    assert [(g["weight_decay"], g["betas"]) for g in new.param_groups] == [(0.5, (0.8, 0.95)), (0.0, (0.8, 0.95))]
+    for p in net.parameters():
+        assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
 
 
 @pytest.mark.parametrize("script", ["sft", "reward", "ppo", "grpo", "dpo", "ilql"])

@@ -4,6 +4,7 @@ torchrun run equals 1 process on the same global batch; gradient checkpointing c
 
 import dataclasses
 import json
+import math
 import random
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 import model as model_module
 import sft
-from common import Setup, batch_indices, load_checkpoint, load_model, parse_config
+from common import Setup, batch_indices, load_checkpoint, load_model, lr_at, parse_config
 from data import EOS, DataError, collate_sft, tokenize_example
 from model import GPT, GPTConfig
 from tests.helpers import assert_same_weights, file_digest, spy_on_compile, torchrun, train_log, write_jsonl
@@ -240,3 +241,16 @@ def test_compile_trains_like_eager(tmp_path, monkeypatch):
     assert len(compiled) == 1
     for x, y in zip(train_log(tmp_path / "eager" / "out"), train_log(tmp_path / "compiled" / "out"), strict=True):
         assert abs(x["loss"] / y["loss"] - 1) < 1e-4 and abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-3, (x, y)
+
+
+def test_learning_rate_schedule_by_hand():
+    """lr_at: linear warmup to the peak over warmup_iters, cosine to min_lr_ratio * peak at decay_iters, flat after;
+    a warmup that ends at or after decay_iters goes straight to the minimum (not one step back at the peak)."""
+    lr = lambda step, warmup, decay: lr_at(step, 1.0, warmup, decay, min_lr_ratio=0.1)
+    assert [lr(t, 4, 12) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr(4, 4, 12) == 1.0  # the cosine's start
+    assert lr(8, 4, 12) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi / 2) = 0
+    assert lr(10, 4, 12) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert lr(12, 4, 12) == lr(50, 4, 12) == pytest.approx(0.1)
+    assert [lr(t, 5, 5) for t in range(7)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 0.1, 0.1])
+    assert [lr(t, 0, 0) for t in range(2)] == pytest.approx([0.1, 0.1])
