@@ -146,7 +146,7 @@ def train_sft(cfg, path, shared):
                         block_size=cfg.block_size, data=path("data", "corpus"), out_dir=path("sft"),
                         max_iters=cfg.sft_iters, learning_rate=1e-3, warmup_iters=min(100, cfg.sft_iters // 10),
                         max_len=cfg.block_size, batch_size=cfg.batch_size, eval_interval=every(cfg.sft_iters),
-                        sample_tokens=cfg.max_new_tokens, **shared))
+                        max_new_tokens=cfg.max_new_tokens, **shared))
 
 
 def load_policy(ckpt, kind, cfg, s, heads=None):

@@ -106,7 +106,7 @@ class Config:
     # evaluation, checkpoints, logging
     out_dir: str = "out-ilql"  # ckpt.pt (last, for resume and ILQL decoding), hf/, log.jsonl
     eval_interval: int = 50  # evaluate and write the checkpoint every this many steps (and at the end)
-    eval_prompts: int = 16  # distinct held-out prompts sampled at each evaluation
+    eval_size: int = 16  # distinct held-out prompts sampled at each evaluation (0 = only the held-out loss)
     eval_betas: tuple = (0.0, 1.0, 4.0)  # decoding betas compared at each evaluation (0 = behaviour policy)
     max_new_tokens: int = 32  # response length of evaluation samples
     temperature: float = 1.0  # sampling temperature of evaluation samples
@@ -306,7 +306,7 @@ def forward_backward(model, raw_model, batches, n_actions, cfg, s):
 # ----------------------------------------------------------------------------- data, model, evaluation
 def check_config(cfg):
     check_numbers(cfg, positive=("max_prompt_len", "max_len", "n_step", "max_new_tokens"),
-                  non_negative=("cql_scale", "awac_scale", "beta_awac", "eval_prompts", "temperature", "top_k"),
+                  non_negative=("cql_scale", "awac_scale", "beta_awac", "eval_size", "temperature", "top_k"),
                   fraction=("gamma", "tau", "alpha"))
     if cfg.data_format not in ("offline", "preferences"):
         raise ConfigError(f"data_format must be 'offline' or 'preferences', not {cfg.data_format!r}")
@@ -335,7 +335,7 @@ def load_data(cfg, s):
     tok = lambda e: (*data.tokenize_example(e.prompt, e.response, cfg.max_prompt_len, cfg.max_len),
                      (e.reward - mean) / std)
     train_items, eval_items = [tok(e) for e in train_data], [tok(e) for e in eval_data]
-    prompts = list(dict.fromkeys(e.prompt for e in (eval_data or train_data)))[:cfg.eval_prompts]
+    prompts = list(dict.fromkeys(e.prompt for e in (eval_data or train_data)))[:cfg.eval_size]
     print0(f"data: {len(train_items)} training rows, {len(eval_items)} held-out rows, rewards z-scored with "
            f"mean {mean:.4g} std {std:.4g}")
     return train_items, eval_items, prompts, (mean, std)
@@ -387,6 +387,8 @@ def eval_samples(raw_model, prompts, score_fn, cfg, s):
     """The prompts sampled at each eval beta: mean response length and, with a score_fn, mean score (all ranks).
     Rank 0 prints the first sample of each beta."""
     metrics, chunk_size = {}, cfg.batch_size * s.world_size
+    if not prompts:
+        return metrics
     for beta in cfg.eval_betas:
         total = torch.zeros(3, dtype=torch.float64, device=s.device)  # scores, responses, response tokens
         for j in range(0, len(prompts), chunk_size):

@@ -74,8 +74,8 @@ class Config:
     out_dir: str = "out-sft"  # ckpt.pt (last, for resume), best.pt (best eval loss), hf/, log.jsonl
     eval_interval: int = 200  # evaluate, print samples and write checkpoints every this many steps (and at the end)
     eval_batch_size: int = 16  # sequences per eval forward, per rank
-    n_samples: int = 2  # prompts of the held-out set sampled at each eval (0 = none)
-    sample_tokens: int = 48  # new tokens per sample
+    eval_samples: int = 2  # sample texts printed per evaluation (the first held-out prompts, temperature 0.7)
+    max_new_tokens: int = 48  # new tokens per printed sample
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | tf32 (CUDA) | bfloat16 (autocast; weights, optimizer, log-softmax stay fp32)
@@ -129,8 +129,8 @@ def forward_backward(model, lm_head, batches, s):
 
 # ----------------------------------------------------------------------------- data, model, evaluation
 def check_config(cfg):
-    check_numbers(cfg, positive=("max_prompt_len", "max_len", "eval_batch_size", "sample_tokens"),
-                  non_negative=("n_samples",))
+    check_numbers(cfg, positive=("max_prompt_len", "max_len", "eval_batch_size", "max_new_tokens"),
+                  non_negative=("eval_samples",))
     if cfg.data_format not in ("sft", "chosen"):
         raise ConfigError(f"data_format must be 'sft' or 'chosen', not {cfg.data_format!r}")
 
@@ -162,9 +162,9 @@ def build_model(cfg, s):
     model, ckpt = load_model(init, heads={}, kind="sft" if resume else None, scratch=scratch)
     if cfg.max_len > model.config.block_size:
         raise ConfigError(f"max_len ({cfg.max_len}) exceeds the model's block_size ({model.config.block_size})")
-    if cfg.n_samples and cfg.sample_tokens >= model.config.block_size:
-        raise ConfigError(f"sample_tokens ({cfg.sample_tokens}) leaves no room for a prompt in the model's block_size "
-                          f"({model.config.block_size})")
+    if cfg.eval_samples and cfg.max_new_tokens >= model.config.block_size:
+        raise ConfigError(f"max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in the model's "
+                          f"block_size ({model.config.block_size})")
     model.grad_checkpointing = cfg.grad_checkpointing
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters from {init}")
     return model.to(s.device), ckpt
@@ -188,16 +188,16 @@ def evaluate(model, eval_ids, cfg, s):
 
 @torch.no_grad()
 def print_samples(model, eval_data, cfg, s):
-    """Rank 0 prints samples (temperature 0.7) for the first n_samples held-out prompts."""
-    n = min(cfg.n_samples, len(eval_data))
+    """Rank 0 prints samples (temperature 0.7) for the first eval_samples held-out prompts."""
+    n = min(cfg.eval_samples, len(eval_data))
     if n == 0 or not s.master:
         return
     model.eval()
     prompts = [ex.prompt for ex in eval_data[:n]]
-    room = min(cfg.max_prompt_len, model.config.block_size - cfg.sample_tokens)
+    room = min(cfg.max_prompt_len, model.config.block_size - cfg.max_new_tokens)
     gen = torch.Generator(s.device).manual_seed(cfg.seed)  # its own generator: the training RNG is untouched
     with s.autocast():
-        texts = sample_responses(model, prompts, room, cfg.sample_tokens, 0.7, generator=gen)["texts"]
+        texts = sample_responses(model, prompts, room, cfg.max_new_tokens, 0.7, generator=gen)["texts"]
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
         print0(f"--- sample {i}: {prompt[-200:]!r} -> {text!r}")
     model.train()

@@ -34,7 +34,7 @@ awac_scale = 1.0
 # with 300-token responses that is 8 * 300 * 50257 * 4 bytes = 482 MB each. Lower batch_size (and raise grad_accum)
 # on a GPU under 40 GB.
 eval_interval = 500
-eval_prompts = 64
+eval_size = 64
 eval_betas = (0.0, 1.0, 4.0)
 max_new_tokens = 128
 temperature = 1.0

@@ -22,7 +22,7 @@ warmup_iters = 2
 alpha = 0.05  # fast targets: a short run needs them to follow the online heads
 
 eval_interval = 10
-eval_prompts = 4
+eval_size = 4
 eval_betas = (0.0, 4.0)
 max_new_tokens = 8
 device = "cpu"

@@ -19,6 +19,6 @@ warmup_iters = 100
 weight_decay = 0.0
 eval_interval = 250  # 2,048 eval dialogues / 16 = 128 forwards
 eval_batch_size = 16
-n_samples = 2
-sample_tokens = 64
+eval_samples = 2
+max_new_tokens = 64
 dtype = "bfloat16"

@@ -197,7 +197,7 @@ def test_polyak_update_after_one_step(tmp_path):
     save_checkpoint(init, kind="ilql", model_config=asdict(model.config), model=model.state_dict(), step=0)
     alpha = 0.3
     cfg = ilql.Config(**{**TINY, "init_from": init}, data=str(FIX / "offline.jsonl"), out_dir=str(tmp_path / "out"),
-                      max_iters=1, batch_size=3, learning_rate=1e-2, alpha=alpha, eval_prompts=1, eval_betas=(1.0,),
+                      max_iters=1, batch_size=3, learning_rate=1e-2, alpha=alpha, eval_size=1, eval_betas=(1.0,),
                       max_new_tokens=2)
     m = ilql.main(cfg)
     assert "eval_loss" not in m and "len_beta1" in m  # eval_split="": no held-out loss, training prompts sampled
@@ -275,7 +275,7 @@ def first_token_rates(model, beta, n=128):
 def test_learns_the_rewarded_token(tmp_path):
     cfg = ilql.Config(**TINY, data=good_bad_data(tmp_path / "gb.jsonl"), out_dir=str(tmp_path / "out"),
                       batch_size=8, max_iters=80, learning_rate=5e-3, min_lr_ratio=1.0, alpha=0.2, cql_scale=0.5,
-                      eval_interval=1000, eval_prompts=1, eval_betas=(0.0,), max_new_tokens=1)
+                      eval_interval=1000, eval_size=1, eval_betas=(0.0,), max_new_tokens=1)
     # (tuned on 16 seeds: beta = 0 gives 0.33-0.53 " good", beta = 4 gives >= 0.99; ~4 s on one thread)
     ilql.main(cfg)
     model, ckpt = load_model(str(tmp_path / "out" / "ckpt.pt"), ilql.ilql_heads(V), kind="ilql")
@@ -293,7 +293,7 @@ def run_cfg(tmp_path, name, **kw):
     return ilql.Config(**{**TINY, "data": str(FIX / "prefs.jsonl"), "data_format": "preferences",
                           "eval_split": "train[:1]", "out_dir": str(tmp_path / name), "batch_size": 2,
                           "grad_accum": 2, "max_iters": 4, "eval_interval": 2, "learning_rate": 1e-3,
-                          "warmup_iters": 1, "min_lr_ratio": 1.0, "eval_prompts": 2, "eval_betas": (0.0, 2.0),
+                          "warmup_iters": 1, "min_lr_ratio": 1.0, "eval_size": 2, "eval_betas": (0.0, 2.0),
                           "max_new_tokens": 3, **kw})
 
 
@@ -332,7 +332,7 @@ def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
     fake_rm = types.SimpleNamespace(config=types.SimpleNamespace(block_size=64))  # as long as the policy's context
     monkeypatch.setattr(scoring, "load_reward_model", lambda path, device: fake_rm)
     monkeypatch.setattr(scoring, "score_tokens", lambda rm, tokens, mask: mask.sum(1).float())  # prompt + response
-    m = ilql.main(run_cfg(tmp_path, "rm", max_iters=1, grad_accum=1, reward_model="rm.pt", eval_prompts=3,
+    m = ilql.main(run_cfg(tmp_path, "rm", max_iters=1, grad_accum=1, reward_model="rm.pt", eval_size=3,
                           eval_split="train"))
     prompts = [p.prompt for p in data.load_preferences(str(FIX / "prefs.jsonl"))]
     prompt_len = sum(len(data.tokenize_prompt(p, 16)) for p in prompts) / 3
@@ -343,7 +343,7 @@ def test_scores_from_reward_fn_and_reward_model(tmp_path, monkeypatch):
 def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
     """2 ranks x 2 rows == 1 process x 2 micro-batches of 2 rows: the same global batch in the same pieces gives the
     same weights bit for bit, and the same logged loss and gradient norm per step, and held-out loss."""
-    args = ["config/ilql_tiny.py", "--max_iters=2", "--eval_interval=2", "--eval_prompts=2", "--max_new_tokens=2",
+    args = ["config/ilql_tiny.py", "--max_iters=2", "--eval_interval=2", "--eval_size=2", "--max_new_tokens=2",
             "--grad_accum=1", "--learning_rate=1e-3"]
     torchrun("ilql.py", [*args, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"], tmp_path)
     monkeypatch.chdir(ROOT)  # the tiny config's data path is relative to the repository
@@ -384,7 +384,7 @@ def test_bf16_decodes_from_fp32_heads(tmp_path, monkeypatch):
     real_evaluate = ilql.evaluate  # keep only the last evaluation's steps: the checkpoint's weights made them
     monkeypatch.setattr(ilql, "evaluate", lambda *a, **kw: seen.clear() or real_evaluate(*a, **kw))
     ilql.main(ilql.Config(**{**TINY, "dtype": "bfloat16"}, data=str(FIX / "offline.jsonl"),
-                          out_dir=str(tmp_path / "out"), max_iters=1, batch_size=3, eval_prompts=1,
+                          out_dir=str(tmp_path / "out"), max_iters=1, batch_size=3, eval_size=1,
                           eval_betas=(2.0,), max_new_tokens=3))
     model, _ = load_model(str(tmp_path / "out" / "ckpt.pt"), kind="ilql")
     assert len(seen) >= 1
@@ -392,3 +392,13 @@ def test_bf16_decodes_from_fp32_heads(tmp_path, monkeypatch):
         with torch.no_grad():
             want = ilql_logits_fn(model, 2.0)(h.float())  # no autocast: fp32 throughout
         torch.testing.assert_close(logits, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=0)  # fp32 rounding
+
+
+def test_eval_size_0_evaluates_the_held_out_loss_only(tmp_path):
+    """eval_size 0 samples nothing, so the evaluation logs the held-out loss terms and no sample lengths or scores
+    (it logged a length of 0 for every beta)."""
+    ilql.main(run_cfg(tmp_path, "out", max_iters=2, eval_size=0))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert not any(k.startswith(("len_beta", "score_beta")) for r in rows for k in r)

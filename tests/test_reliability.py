@@ -100,13 +100,13 @@ def write_base(script, tmp_path, art):
     train = dict(TINY, data=data, out_dir=out, max_iters=1, learning_rate=1e-3, eval_interval=1000)
     settings = {
         "sft": dict(train, data_split="train", eval_split="train", max_prompt_len=32, max_len=64, batch_size=2,
-                    grad_accum=1, warmup_iters=0, eval_batch_size=4, n_samples=0),
+                    grad_accum=1, warmup_iters=0, eval_batch_size=4, eval_samples=0),
         "reward": dict(train, data_split="train", eval_split="train", max_prompt_len=32, max_len=64, batch_size=2,
                        grad_accum=1, warmup_iters=0, eval_batch_size=4),
         "ppo": dict(train, reward_model="", reward_fn="tests.test_reliability:length_reward", eval_split="train",
                     eval_size=0, max_prompt_len=16, max_new_tokens=4, batch_size=2, minibatch_size=2, ppo_epochs=1),
         "ilql": dict(train, data_format="offline", eval_split="train", max_prompt_len=16, max_len=32, batch_size=2,
-                     grad_accum=1, warmup_iters=0, eval_prompts=1, eval_betas=(0.0,), max_new_tokens=2, top_k=0),
+                     grad_accum=1, warmup_iters=0, eval_size=1, eval_betas=(0.0,), max_new_tokens=2, top_k=0),
         "sample": dict(init_from=art["sft_ckpt"], start="Hello", num_samples=1, max_new_tokens=2, device="cpu"),
     }[script]
     path = tmp_path / f"{script}_base.py"
@@ -317,9 +317,9 @@ def test_nonfinite_step_stops_before_the_checkpoint(tmp_path, monkeypatch, art, 
 
 # ============================================================================ determinism
 DETERMINISM_ARGS = {  # a few steps, with what draws random numbers switched on: dropout, samples, rollouts
-    "sft": ["--max_iters=3", "--dropout=0.1", "--n_samples=1", "--sample_tokens=4"],
+    "sft": ["--max_iters=3", "--dropout=0.1", "--eval_samples=1", "--max_new_tokens=4"],
     "reward": ["--max_iters=3"],
-    "ilql": ["--max_iters=3", "--eval_prompts=2", "--eval_betas=(0.0, 2.0)", "--max_new_tokens=3"],
+    "ilql": ["--max_iters=3", "--eval_size=2", "--eval_betas=(0.0, 2.0)", "--max_new_tokens=3"],
     "ppo": ["--max_iters=2", "--eval_size=2", "--eval_interval=1", "--eval_samples=1", "--batch_size=4"],
 }
 
@@ -616,14 +616,14 @@ def test_max_len_must_leave_room_for_a_response(script):
 
 
 def test_sft_samples_must_leave_room_for_a_prompt(tmp_path, art):
-    """sample_tokens filling the whole context is refused at start-up, naming it (it crashed at the first evaluation,
-    after training, naming max_prompt_len); with n_samples 0 nothing is sampled and it does not matter."""
+    """max_new_tokens filling the whole context is refused at start-up, naming it (it crashed at the first evaluation,
+    after training, naming max_prompt_len); with eval_samples 0 nothing is sampled and it does not matter."""
     base = write_base("sft", tmp_path, art)
-    with pytest.raises(ConfigError, match=r"^sample_tokens \(64\) leaves no room for a prompt in the model's "
+    with pytest.raises(ConfigError, match=r"^max_new_tokens \(64\) leaves no room for a prompt in the model's "
                                           r"block_size \(64\)$"):
-        run("sft", [base, "--n_samples=1", "--sample_tokens=64"])
+        run("sft", [base, "--eval_samples=1", "--max_new_tokens=64"])
     assert not (tmp_path / "out" / "ckpt.pt").exists()
-    run("sft", [base, "--n_samples=0", "--sample_tokens=64"])
+    run("sft", [base, "--eval_samples=0", "--max_new_tokens=64"])
 
 
 def test_a_resume_trains_with_its_own_optimizer_settings():

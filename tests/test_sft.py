@@ -42,7 +42,7 @@ def tiny_cfg(tmp_path, data, **overrides):
     """The tiny preset the demo uses, pointed at `data` with a held-out 20%."""
     cfg = parse_config(sft.Config, [str(ROOT / "config" / "sft_tiny.py")])
     base = dict(data=data, data_split="train[:80%]", eval_split="train[80%:]", out_dir=str(tmp_path / "out"),
-                n_samples=0, eval_interval=1000)
+                eval_samples=0, eval_interval=1000)
     return dataclasses.replace(cfg, **{**base, **overrides})
 
 
@@ -132,7 +132,7 @@ def test_batch_indices_are_epochs_of_permutations():
 # ----------------------------------------------------------------------------- end to end
 def test_short_run_lowers_heldout_loss(tmp_path):
     cfg = tiny_cfg(tmp_path, copy_task(tmp_path / "copy.jsonl"), max_iters=30, learning_rate=1e-2, eval_interval=15,
-                   n_samples=1, sample_tokens=4)
+                   eval_samples=1, max_new_tokens=4)
     out = sft.main(cfg)
     assert out["eval_loss"] < out["eval_loss_start"] - 2.0, out
     out_dir = Path(cfg.out_dir)
@@ -201,7 +201,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     (common.rank_batch), so the loss, the gradient norm and the weights are the same, bit for bit."""
     data = copy_task(tmp_path / "copy.jsonl", n=20)
     common = ["config/sft_tiny.py", "--data=" + data, "--data_split=train[:80%]", "--eval_split=train[80%:]",
-              "--max_iters=3", "--batch_size=2", "--eval_interval=1000", "--n_samples=0", "--learning_rate=1e-2"]
+              "--max_iters=3", "--batch_size=2", "--eval_interval=1000", "--eval_samples=0", "--learning_rate=1e-2"]
     r = torchrun("sft.py", [*common, f"--out_dir={tmp_path / 'ddp'}", "--grad_accum=1"], tmp_path)
     assert "step 2 | loss" in r.stdout
     sft.main(parse_config(sft.Config, [*common, f"--out_dir={tmp_path / 'one'}", "--grad_accum=2"]))
