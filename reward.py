@@ -277,10 +277,10 @@ def main(cfg):
             ev = evaluate(raw_model, eval_pairs, norm_seqs, cfg, s)
             best_eval_acc, is_best = max(best_eval_acc, ev["eval_acc"]), ev["eval_acc"] > best_eval_acc
             log(done, {**ev, "best_eval_acc": best_eval_acc})  # the weights after `done` steps
-            if s.master:
-                save(ckpt_path, raw_model, optimizer, done, ev, best_eval_acc, cfg)
+            if s.master:  # best.pt first: a crash between the two leaves ckpt.pt behind, and its resume redoes both
                 if is_best:
                     save(best_path, raw_model, None, done, ev, best_eval_acc, cfg)
+                save(ckpt_path, raw_model, optimizer, done, ev, best_eval_acc, cfg)
 
     if s.master and ev:
         print0(f"saved {ckpt_path} and {best_path}; scores shifted by {-ev['norm_mean']:.4g}"

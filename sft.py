@@ -248,10 +248,10 @@ def main(cfg):
             best_eval_loss, is_best = min(best_eval_loss, eval_loss), eval_loss < best_eval_loss
             log(done, {"eval_loss": eval_loss, "best_eval_loss": best_eval_loss})  # the weights after `done` steps
             print_samples(raw_model, eval_data, cfg, s)
-            if s.master:
-                save(ckpt_path, raw_model, optimizer, done, best_eval_loss, cfg)
+            if s.master:  # best.pt first: a crash between the two leaves ckpt.pt behind, and its resume redoes both
                 if is_best:
                     save(best_path, raw_model, None, done, best_eval_loss, cfg)
+                save(ckpt_path, raw_model, optimizer, done, best_eval_loss, cfg)
 
     if s.master:
         raw_model.save_hf(os.path.join(cfg.out_dir, "hf"))

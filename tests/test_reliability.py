@@ -405,6 +405,32 @@ def test_a_resume_after_a_crash_logs_each_step_once(tmp_path, monkeypatch, art, 
     assert rows("crashed") == rows("whole")
 
 
+def test_a_crash_between_the_two_checkpoints_keeps_best_pt_the_best(tmp_path, monkeypatch, art):
+    """sft writes best.pt and ckpt.pt after an evaluation that improved; killed between the two writes and resumed,
+    the run ends with the best.pt of an uninterrupted run (with ckpt.pt written first, a resume from it believed
+    the new best was saved while best.pt held older weights, and never wrote it)."""
+    args = ["--max_iters=4", "--eval_interval=2", "--learning_rate=1e-2"]
+    run("sft", [write_base("sft", tmp_path / "whole", art), *args])
+    whole = load_checkpoint(str(tmp_path / "whole" / "out" / "best.pt"))
+    assert whole["step"] == 4  # the last evaluation is the best: the case a crash at its writes can spoil
+    base = write_base("sft", tmp_path / "crashed", art)
+    real_save, writes = sft.save, []
+
+    def dies_between_the_writes_of_step_4(path, model, optimizer, step, *rest):
+        writes.append(step)
+        if writes.count(4) == 2:
+            raise KeyboardInterrupt
+        real_save(path, model, optimizer, step, *rest)
+    monkeypatch.setattr(sft, "save", dies_between_the_writes_of_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run("sft", [base, *args])
+    monkeypatch.undo()
+    run("sft", [base, *args, "--init_from=resume"])
+    crashed = load_checkpoint(str(tmp_path / "crashed" / "out" / "best.pt"))
+    assert crashed["step"] == 4 and crashed["best_eval_loss"] == whole["best_eval_loss"]
+    assert all(torch.equal(crashed["model"][k], v) for k, v in whole["model"].items())
+
+
 @pytest.mark.parametrize("script", TRAINERS)
 def test_a_resume_names_the_settings_it_changes(tmp_path, capsys, art, script):
     """A resume is exact only with the checkpoint's settings: one with the same settings prints no note, one with
