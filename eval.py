@@ -31,7 +31,7 @@ Our choices:
 - Judges: a reward model checkpoint (reward.py; read at the EOS appended to prompt + response, as it was trained),
   a Python reward_fn "module:function", f(prompts, responses) -> list of floats, or both (two judges; win rates by
   reward_fn, the programmatic one).
-One process (no torchrun): evaluation is sampling, and one GPU samples a few hundred prompts in minutes.
+One process (no torchrun): evaluation is sampling and forwards without gradients, cheap next to training.
 
     python eval.py --policies=out-sft/ckpt.pt,out-ppo/ckpt.pt,out-ilql/ckpt.pt@beta=4 --ref=out-sft/ckpt.pt \\
         --data=Anthropic/hh-rlhf --n_prompts=200 --reward_model=out-rm/ckpt.pt
@@ -51,10 +51,9 @@ import scoring
 from common import (ConfigError, RunError, Timer, check_numbers, first_line, load_model, mix_seed, print0,
                     print_config, run_main, setup)
 from model import fp32_heads, token_logprobs
-from sample import ilql_logits_fn, sample_responses
+from sample import POLICY_KINDS, ilql_logits_fn, sample_responses
 
 Z95 = statistics.NormalDist().inv_cdf(0.975)  # 1.96: a 95% two-sided normal interval
-POLICY_KINDS = ("sft", "ppo", "ilql", "dpo", "grpo")  # our checkpoints that hold a policy (not a reward model)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """
 Critic-free online RL for language models: GRPO (Shao et al. 2024, DeepSeekMath), Dr. GRPO (Liu et al. 2025) and RLOO
 (Ahmadian et al. 2024). PPO's clipped-ratio update without a value function: each prompt is sampled group_size times
-and a response's advantage is its reward compared with the other responses to the same prompt.
+and a response's advantage is its reward compared with the other responses to the same prompt. Steps 1-3 and the
+evaluation are ppo.py's (rollout, minibatches, forward_logprobs, evaluate): read ppo.py first.
 
 Each iteration, on every rank:
   1. sample group_size responses to each of batch_size prompts (plain sampling at temperature T, as ppo.py)
@@ -66,12 +67,12 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-import ppo
 from common import (ConfigError, Timer, all_reduce_mean, batch_indices, begin_step, check_numbers, cleanup,
                     load_checkpoint, load_model, make_optimizer, mix_seed, optimizer_step, print0, print_config,
                     restore, run_main, save_checkpoint, setup, start_log, wrap_ddp)
 from model import GPTConfig, fp32_heads
-from ppo import PhaseTimer, entropy_from_logits, forward_logprobs, load_data, minibatches, rollout, token_stats
+from ppo import (PhaseTimer, entropy_from_logits, evaluate, forward_logprobs, load_data, minibatches, rollout,
+                 token_stats)
 from scoring import make_scorer
 
 
@@ -104,8 +105,8 @@ class Config:
     ppo_epochs: int = 1  # passes over each batch (GRPO's mu)
     minibatch_size: int = 0  # responses per optimizer step per rank (0 = all batch_size * group_size: one step)
     cliprange: float = 0.2  # ratio clip
-    beta: float = 0.04  # KL coefficient (0 = no KL, no reference model)
-    kl_estimator: str = "k3"  # k3: beta * k3 per token in the loss (GRPO) | k1: beta * summed KL off the reward
+    beta: float = 0.04  # KL coefficient, fixed (ppo.py's init_kl_coef without a controller); 0 = no KL, no reference
+    kl_estimator: str = "k3"  # k3: beta * k3 per token in the loss (GRPO) | k1: score - beta * summed KL (reward)
     # optimisation
     max_iters: int = 100  # iterations (rollout batches)
     grad_accum: int = 1  # micro-batches per minibatch (memory); also the chunking of no-grad forwards
@@ -284,13 +285,6 @@ def build_models(cfg, s, init_from, ckpt=None):
     return fp32_heads(policy, cfg.fp32_heads).to(s.device).eval(), ref, score_fn
 
 
-def evaluate(policy, ref, score_fn, prompts, cfg, s):
-    """ppo.evaluate: mean score, KL to the reference and response length on the held-out prompts, one response each
-    with a fixed seed; without a reference (beta = 0), no KL."""
-    ev = ppo.evaluate(policy, policy if ref is None else ref, score_fn, prompts, cfg, s)
-    return ev if ref is not None else {k: v for k, v in ev.items() if k != "eval_kl"}
-
-
 def save(path, policy, optimizer, step, cfg, init_from):
     save_checkpoint(path, kind="grpo", model_config=asdict(policy.config), model=policy.state_dict(),
                     optimizer=optimizer.state_dict(), step=step,
@@ -302,13 +296,13 @@ def iteration_metrics(r, f, rewards, kl, stats, s):
     """The diagnostics of one iteration, over all ranks: scores, KL (summed over the response), zero_adv (the fraction
     of groups whose rewards are all equal: advantage 0, no signal; with the k1 KL in the rewards, next to never),
     response length, responses without EOS, the update's stats averaged over its minibatches, and ppo.token_stats:
-    entropy, lp_gap and the number of response tokens (as tok_per_s, which main divides by the time)."""
+    entropy, lp_gap and the number of response tokens (n_tokens, which main turns into tok_per_s)."""
     response_mask = r["response_mask"]
     entropy, lp_gap, n_tokens = token_stats(r, f, s)
     batch = dict(score=r["scores"].mean(), **({"kl": kl.mean()} if kl is not None else {}),
                  zero_adv=(rewards == rewards[0]).all(0).float().mean(), entropy=entropy,
                  response_len=response_mask.sum(1).float().mean(), no_eos=1 - r["has_eos"].float().mean().double(),
-                 lp_gap=lp_gap, tok_per_s=n_tokens)  # tok_per_s: a count
+                 lp_gap=lp_gap, n_tokens=n_tokens)
     batch = dict(zip(batch, torch.stack([v.double() for v in batch.values()]).tolist()))  # one host sync
     update = {k: sum(st[k] for st in stats) / len(stats) for k in stats[0]}  # means over the minibatches
     return all_reduce_mean({**batch, **update}, s)
@@ -366,7 +360,7 @@ def main(cfg):
 
         # metrics of all ranks, then the log
         metrics = iteration_metrics(r, f, rewards, kl, stats, s)
-        metrics.update(lr=lr, tok_per_s=metrics["tok_per_s"] / (time.perf_counter() - t0),
+        metrics.update(lr=lr, tok_per_s=metrics.pop("n_tokens") / (time.perf_counter() - t0),
                        **{f"t_{k}": v for k, v in timer.times.items()})
         log(step, {**metrics, "eta": timer_eta.eta(step)}, shown=[k for k in SHOWN if k in metrics] + ["eta"])
 

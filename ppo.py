@@ -109,7 +109,7 @@ class Config:
     penalize_missing_eos: bool = True  # replace the score of a response without EOS by missing_eos_penalty
     missing_eos_penalty: float = -1.0  # in reward-model units: -1 assumes scores of std 1 (reward.py normalize_std)
     ppo_epochs: int = 4  # passes over each batch
-    minibatch_size: int = 4  # sequences per optimizer step per rank
+    minibatch_size: int = 4  # responses per optimizer step per rank
     cliprange: float = 0.2  # ratio clip
     cliprange_value: float = 0.2  # value clip, around the rollout values
     vf_coef: float = 0.1  # weight of the value loss
@@ -329,7 +329,7 @@ def rollout(policy, score_fn, prompts, cfg, generator, autocast=nullcontext, tim
 
 def minibatches(n, step, cfg, s):
     """The update's row indices, per epoch: a shuffle of the n rollout rows (seeded by seed, step, rank), cut into
-    minibatches of minibatch_size rows (0: all n), each a tuple of its grad_accum micro-batches. Drawn before the
+    minibatches of minibatch_size rows (0: all n, grpo.py's default), each a tuple of its grad_accum micro-batches. Drawn before the
     no-grad forward (step 3), which runs on the first epoch's micro-batches."""
     shuffle = torch.Generator().manual_seed(mix_seed(cfg.seed, step, s.rank, 1))
     size = cfg.minibatch_size or n
@@ -476,7 +476,7 @@ def evaluate(policy, ref, score_fn, prompts, cfg, s):
     """Mean score, KL to the reference (summed over response tokens) and response length on the held-out `prompts`,
     sampled like the rollouts: in global batches (batch_size per rank), each rank its rows rank::world_size, but
     each batch with a fixed seed, so evaluations differ only by the policy, and N ranks evaluate what one process
-    with N times the batch_size does. Prints eval_samples samples."""
+    with N times the batch_size does. Prints eval_samples samples. ref None (grpo.py with beta 0): no KL."""
     sums = torch.zeros(4, dtype=torch.float64, device=s.device)  # score, kl, response length, count
     shown, global_batch = [], cfg.batch_size * s.world_size
     for i in range(0, len(prompts), global_batch):
@@ -486,17 +486,20 @@ def evaluate(policy, ref, score_fn, prompts, cfg, s):
         generator = torch.Generator(s.device).manual_seed(mix_seed(cfg.seed, -1, i))
         r = rollout(policy, score_fn, batch, cfg, generator, s.autocast, shard=(s.rank, s.world_size))
         tokens, mask, P, response_mask = r["tokens"], r["mask"], r["P"], r["response_mask"]
-        with s.autocast():
-            logprobs = forward_logprobs(policy, policy.lm_head, tokens, mask, response_mask, P, cfg.temperature)[0]
-            ref_logprobs = forward_logprobs(ref, ref.lm_head, tokens, mask, response_mask, P, cfg.temperature)[0]
-        kl = (logprobs - ref_logprobs).sum(1)  # both 0 on padding
+        kl = torch.zeros(len(tokens), device=s.device)
+        if ref is not None:
+            with s.autocast():
+                logprobs = forward_logprobs(policy, policy.lm_head, tokens, mask, response_mask, P, cfg.temperature)[0]
+                ref_logprobs = forward_logprobs(ref, ref.lm_head, tokens, mask, response_mask, P, cfg.temperature)[0]
+            kl = (logprobs - ref_logprobs).sum(1)  # both 0 on padding
         sums += torch.tensor([r["scores"].sum(), kl.sum(), response_mask.sum(), len(kl)], device=s.device)
         mine = batch[s.rank::s.world_size]
         shown += list(zip(mine, r["texts"], r["scores"].tolist()))[:cfg.eval_samples - len(shown)]
     for prompt, text, score in shown:
         print0(f"--- sample (score {score:.3f})\n{prompt!r} -> {text!r}")
     score, kl, length, n = all_reduce_sum(sums, s).tolist()
-    return dict(eval_score=score / n, eval_kl=kl / n, eval_response_len=length / n)
+    return dict(eval_score=score / n, **({"eval_kl": kl / n} if ref is not None else {}),
+                eval_response_len=length / n)
 
 
 def save(path, policy, critic, optimizer, kl_ctl, step, cfg, init_from):
@@ -522,14 +525,14 @@ def token_stats(r, f, s):
 def iteration_metrics(r, f, kl, returns, stats, s):
     """The diagnostics of one iteration, over all ranks: rollout scores and KL, the update's stats averaged over its
     minibatches, explained variance, response length, responses without EOS, and token_stats: entropy, lp_gap and
-    the number of response tokens (as tok_per_s, which main divides by the time)."""
+    the number of response tokens (n_tokens, which main turns into tok_per_s)."""
     response_mask = r["response_mask"]
     _, ret_var = masked_mean_var(returns, response_mask, s)
     _, err_var = masked_mean_var(returns - f["values"], response_mask, s)
     entropy, lp_gap, n_tokens = token_stats(r, f, s)
     batch = dict(score=r["scores"].mean(), kl=kl.sum(1).mean(), explained_var=1 - err_var / ret_var.clamp(min=1e-8),
                  entropy=entropy, response_len=response_mask.sum(1).float().mean(),
-                 no_eos=1 - r["has_eos"].float().mean(), lp_gap=lp_gap, tok_per_s=n_tokens)  # tok_per_s: a count
+                 no_eos=1 - r["has_eos"].float().mean(), lp_gap=lp_gap, n_tokens=n_tokens)
     batch = dict(zip(batch, torch.stack([v.double() for v in batch.values()]).tolist()))  # one host sync
     update = {k: sum(st[k] for st in stats) / len(stats) for k in stats[0]}  # means over the minibatches
     return all_reduce_mean({**batch, **update}, s)
@@ -598,7 +601,7 @@ def main(cfg):
 
         # metrics of all ranks (beta: the one this iteration used)
         metrics = iteration_metrics(r, f, kl, returns, stats, s)
-        metrics.update(beta=kl_ctl.beta, lr=lr, tok_per_s=metrics["tok_per_s"] / (time.perf_counter() - t0),
+        metrics.update(beta=kl_ctl.beta, lr=lr, tok_per_s=metrics.pop("n_tokens") / (time.perf_counter() - t0),
                        **{f"t_{k}": v for k, v in timer.times.items()})
         # 7. adapt beta to the KL target (Ziegler et al. 2019), from all ranks' KL: the same beta on every rank
         kl_ctl.update(metrics["kl"], cfg.batch_size * s.world_size)

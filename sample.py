@@ -3,11 +3,13 @@ Sample from a trained model (nanoGPT's sample.py, for every stage's checkpoint),
 uses: `sample_responses` turns prompt strings into responses (tokens, masks, logprobs and texts), and
 `ilql_logits_fn` decodes with ILQL's heads.
 
-init_from: one of our checkpoints (out-sft/ckpt.pt, a PPO, reward or ILQL ckpt.pt: the policy/LM head is used), an
+init_from: one of our policy checkpoints (sft, ppo, grpo, dpo or ilql ckpt.pt: the policy and its LM head), an
 exported HF folder (out-sft/hf), or a hub id (gpt2, gpt2-medium, ...). ILQL checkpoints can decode with their Q and
 V heads: --beta=B samples from log_softmax(logits) + B * (min target Q - V), then temperature and top-k/top-p. All
 samples of one prompt come from one batched `generate` call; a completion ends at the first <|endoftext|>. Logits
-(and ILQL's Q and V) are computed in fp32 also under bf16 autocast (model.fp32_heads), as ppo.py and ilql.py train.
+(and ILQL's Q and V) are computed in fp32 also under bf16 autocast (model.fp32_heads), as the RL trainers train.
+The defaults (temperature 0.8, top-k 200) are nanoGPT's; --temperature=1 --top_k=0 samples the distribution that
+ppo.py and grpo.py optimise and eval.py measures.
 Best-of-n (rejection sampling, the baseline RLHF must beat): --best_of=N draws N candidates per completion and keeps
 the one a reward model (or a Python reward_fn) scores highest; its KL to the policy is at most log N - (N - 1) / N.
 
@@ -29,16 +31,19 @@ from model import fp32_heads, generate
 from scoring import make_scorer
 
 
+POLICY_KINDS = ("sft", "ppo", "ilql", "dpo", "grpo")  # our checkpoints that hold a policy (not a reward model)
+
+
 @dataclass
 class Config:
-    init_from: str = "gpt2"  # our .pt checkpoint (any kind), an HF folder, or a hub id such as gpt2-medium
+    init_from: str = "gpt2"  # our policy .pt checkpoint, an HF folder, or a hub id such as gpt2-medium
     start: str = "\n"  # the prompt, or FILE:path with one prompt per line
     num_samples: int = 3  # completions per prompt
     max_new_tokens: int = 100  # tokens per completion (fewer if it ends with <|endoftext|>)
     temperature: float = 0.8  # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
     top_k: int = 200  # sample from the k most likely tokens only (0 = all)
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this much mass (1.0 = off)
-    beta: float = 0.0  # ILQL checkpoints: weight of the advantage (min Q - V) added to the logprobs (0 = plain policy)
+    beta: float = 0.0  # ILQL decoding: weight of (min Q - V) added to the logprobs, not a KL coefficient (0 = policy)
     best_of: int = 1  # best-of-n: draw this many candidates per completion, keep the highest-scored one
     reward_model: str = ""  # best_of > 1: score the candidates with this reward.py checkpoint ...
     reward_fn: str = ""  # ... or with this "module:function", f(prompts, responses) -> list of floats
@@ -126,7 +131,7 @@ def main(cfg):
                   fraction=("top_p",))
     if not math.isfinite(cfg.beta):
         raise ConfigError(f"beta must be a finite number, not {cfg.beta}")
-    model, ckpt = load_model(cfg.init_from)
+    model, ckpt = load_model(cfg.init_from, kind=POLICY_KINDS)
     logits_fn = None
     if cfg.beta != 0:
         if ckpt is None or ckpt["kind"] != "ilql":

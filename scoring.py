@@ -5,7 +5,9 @@ Scores of sampled responses, for RL and evaluation: a reward model trained by re
   that ends the response), in fp32. reward.py trains exactly this.
 - `load_reward_model` and `score`: a reward.py checkpoint, and the scores of (prompt, response) strings.
 - `make_scorer`: one interface over both kinds, score_fn(prompts, texts, tokens, mask) -> (B,) scores, for ppo.py,
-  ilql.py's evaluation, sample.py's best-of-n.
+  grpo.py, ilql.py's evaluation and sample.py's best-of-n. It scores the sampled tokens as they are; `score`
+  tokenizes (prompt, response) strings with an EOS appended, as reward.py trained, for eval.py and demo.py, which
+  judge texts (so a response with no EOS is scored at an EOS it never sampled).
 """
 
 import importlib
@@ -128,5 +130,5 @@ def make_scorer(reward_model="", reward_fn="", device="cpu", autocast=nullcontex
     def score_fn(prompts, texts, tokens, mask):
         size = batch_size or len(tokens)
         with autocast():
-            return torch.cat([score_tokens(rm, t, m).float() for t, m in zip(tokens.split(size), mask.split(size))])
+            return torch.cat([score_tokens(rm, t, m) for t, m in zip(tokens.split(size), mask.split(size))])
     return score_fn, rm

@@ -139,6 +139,15 @@ def test_beta_needs_an_ilql_checkpoint(hf_folder):
         S.main(S.Config(init_from=hf_folder, beta=1.0, device="cpu", max_new_tokens=2))
 
 
+def test_a_reward_model_is_refused_as_the_policy(tmp_path):
+    """A reward checkpoint holds no policy to sample from: one error naming the file and the kinds sample.py takes."""
+    m = tiny_gpt(heads={"reward": 1})
+    path = str(tmp_path / "rm.pt")
+    save_checkpoint(path, kind="reward", model_config=asdict(m.config), model=m.state_dict(), step=0)
+    with pytest.raises(ConfigError, match=r"rm\.pt: is a 'reward' checkpoint, expected 'sft' or 'ppo' or"):
+        S.main(S.Config(init_from=path, device="cpu", max_new_tokens=2))
+
+
 def _run(*args):
     return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
