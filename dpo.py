@@ -264,7 +264,8 @@ def main(cfg):
     raw_model, ref = build_models(cfg, s, init_from, ckpt)  # both in eval mode, also while training: dropout off
     optimizer = make_optimizer(raw_model, cfg)
     start = restore(ckpt, optimizer, cfg) if ckpt else 0
-    resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
+    resume = ckpt is not None
+    ckpt = None  # free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(raw_model) if cfg.compile else raw_model, s)  # what trains: compiled, DDP
     log = start_log(cfg.out_dir, resume, s)
 

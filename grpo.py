@@ -98,8 +98,8 @@ class Config:
     # GRPO
     batch_size: int = 16  # prompts per rank per iteration, each sampled group_size times
     group_size: int = 8  # responses per prompt (G); advantages compare a response with its group
-    advantage: str = "grpo"  # grpo: (r - mean) / std | dr_grpo: r - mean | rloo: r - mean of the others
     temperature: float = 1.0  # sampling temperature, used in every logprob
+    advantage: str = "grpo"  # grpo: (r - mean) / std | dr_grpo: r - mean | rloo: r - mean of the others
     penalize_missing_eos: bool = True  # replace the score of a response without EOS by missing_eos_penalty
     missing_eos_penalty: float = -1.0  # in reward-model units: -1 assumes scores of std 1 (reward.py normalize_std)
     ppo_epochs: int = 1  # passes over each batch (GRPO's mu)
@@ -324,7 +324,8 @@ def main(cfg):
     prompts, eval_prompts = load_data(cfg, s)
     optimizer = make_optimizer(policy, cfg)
     start = restore(ckpt, optimizer, cfg) if ckpt else 0
-    resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
+    resume = ckpt is not None
+    ckpt = None  # free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(policy) if cfg.compile else policy, s)  # what trains: compiled, DDP
     log = start_log(cfg.out_dir, resume, s)
     G = cfg.group_size

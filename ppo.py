@@ -565,7 +565,8 @@ def main(cfg):
             critic.load_state_dict(ckpt["critic"])
         kl_ctl.load_state_dict(ckpt["kl_ctl"])
         start = restore(ckpt, optimizer, cfg)
-    resume, ckpt = ckpt is not None, None  # and free the CPU copy of the weights and optimizer state
+    resume = ckpt is not None
+    ckpt = None  # free the CPU copy of the weights and optimizer state
     model = wrap_ddp(torch.compile(model) if cfg.compile else model, s)
     log = start_log(cfg.out_dir, resume, s)
 
