@@ -126,6 +126,14 @@ MUTATIONS = [
      "tests/test_reliability.py -k two_opens"),
     ("resume-log-not-cut", "common.py", '        elif resume and _RUN["log_bytes"] is not None and os.path.exists(path):\n',
      "        elif False:\n", "tests/test_reliability.py -k logs_each_step_once"),
+    ("resume-keeps-the-checkpoints-optimizer-settings", "common.py", "        group.update(own)  #", "        pass  #",
+     "tests/test_reliability.py -k own_optimizer_settings"),
+    ("best-pt-written-after-ckpt-pt", "sft.py",
+     "                if is_best:\n                    save(best_path, raw_model, None, done, best_eval_loss, cfg)\n"
+     "                save(ckpt_path, raw_model, optimizer, done, best_eval_loss, cfg)",
+     "                save(ckpt_path, raw_model, optimizer, done, best_eval_loss, cfg)\n"
+     "                if is_best:\n                    save(best_path, raw_model, None, done, best_eval_loss, cfg)",
+     "tests/test_reliability.py -k keeps_best_pt"),
     ("prompt-keeps-its-start", "data.py", "    return ids[-max_prompt_len:]", "    return ids[:max_prompt_len]",
      "tests/test_reliability.py -k prompt_longer"),
     ("out-dir-not-checked", "common.py",
