@@ -569,7 +569,7 @@ def lr_at(step, learning_rate, warmup_iters, decay_iters, min_lr_ratio=0.1):
         return learning_rate * (step + 1) / warmup_iters
     if step >= decay_iters:  # also when the warmup ends at or after decay_iters
         return learning_rate * min_lr_ratio
-    progress = min(1.0, (step - warmup_iters) / max(1, decay_iters - warmup_iters))
+    progress = (step - warmup_iters) / (decay_iters - warmup_iters)  # warmup_iters <= step < decay_iters
     return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
