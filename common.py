@@ -464,15 +464,18 @@ def _load_one_file(path):
 def restore(ckpt, optimizer, cfg):
     """A resumed run's optimizer state from its checkpoint; returns the step to continue from. (Random numbers need no
     state: begin_step seeds each step.) A resume is exact when it runs with the checkpoint's settings; any setting
-    that differs (another batch size, number of processes, max_iters that moves the learning-rate schedule) is named
-    in a note: from there the run does what those settings do."""
+    that differs (another batch size, number of processes, max_iters where the learning-rate schedule ends at it) is
+    named in a note: from there the run does what those settings do. A longer max_iters under a schedule that does
+    not depend on it (lr_decay_iters set, or a constant rate) only runs further, as an uninterrupted run would."""
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])  # the moments, and the checkpoint's settings with them...
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)  # ...which this run's Config replaces (weight_decay, betas; begin_step sets the lr)
     print0(f"resuming at step {ckpt['step']}")
+    same_schedule = cfg.lr_decay_iters or cfg.min_lr_ratio == 1  # then max_iters only says where to stop
+    ignored = ("init_from", "out_dir") + (("max_iters",) if same_schedule else ())
     changed = [f"{k} {v!r} (was {ckpt['config'][k]!r})" for k, v in asdict(cfg).items()
-               if k not in ("init_from", "out_dir") and k in ckpt["config"] and v != ckpt["config"][k]]
+               if k not in ignored and k in ckpt["config"] and v != ckpt["config"][k]]
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if world_size != ckpt.get("world_size", world_size):
         changed.append(f"world_size {world_size} (was {ckpt['world_size']})")

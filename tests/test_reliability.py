@@ -434,7 +434,8 @@ def test_a_crash_between_the_two_checkpoints_keeps_best_pt_the_best(tmp_path, mo
 @pytest.mark.parametrize("script", TRAINERS)
 def test_a_resume_names_the_settings_it_changes(tmp_path, capsys, art, script):
     """A resume is exact only with the checkpoint's settings: one with the same settings prints no note, one with
-    another seed, max_iters or number of processes names each of them with the checkpoint's value, and a checkpoint
+    another seed, learning rate or number of processes names each of them with the checkpoint's value, and max_iters
+    where the schedule ends at it (not PPO's constant rate: there a longer run only runs further); a checkpoint
     already at max_iters says that no step is left."""
     base = write_base(script, tmp_path, art)
     run(script, [base])  # max_iters 1: a checkpoint at step 1
@@ -447,10 +448,12 @@ def test_a_resume_names_the_settings_it_changes(tmp_path, capsys, art, script):
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["world_size"] == 1
     torch.save({**ckpt, "world_size": 2}, ckpt_path)  # as if written by a 2-process torchrun
-    run(script, [base, "--init_from=resume", "--seed=7", "--max_iters=2"])
+    run(script, [base, "--init_from=resume", "--seed=7", "--max_iters=2", "--learning_rate=0.002"])
     out = capsys.readouterr().out
     note = re.search(r"note: resuming with settings other than the checkpoint's run: (.*)", out).group(1)
-    assert sorted(note.split(", ")) == ["max_iters 2 (was 1)", "seed 7 (was 1337)", "world_size 1 (was 2)"]
+    schedule_ends_at_max_iters = script != "ppo"  # ppo's default min_lr_ratio is 1: a constant rate
+    assert sorted(note.split(", ")) == ["learning_rate 0.002 (was 0.001)", *(["max_iters 2 (was 1)"] *
+                                        schedule_ends_at_max_iters), "seed 7 (was 1337)", "world_size 1 (was 2)"]
     assert "no step left" not in out
 
 
