@@ -231,3 +231,35 @@ def test_a_reward_checkpoint_is_refused_as_the_start(tmp_path):
     data = marker_prefs(tmp_path / "prefs.jsonl", n=20)
     with pytest.raises(ConfigError, match=r"rm\.pt: is a 'reward' checkpoint, expected 'sft' or 'dpo'"):
         dpo.main(tiny_cfg(tmp_path, data, init_from=str(rm)))
+
+
+def test_pairs_identical_after_truncation_are_dropped():
+    """A pair whose chosen and rejected are equal once tokenized and cut to max_len has h = 0 whatever the policy: it
+    would add ln 2 to the loss with no gradient (diluting every other pair's) and a 'wrong' to the accuracy."""
+    cfg = dpo.Config(max_prompt_len=8, max_len=20)
+    same = PrefExample("Q:", " same answer", " same answer")
+    cut = PrefExample("Q:", " apple" * 30 + " yes", " apple" * 30 + " no")  # differ only past max_len
+    pairs, dropped = dpo.tokenize_prefs([*PREFS, same, cut], cfg)
+    assert dropped == 2 and len(pairs) == len(PREFS)
+    assert all(c != r for c, r in pairs)
+
+
+def test_evaluate_is_the_mean_over_all_pairs_of_all_ranks(monkeypatch):
+    """evaluate on 2 ranks (simulated: each rank's sums, then their all-reduced sum) gives what 1 process gives: the
+    means over all held-out pairs, not over one rank's share."""
+    cfg = dpo.Config(max_prompt_len=8, max_len=20, eval_batch_size=2, beta=0.5)
+    pairs, _ = dpo.tokenize_prefs(PREFS, cfg)
+    policy, ref = tiny_model(0).eval(), tiny_model(1).eval()
+    one = dpo.evaluate(policy, ref, pairs, cfg, CPU)
+    ranks = [dataclasses.replace(CPU, rank=r, world_size=2, master=r == 0) for r in (0, 1)]
+    local = {}
+    monkeypatch.setattr(dpo, "all_reduce_sum", lambda t, s: local.setdefault(s.rank, t.clone()))
+    for s in ranks:
+        dpo.evaluate(policy, ref, pairs, cfg, s)
+    monkeypatch.setattr(dpo, "all_reduce_sum", lambda t, s: local[0] + local[1])
+    for s in ranks:
+        two = dpo.evaluate(policy, ref, pairs, cfg, s)
+        assert two.keys() == one.keys()
+        for k in one:
+            assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-5), k  # other batch shapes: fp32 rounding
+    assert one["eval_loss"] > 0.1  # a real loss, not 0 = 0

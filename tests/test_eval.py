@@ -313,3 +313,18 @@ def test_bad_inputs_give_one_error_line(tmp_path, checkpoints, capsys, monkeypat
     err = capsys.readouterr().err  # (datasets' progress bars go to stderr too)
     assert exit_info.value.code == 2 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("error: ") and subst(message) in err.strip().splitlines()[-1], err
+
+
+def test_each_batch_samples_with_its_own_seed():
+    """Batch i samples with a generator seeded mix_seed(seed, i), whatever the earlier batches drew: so the responses
+    to the same prompts in batch i are the same when batch 0 holds other prompts (which stop at other lengths), and
+    two policies stay paired however early one of them stopped a batch."""
+    from common import mix_seed
+    from sample import sample_responses
+    model = tiny_gpt(0)
+    tail = ["I watched this movie with my family and", "Overall, this movie was"]
+    texts, _ = ev.sample_policy(model, ["This movie", "The remake", *tail], 3, 6, 16, batch_size=2)
+    alone = sample_responses(model, tail, 16, 6, 1.0, generator=torch.Generator().manual_seed(mix_seed(3, 1)))
+    assert texts[2:] == alone["texts"]
+    for head in (["By the end of the movie,", "I"], ["The acting in this film was", "Hello there, a much longer one"]):
+        assert ev.sample_policy(model, [*head, *tail], 3, 6, 16, batch_size=2)[0][2:] == texts[2:]

@@ -318,3 +318,45 @@ def test_a_reward_checkpoint_is_refused_as_the_policy(tmp_path, prompts_file):
     save_checkpoint(str(rm), kind="reward", model_config=asdict(model.config), model=model.state_dict())
     with pytest.raises(ConfigError, match=r"rm\.pt: is a 'reward' checkpoint, expected 'sft' or 'grpo'"):
         grpo.main(run_cfg(tmp_path, prompts_file, init_from=str(rm)))
+
+
+def test_grpo_loss_stats_match_a_naive_loop():
+    """The logged stats of grpo_loss: approx_kl is k3 of the ratio, r - 1 - log r, and ratio the ratio, each a mean
+    over a response's real tokens then over the responses; pg_loss and kl_loss the two terms of the loss."""
+    torch.manual_seed(2)
+    B, N, lengths = 4, 5, [5, 2, 3, 1]
+    mask = (torch.arange(N)[None] < torch.tensor(lengths)[:, None]).long()
+    old, ref = torch.randn(B, N) - 1, torch.randn(B, N) - 1
+    lp = old + torch.randn(B, N) * 0.5
+    adv = torch.tensor([1.0, -0.5, 0.3, -1.1])
+    loss, st = grpo.grpo_loss(lp, old, adv, grpo.loss_weights(mask, "grpo", N), B, 0.2, ref, 0.3)
+    approx_kl, ratio, kl = 0.0, 0.0, 0.0
+    for i, n in enumerate(lengths):
+        r = [math.exp(lp[i, t].item() - old[i, t].item()) for t in range(n)]
+        approx_kl += sum(x - 1 - math.log(x) for x in r) / n / B
+        ratio += sum(r) / n / B
+        d = [ref[i, t].item() - lp[i, t].item() for t in range(n)]
+        kl += sum(math.exp(x) - x - 1 for x in d) / n / B
+    assert st["approx_kl"].item() == pytest.approx(approx_kl, rel=1e-5)
+    assert st["ratio"].item() == pytest.approx(ratio, rel=1e-5)
+    assert st["kl_loss"].item() == pytest.approx(kl, rel=1e-5)
+    assert loss.item() == pytest.approx(st["pg_loss"].item() + 0.3 * kl, rel=1e-5)
+
+
+def test_logged_update_stats_are_means_over_minibatches_and_k1_has_no_kl_loss(tmp_path, prompts_file, monkeypatch):
+    """4 minibatches x 2 epochs: each logged stat of the update is the mean of its 8 per-minibatch values (the first
+    minibatch's ratio is exactly 1, so the logged ratio is near 1, not near 8). kl_estimator="k1" puts the KL in the
+    reward only: no k3 term in the loss, even once the policy has moved from the reference."""
+    seen, real = [], grpo.grpo_update
+    monkeypatch.setattr(grpo, "grpo_update", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    cfg = run_cfg(tmp_path, prompts_file, minibatch_size=4, ppo_epochs=2, kl_estimator="k1", beta=0.1, max_iters=2)
+    grpo.main(cfg)
+    rows = read_log(cfg.out_dir)
+    assert len(seen) == len(rows) == 2
+    for stats, row in zip(seen, rows):
+        assert len(stats) == 8 and stats[0]["ratio"] == 1.0
+        for k in ("pg_loss", "kl_loss", "approx_kl", "clipfrac", "ratio", "grad_norm"):
+            assert row[k] == pytest.approx(sum(st[k] for st in stats) / len(stats), rel=1e-9, abs=1e-12), k
+        assert 0.8 < row["ratio"] < 1.2 and 0 <= row["clipfrac"] <= 1
+        assert row["kl_loss"] == 0.0
+    assert rows[1]["kl"] != 0  # the policy has moved: a k3 term would not be 0

@@ -326,3 +326,18 @@ def test_compile_computes_what_eager_computes(tmp_path, monkeypatch):
         assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
         assert abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-4, (x, y)
     assert rows[0][0]["acc"] == rows[0][1]["acc"]
+
+
+def test_score_head_runs_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast (--dtype=bfloat16 in ppo, grpo, eval) the trunk runs in bf16 but the reward head in fp32
+    from the trunk's last hidden state: the score is that fp32 linear, not a bf16-rounded one (8 bits of mantissa)."""
+    model = tiny_model()
+    tokens, mask = pad_right([[11, 22, 33, 44, EOS], [5, 6, EOS], [7, 8, 9, 10, 12, 13, EOS]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        r = scoring.score_tokens(model, tokens, mask)
+        h = model(tokens, mask)
+    last = mask.sum(1) - 1
+    head = model.heads["reward"]
+    expected = F.linear(h[torch.arange(3), last].float(), head.weight, head.bias).squeeze(-1)
+    assert r.dtype == torch.float32
+    torch.testing.assert_close(r, expected, atol=1e-6, rtol=1e-6)

@@ -57,6 +57,10 @@ def test_every_post_has_four_facts_and_its_reference_scores_the_formula():
     (" my roommate broke my phone and I want an apology", 4 - 0.1 * 10 - 1),  # no final "."
     (" roommate roommate broke my phone, I want an apology.", 4 - 0.1 * 9),   # a fact counts once, words each time
     (" My Roommate broke my PHONE, I want an apology.", 4 - 0.1 * 9),         # case does not matter
+    (" roommate broke my phone, didn't apologize.", 3 - 2 * 2 - 0.1 * 6),   # "didn't": one word (apostrophes kept)
+    (" my roommate broke my phone and I want an apology.\n", 4 - 0.1 * 10),  # the STRIPPED summary ends with "."
+    (" my roommate broke my phone and I want an apology!", 4 - 0.1 * 10 - 1),  # only "." is an ending
+    (" we were at the gym.", 0 - 0.1 * 5),                                  # "We" starts a sentence of the post
 ])
 def test_gold_score_hand_computed(response, expected):
     assert S.gold_score(POST, response) == pytest.approx(expected)
