@@ -30,13 +30,14 @@ import torch
 
 import data
 from common import ConfigError, check_numbers, load_model, print_config, run_main, setup
+from model import fp32_heads
 from scoring import load_reward_model, score
-from sample import read_prompts, sample_responses
+from sample import POLICY_KINDS, read_prompts, sample_responses
 
 
 @dataclass
 class Config:
-    init_from: str = "out/demo/sft/ckpt.pt"  # the policy that writes the completions: our .pt, an HF folder or hub id
+    init_from: str = "out/demo/sft/ckpt.pt"  # the policy that writes the completions: our policy .pt, HF folder, hub id
     out: str = "out/human/prefs.jsonl"  # preference JSONL to append to (what reward.py reads)
     prompts: str = ""  # prompt source for data.load_prompts (.jsonl/.json/.parquet/.csv or hub dataset)
     data_split: str = "train"  # split of `prompts`
@@ -155,8 +156,8 @@ def main(cfg):
     print(f"{len(prompts)} prompts, {len(done)} answered in earlier sessions, {len(todo)} to go -> {cfg.out}")
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
 
-    model, _ = load_model(cfg.init_from)
-    model.to(s.device).eval()
+    model, _ = load_model(cfg.init_from, kind=POLICY_KINDS)
+    fp32_heads(model).to(s.device).eval()  # logits in fp32 under bf16 autocast, as sample.py samples
     rm = None
     if cfg.active:
         rm = load_reward_model(cfg.reward_model, s.device)

@@ -129,6 +129,13 @@ def test_a_reward_model_context_too_short_is_named(files, tmp_path, monkeypatch,
                       "--max_new_tokens=63"), "q\n", monkeypatch, capsys)
 
 
+def test_a_reward_model_is_refused_as_the_policy(files, tmp_path, monkeypatch, capsys):
+    """The completions come from a policy: a reward checkpoint in init_from is one error naming it."""
+    with pytest.raises(ConfigError, match=r"rm\.pt: is a 'reward' checkpoint, expected 'sft' or 'ppo' or"):
+        run_main([f"--init_from={files / 'rm.pt'}", *args(files, tmp_path / "prefs.jsonl")[1:]], "q\n", monkeypatch,
+                 capsys)
+
+
 def test_resume_refuses_another_prompt_list(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "prefs.jsonl"
     out.write_text(json.dumps({"prompt": "something else", "chosen": "a", "rejected": "b", "prompt_id": 0}) + "\n")
