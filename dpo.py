@@ -15,10 +15,9 @@ Our choices, where public implementations differ:
 - The reference log-probs are computed on the fly: one no-grad forward of the reference per micro-batch, on the very
   batch the policy sees. Precomputing them once needs a pass over the data before step 0 and memory proportional to
   it, and saves nothing on a run of one epoch or less (the same forwards, done earlier; each further epoch costs one
-  more no-grad reference forward per pair). On the fly, the reference
-  runs the policy's kernels on the same shapes, so while policy == reference every log-ratio is exactly 0 (the first
-  loss is exactly ln 2; IPO's 1 / (4 beta^2); not so under compile, see Config), and a resume needs nothing but the
-  SFT model.
+  more no-grad reference forward per pair). On the fly, the reference runs the policy's kernels on the same shapes,
+  so while policy == reference every log-ratio is exactly 0 (the first loss is exactly ln 2; IPO's 1 / (4 beta^2);
+  not so under compile, see Config), and a resume needs nothing but the SFT model.
 - Dropout is off: both models stay in eval mode, also while training (train mode would only change dropout, which
   adds noise to the log-ratios the loss is built on and breaks policy == reference at step 0).
 - loss_type="sigmoid" with label_smoothing eps is conservative DPO (Mitchell 2023; TRL's label_smoothing): the

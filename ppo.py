@@ -329,8 +329,8 @@ def rollout(policy, score_fn, prompts, cfg, generator, autocast=nullcontext, tim
 
 def minibatches(n, step, cfg, s):
     """The update's row indices, per epoch: a shuffle of the n rollout rows (seeded by seed, step, rank), cut into
-    minibatches of minibatch_size rows (0: all n, grpo.py's default), each a tuple of its grad_accum micro-batches. Drawn before the
-    no-grad forward (step 3), which runs on the first epoch's micro-batches."""
+    minibatches of minibatch_size rows (0: all n, grpo.py's default), each a tuple of its grad_accum micro-batches.
+    Drawn before the no-grad forward (step 3), which runs on the first epoch's micro-batches."""
     shuffle = torch.Generator().manual_seed(mix_seed(cfg.seed, step, s.rank, 1))
     size = cfg.minibatch_size or n
     perms = [torch.randperm(n, generator=shuffle).to(s.device) for _ in range(cfg.ppo_epochs)]
