@@ -380,7 +380,8 @@ def tokenize_example(prompt: str, response: str, max_prompt_len: int, max_len: i
                      add_eos: bool = True) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) under the policy above; len(prompt_ids) + len(response_ids) <= max_len."""
     if max_len <= max_prompt_len:
-        raise ValueError(f"max_len ({max_len}) must exceed max_prompt_len ({max_prompt_len}) to leave room for a response")
+        raise ValueError(f"max_len ({max_len}) must exceed max_prompt_len ({max_prompt_len}) to leave room for a "
+                         f"response")
     prompt_ids = tokenize_prompt(prompt, max_prompt_len)
     response_ids = encode(response) + ([EOS] if add_eos else [])
     return prompt_ids, response_ids[:max_len - len(prompt_ids)]

@@ -425,7 +425,8 @@ def write_report(out_dir, results, curves, ppo_log):
             axes[1].axhline(results["target_kl"], color="gray", linestyle="--", label="target")
             axes[1].legend()
         axes[2].plot(steps, [r["beta"] for r in rows])
-        for ax, title in zip(axes, ("PPO: RM score of the rollouts (missing EOS: penalty)", "PPO: KL to SFT (nats)", "PPO: beta")):
+        titles = ("PPO: RM score of the rollouts (missing EOS: penalty)", "PPO: KL to SFT (nats)", "PPO: beta")
+        for ax, title in zip(axes, titles):
             ax.set(title=title, xlabel="step")
         figures.append(("ppo_training", fig))
     if curves:

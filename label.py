@@ -148,7 +148,8 @@ def main(cfg):
     if cfg.active and not cfg.reward_model:
         raise ConfigError("active=True needs --reward_model=<reward checkpoint>")
     if cfg.active and cfg.n_candidates < 2:
-        raise ConfigError(f"active=True shows a pair of n_candidates: n_candidates must be >= 2, not {cfg.n_candidates}")
+        raise ConfigError(f"active=True shows a pair of n_candidates: n_candidates must be >= 2, not "
+                          f"{cfg.n_candidates}")
     prompts = load_prompt_list(cfg)
     ties_path = cfg.out + ".ties.jsonl"
     done = answered([cfg.out, ties_path], prompts)
@@ -165,7 +166,7 @@ def main(cfg):
     # Prompts are left-truncated so that prompt + response fits the policy's and the reward model's context.
     max_prompt_len = min(cfg.max_prompt_len, model.config.block_size - cfg.max_new_tokens,
                          rm.config.block_size - cfg.max_new_tokens - 1 if rm else cfg.max_prompt_len)
-    if rm and max_prompt_len < 1:  # the reward model's context is the shorter one (sample_candidates names the policy's)
+    if rm and max_prompt_len < 1:  # the reward model's context is the short one (sample_candidates names the policy's)
         raise ConfigError(f"max_new_tokens {cfg.max_new_tokens} + the EOS leave no room for a prompt in the reward "
                           f"model's block_size {rm.config.block_size}")
     counts = dict(labeled=0, ties=0, skipped=0)
