@@ -97,10 +97,10 @@ class Config:
     n_embd: int = 128
     block_size: int = 96  # max_prompt_len + max_new_tokens, at least
     batch_size: int = 32  # sequences (SFT), pairs (RM, DPO, ILQL) or prompts (PPO, GRPO) per step
-    sft_iters: int = 400  # x batch_size 32: 12,800 sequences, 0.64 of an epoch of n_train
-    rm_iters: int = 400  # ~6 epochs of ~2,000 pairs (300 SFT and RM steps gave a worse RM: docs/results.md)
+    sft_iters: int = 400  # steps of batch_size sequences (the defaults: 0.64 of an epoch of n_train)
+    rm_iters: int = 400  # ~6 epochs of the ~2,000 pairs (fewer gave a worse RM: docs/results.md)
     ppo_iters: int = 60
-    grpo_iters: int = 50  # longer, it over-optimised the RM: gold fell while the RM score rose (docs/results.md)
+    grpo_iters: int = 50  # longer over-optimised the RM (docs/results.md)
     dpo_iters: int = 120  # two epochs of the labeled pairs
     ilql_iters: int = 120
     target_kl: float = 6.0  # PPO's KL target (nats per response); the controller's horizon is a tenth of the run
@@ -153,7 +153,7 @@ def load_policy(ckpt, kind, cfg, s, heads=None):
     """A trained policy for sampling and KL, its output heads in the precision the RL stages train them in
     (cfg.fp32_heads; SFT trains bf16 heads either way). The demo's default is bf16, unlike the trainers': fp32 heads
     are for GPT-2's large logits, which bf16 would round coarsely; the demo's small model keeps its logits in a range
-    where bf16 moves a response's log-prob little, and the fp32 vocabulary head was the demo's largest cost (both
+    where bf16 moves a response's log-prob little, and fp32 heads cost about a quarter of the demo's time (both
     measured in docs/speed.md)."""
     return fp32_heads(load_model(ckpt, heads=heads, kind=kind)[0], cfg.fp32_heads).to(s.device)
 
@@ -217,7 +217,7 @@ def bt_label(score_a, score_b, rng, temperature=1.0):
 # ----------------------------------------------------------------------------- 4 reward model
 def train_reward(cfg, path, shared):
     """From the SFT model, on the labeled pairs. Scores not std-normalised (normalize_std): on SFT samples their std
-    is already near the 1 that PPO's missing-EOS penalty and beta are set for (docs/results.md)."""
+    is 1.2-1.4 (docs/results.md), near enough the 1 that PPO's missing-EOS penalty and beta are set for."""
     import reward
     reward.main(reward.Config(init_from=path("sft", "ckpt.pt"), data=path("data", "prefs"), out_dir=path("reward"),
                               max_iters=cfg.rm_iters, learning_rate=1e-4, warmup_iters=min(50, cfg.rm_iters // 10),

@@ -97,8 +97,8 @@ def gold_score(prompt, response):
 
 # ----------------------------------------------------------------------------- demo.Config sizes for this task
 # Prompts are at most 32 tokens, reference summaries at most 15 + the EOS. The policy must copy the facts from the
-# post: a model of 2 layers and 8 heads learns to copy within the SFT budget more reliably across seeds than 4 layers
-# and 4 heads. Labels at bt_temperature 0.5: two good summaries differ by a tenth of a point per word, which a noisier
+# post: a model of 2 layers and 8 heads learns to copy within the SFT budget (chosen over 4 layers and 4 heads while
+# the task was built; that comparison was not kept). Labels at bt_temperature 0.5: two good summaries differ by a tenth of a point per word, which a noisier
 # labeler barely tells apart. target_kl 1: the reward model learns what SFT samples differ in (a want left out, a
 # detail added, length), not to tell an invented fact from a copied one, and a policy far from SFT invents facts.
 CONFIG = dict(max_prompt_len=32, max_new_tokens=16, n_layer=2, n_head=8, block_size=48, n_eval=200, sft_iters=800,
