@@ -417,27 +417,9 @@ def write_report(out_dir, results, curves, ppo_log):
     figures = []
     rows = [r for r in ppo_log if "kl" in r and "beta" in r]
     if rows:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["score"] for r in rows])
-        axes[1].plot(steps, [r["kl"] for r in rows], label="KL")
-        if results.get("target_kl"):
-            axes[1].axhline(results["target_kl"], color="gray", linestyle="--", label="target")
-            axes[1].legend()
-        axes[2].plot(steps, [r["beta"] for r in rows])
-        titles = ("PPO: RM score of the rollouts (missing EOS: penalty)", "PPO: KL to SFT (nats)", "PPO: beta")
-        for ax, title in zip(axes, titles):
-            ax.set(title=title, xlabel="step")
-        figures.append(("ppo_training", fig))
+        figures.append(("ppo_training", plot_ppo_training(plt, rows, results.get("target_kl"))))
     if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, (name, curve) in enumerate(curves.items()):
-            x = [math.sqrt(max(0.0, c["kl"])) for c in curve]
-            ax.plot(x, [c["gold"] for c in curve], "o-", color=f"C{i}", label=f"{name}: gold")
-            ax.plot(x, [c["rm"] for c in curve], "x--", color=f"C{i}", label=f"{name}: RM")
-        ax.set(title="Over-optimisation: gold and RM score vs KL to SFT", xlabel="sqrt(KL)", ylabel="score")
-        ax.legend(fontsize=7)
-        figures.append(("over_optimisation", fig))
+        figures.append(("over_optimisation", plot_over_optimisation(plt, curves)))
     os.makedirs(out_dir, exist_ok=True)
     for name, fig in figures:
         fig.tight_layout()
@@ -449,6 +431,33 @@ def write_report(out_dir, results, curves, ppo_log):
         lines += ["", f"### {name}", ""] + [f"- *{p}*{t}".replace("\n", " ") for p, t in m.get("samples", [])]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+def plot_ppo_training(plt, rows, target_kl):
+    """PPO's log rows: RM score of the rollouts, KL to SFT (with its target) and beta per iteration."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+    steps = [r["step"] for r in rows]
+    axes[0].plot(steps, [r["score"] for r in rows])
+    axes[1].plot(steps, [r["kl"] for r in rows], label="KL")
+    if target_kl:
+        axes[1].axhline(target_kl, color="gray", linestyle="--", label="target")
+        axes[1].legend()
+    axes[2].plot(steps, [r["beta"] for r in rows])
+    titles = ("PPO: RM score of the rollouts (missing EOS: penalty)", "PPO: KL to SFT (nats)", "PPO: beta")
+    for ax, title in zip(axes, titles):
+        ax.set(title=title, xlabel="step")
+    return fig
+
+
+def plot_over_optimisation(plt, curves):
+    """Gold (solid) and RM (dashed) score against sqrt(KL to SFT), a curve per method (Gao et al. 2022)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, curve) in enumerate(curves.items()):
+        x = [math.sqrt(max(0.0, c["kl"])) for c in curve]
+        ax.plot(x, [c["gold"] for c in curve], "o-", color=f"C{i}", label=f"{name}: gold")
+        ax.plot(x, [c["rm"] for c in curve], "x--", color=f"C{i}", label=f"{name}: RM")
+    ax.set(title="Over-optimisation: gold and RM score vs KL to SFT", xlabel="sqrt(KL)", ylabel="score")
+    ax.legend(fontsize=7)
+    return fig
 
 # ----------------------------------------------------------------------------- utilities
 def read_log(path):
