@@ -183,6 +183,14 @@ def matmul_peak(cfg, dtype, n=2048):
     return 2 * n ** 3 / t
 
 
+def sft_step_flops(config, block_params, B, T, n_targets):
+    """FLOPs of one SFT training step (forward + backward = 3 x forward): 6 per block parameter per token, 6 per LM-head
+    weight per target position, and causal attention's two matmuls, 2 x 2 x T^2 x n_embd per layer and sequence
+    for full attention, half of it causal, x 3."""
+    return (6 * block_params * B * T + 6 * config.vocab_size * config.n_embd * n_targets
+            + 6 * config.n_layer * T * T * config.n_embd * B)
+
+
 def bench_train(cfg, gpt):
     """One SFT training step (forward + backward + fused AdamW) of sft.py's model and loss vs
     transformers.GPT2LMHeadModel with labels, on the same weights and batch: batch_size sequences of 2 x prompt_len
@@ -204,17 +212,22 @@ def bench_train(cfg, gpt):
     n_targets = int(loss_mask[:, 1:].sum())
     c = gpt.config
     block_params = sum(p.numel() for n, p in gpt.named_parameters() if n.startswith("h."))
-    flops = 6 * block_params * B * T + 6 * c.vocab_size * c.n_embd * n_targets + 6 * c.n_layer * T * c.n_embd * B
+    flops = sft_step_flops(c, block_params, B, T, n_targets)
     opts = [make_optimizer(m, sft.Config(learning_rate=1e-4)) for m in (ours, hf)]
 
-    def step_ours():
-        loss = sft.sft_loss(ours.lm_head, ours(tokens), tokens, loss_mask, n_targets)
+    # autocast around the forward only, as sft.py: a context around whole steps would keep its cache of bf16 weight
+    # copies across optimizer steps (stale weights, and casts not paid)
+    def step_ours(dtype):
+        with autocast(cfg, dtype):
+            loss = sft.sft_loss(ours.lm_head, ours(tokens), tokens, loss_mask, n_targets)
         loss.backward()
         opts[0].step()
         opts[0].zero_grad(set_to_none=True)
 
-    def step_hf():
-        hf(tokens, labels=labels).loss.backward()
+    def step_hf(dtype):
+        with autocast(cfg, dtype):
+            loss = hf(tokens, labels=labels).loss
+        loss.backward()
         opts[1].step()
         opts[1].zero_grad(set_to_none=True)
 
@@ -226,8 +239,7 @@ def bench_train(cfg, gpt):
     for dtype in cfg.dtypes.split(","):
         peak = matmul_peak(cfg, dtype)
         faults = []
-        with autocast(cfg, dtype):
-            t_ours, t_hf = best_times([step_ours, step_hf], cfg.repeats, faults)
+        t_ours, t_hf = best_times([lambda: step_ours(dtype), lambda: step_hf(dtype)], cfg.repeats, faults)
         print(f"{dtype:<10} {peak / 1e12:>9.2f} {t_ours:>8.3f} {t_hf:>8.3f} {B * T / t_ours:>11.0f} "
               f"{B * T / t_hf:>9.0f} {flops / t_ours / peak:>8.1%} {flops / t_hf / peak:>7.1%} {t_hf / t_ours:>7.2f}x")
         for name, n in zip(("our", "HF's"), faults):

@@ -11,6 +11,7 @@ import pytest
 import bench
 import speedups
 from common import ConfigError
+from model import GPT, GPTConfig
 
 
 def table(out, title):
@@ -81,6 +82,16 @@ def test_quick_bench_tables(capsys):
     assert close(row[2], t["ours_s"], 3) and close(row[3], t["hf_s"], 3)
     assert close(row[4], tokens / t["ours_s"], 0) and close(row[5], tokens / t["hf_s"], 0)
     assert close(row[8], t["hf_s"] / t["ours_s"], 2) and t["speedup"] == pytest.approx(t["hf_s"] / t["ours_s"])
+    # MFU = sft_step_flops of this shape / time / the printed peak (within the rounding of its 2 printed decimals)
+    B, T = q["batch_size"], 16 * q["prompt_len"]
+    block_params = sum(p.numel() for n, p in GPT(GPTConfig(**{k: q[k] for k in ("n_layer", "n_head", "n_embd",
+                                                                             "block_size")})).named_parameters()
+                       if n.startswith("h."))
+    flops = bench.sft_step_flops(SimpleNamespace(n_layer=q["n_layer"], n_embd=q["n_embd"], vocab_size=50257),
+                                 block_params, B, T, B * (T - T // 2))
+    peaks = [(float(row[1]) + d) * 1e12 for d in (0.005, -0.005)]
+    assert flops / t["ours_s"] / peaks[0] - 5e-4 <= t["ours_mfu"] <= flops / t["ours_s"] / peaks[1] + 5e-4
+    assert close(row[6], 100 * t["ours_mfu"], 1)
 
     # ppo: the phases add up to the total; tok/s = 8 x 32 response tokens / total
     (row,) = table(out, "one PPO iteration")
@@ -152,3 +163,15 @@ def test_peak_rss_is_the_child_process_own():
     del big
     child = bench.run_in_child(bench.peak_rss_gib)
     assert child < parent - 0.9, (child, parent)  # the child imports no more than this process did before the 1 GiB
+
+
+def test_sft_step_flops_by_hand():
+    """6 FLOPs per block parameter per token (forward 2, backward 4), 6 per LM-head weight per target position, and
+    causal attention: QK^T and AV are 2 x T x T x n_embd FLOPs each per layer and sequence in full, half of that
+    causal, x 3 with the backward. At T = 4: 6*10*4 + 6*3*2*1 + 6*4*4*2 = 240 + 36 + 192 (the attention term once
+    lacked a factor of T: 48)."""
+    config = SimpleNamespace(n_layer=1, n_embd=2, vocab_size=3)
+    assert bench.sft_step_flops(config, block_params=10, B=1, T=4, n_targets=1) == 240 + 36 + 192
+    config = SimpleNamespace(n_layer=12, n_embd=768, vocab_size=50257)  # attention grows as T^2, the rest as T
+    small, large = (bench.sft_step_flops(config, 0, 1, T, 0) for T in (128, 256))
+    assert large == 4 * small
