@@ -402,7 +402,7 @@ def save_checkpoint(path, **obj):
     """Atomic write: a crash mid-write leaves the previous checkpoint as it was (temp file, fsync, rename). It records
     how long the run's log beside it is, for a resume from it to cut the log back to that (start_log)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    obj = {**obj, "world_size": dist.get_world_size() if dist.is_initialized() else 1}  # a resume compares it
+    obj = {**obj, "world_size": _world_size()}  # a resume compares it
     log = os.path.join(os.path.dirname(path), "log.jsonl")
     if os.path.exists(log):
         obj = {**obj, "log_bytes": os.path.getsize(log)}
@@ -418,6 +418,11 @@ def save_checkpoint(path, **obj):
             os.remove(tmp)
         raise
     _RUN["saved"] = obj.get("step")
+
+
+def _world_size():
+    """The number of processes of this run (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def load_checkpoint(path, kind=None):
@@ -476,7 +481,7 @@ def restore(ckpt, optimizer, cfg):
     ignored = ("init_from", "out_dir") + (("max_iters",) if same_schedule else ())
     changed = [f"{k} {v!r} (was {ckpt['config'][k]!r})" for k, v in asdict(cfg).items()
                if k not in ignored and k in ckpt["config"] and v != ckpt["config"][k]]
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    world_size = _world_size()
     if world_size != ckpt.get("world_size", world_size):
         changed.append(f"world_size {world_size} (was {ckpt['world_size']})")
     if changed:
