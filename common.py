@@ -56,11 +56,6 @@ def _convert(key, value, default, where):
             return int(value)
         if isinstance(default, float):
             return float(value)
-        if default is None:  # Optional field: number, literal, or plain string
-            try:
-                return ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                return value
         return _check_type(key, ast.literal_eval(value), default, where)  # dicts, lists, tuples
     except ConfigError:
         raise
@@ -71,8 +66,6 @@ def _convert(key, value, default, where):
 def _check_type(key, value, default, where):
     """A config file's value must have its field's type (an int may stand for a float, a list for a tuple): a string
     "3" for max_iters would otherwise fail deep inside the training loop, after the data and model have loaded."""
-    if default is None:
-        return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, tuple) and isinstance(value, list):

@@ -329,11 +329,11 @@ def load_preferences(source, split="train", subset="", skip_bad=False) -> list[P
     return _parse_rows(rows, source, split, parse, skip_bad)
 
 
-def load_prompts(source, split="train", subset="", skip_bad=False, field=None) -> list[str]:
+def load_prompts(source, split="train", subset="", skip_bad=False, field="") -> list[str]:
     r"""Prompts from a `prompt` column (or `field`), from HH dialogues (the text up to and including the last
     "\n\nAssistant:" of `chosen`) or from TL;DR rows (`info`). Empty prompts are bad rows."""
     rows, keys = _rows_and_keys(source, split, subset)
-    if field is not None or "prompt" in keys:
+    if field or "prompt" in keys:
         parse = lambda r: _str(r, field or "prompt", empty_ok=False)
     elif "info" in keys:
         parse = _tldr_prompt

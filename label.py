@@ -42,7 +42,7 @@ class Config:
     prompts: str = ""  # prompt source for data.load_prompts (.jsonl/.json/.parquet/.csv or hub dataset)
     data_split: str = "train"  # split of `prompts`
     data_subset: str = ""  # hub dataset configuration of `prompts`
-    prompt_field: str = None  # column holding the prompt (default: prompt, or HH / TL;DR detection)
+    prompt_field: str = ""  # column holding the prompt ("": prompt, or HH / TL;DR detection)
     max_prompts: int = 0  # label at most this many prompts of the file (0: all)
     start: str = ""  # instead of a prompt file: the prompt, or FILE:path with one prompt per line (as sample.py)
     num_samples: int = 10  # with start: pairs to label per prompt

@@ -258,6 +258,9 @@ class GPT(nn.Module):
         variant = {k: hf.get(k, v) for k, v in GPT2_FIXED.items() if hf.get(k, v) != v}
         if variant:  # these would load without a shape error and silently compute other logits
             raise ValueError(f"{cfg_path}: GPT-2 variant not supported: {variant} (expected {GPT2_FIXED})")
+        sizes = ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")
+        if missing := [k for k in sizes if not isinstance(hf.get(k), int)]:
+            raise ValueError(f"{cfg_path}: no integer {', '.join(missing)}")
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, heads=dict(heads or {}))
         model = cls(config)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data import (EOS, DataError, OfflineExample, PrefExample, SFTExample, collate_prompts, collate_sft, decode,
-                  encode, get_tokenizer, load_offline, load_preferences, load_prompts, load_rows, load_sft, pad_left,
-                  pad_right, preferences_to_offline, tokenize_example, tokenize_prompt)
+                  decode_responses, encode, get_tokenizer, load_offline, load_preferences, load_prompts, load_rows,
+                  load_sft, pad_left, pad_right, preferences_to_offline, tokenize_example, tokenize_prompt)
 from tests.helpers import write_jsonl
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "data"
@@ -326,3 +326,55 @@ def test_collate_sft_masks():
     # targets: response tokens incl. the real EOS; not the prompt, not the padding (which is also EOS)
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
     assert all(v.dtype == torch.long and v.shape == (2, 5) for v in batch.values())
+
+
+# ---------------------------------------------------------------------------- decoded responses, rows refused
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
+
+
+def test_decode_responses_reads_up_to_the_mask_and_drops_only_its_eos():
+    """A row that ended (its mask ends at its EOS, EOS padding after it), a row cut at max_new_tokens (no EOS: every
+    token is text), and a row whose first token was the EOS (the empty response)."""
+    ended, cut = encode(" Fine."), encode(" It was a long and winding")
+    N = len(cut)
+    rows = [ended + [EOS] * (N - len(ended)), cut + [EOS] * (N - len(cut)), [EOS] * N]
+    masks = [[1] * (len(ended) + 1) + [0] * (N - len(ended) - 1), [1] * len(cut) + [0] * (N - len(cut)),
+             [1] + [0] * (N - 1)]
+    assert len(ended) + 1 < N  # EOS padding after the ended row's EOS
+    assert decode_responses(torch.tensor(rows), torch.tensor(masks)) == [" Fine.", " It was a long and winding", ""]
+
+
+@pytest.mark.parametrize("cell", ["nan", "inf", "-inf"])
+def test_a_reward_that_is_no_finite_number_is_named(tmp_path, cell):
+    (tmp_path / "offline.csv").write_text(f"prompt,response,reward\nQ,a,1\nQ,b,{cell}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"offline\.csv: row 2: field 'reward' is {cell}, not a finite number$"):
+        load_offline(str(tmp_path / "offline.csv"))
+
+
+def test_a_jsonl_row_that_is_no_object_is_named(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n[1, 2]\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"prefs\.jsonl: row 2 \(line 2\): not a JSON object but list$"):
+        load_preferences(str(path))
+
+
+def test_a_bad_row_in_a_directory_names_its_file_and_row(tmp_path):
+    (tmp_path / "dir").mkdir()
+    write_jsonl(tmp_path / "dir" / "part-0.jsonl", [GOOD])
+    (tmp_path / "dir" / "part-1.jsonl").write_text(json.dumps(GOOD) + '\n{"prompt": oops}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"part-1\.jsonl: row 2 \(line 2\): not valid JSON"):
+        load_preferences(str(tmp_path / "dir"))
+
+
+def test_a_csv_saved_with_a_byte_order_mark_is_read_as_text(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the first column must still be read as the text written in it."""
+    (tmp_path / "sft.csv").write_bytes("\ufeffprompt,completion\n007,42\n".encode("utf-8"))
+    assert load_sft(str(tmp_path / "sft.csv")) == [SFTExample("007", "42")]
+
+
+def test_a_tldr_choice_of_true_is_refused(tmp_path):
+    row = lambda choice: {"info": {"post": "a post", "title": "t", "subreddit": "s"}, "choice": choice,
+                          "summaries": [{"text": "one"}, {"text": "two"}]}
+    path = write_jsonl(tmp_path / "tldr.jsonl", [row(0), row(True)])
+    with pytest.raises(DataError, match=r"tldr\.jsonl: row 2: field 'choice' is True, not 0 or 1"):
+        load_preferences(path)

@@ -186,3 +186,23 @@ def test_closest_pair_skips_identical_and_empty():
     assert label.closest_pair(["a", "", "b", "c"], [0.0, 0.0, 2.0, 0.5]) == (0, 3)
     assert label.closest_pair(["c", "b", "a"], [3.0, 1.0, 1.5]) == (1, 2)
     assert label.closest_pair(["a", "a"], [0.0, 0.0]) is None
+
+
+# ---------------------------------------------------------------------------- resuming, max_prompts, answers
+def test_resume_refuses_a_prompt_id_past_the_prompt_list(files, tmp_path, monkeypatch, capsys):
+    """A labels file from a longer prompt list: the id one past the end is named, not an IndexError."""
+    out = tmp_path / "prefs.jsonl"
+    out.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "prompt_id": len(PROMPTS)}) + "\n")
+    with pytest.raises(ConfigError, match=rf"line 1 \(prompt_id {len(PROMPTS)}\) does not match this prompt list"):
+        run_main(args(files, out), "q\n", monkeypatch, capsys)
+
+
+def test_max_prompts_labels_only_the_first_ones(files, tmp_path, monkeypatch, capsys):
+    counts, stdout = run_main(args(files, tmp_path / "prefs.jsonl", "--max_prompts=2"), "q\n", monkeypatch, capsys)
+    assert "2 prompts, 0 answered in earlier sessions, 2 to go" in stdout
+
+
+@pytest.mark.parametrize("typed,answer", [("Q\n", "q"), (" T \n", "t"), ("S\n", "s")])
+def test_answers_are_read_whatever_their_case(monkeypatch, typed, answer):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    assert label.ask() == answer

@@ -12,13 +12,15 @@ are 0 and the gains 1, so a missing bias or a LayerNorm mix-up would still pass.
 
 import copy
 import json
+import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import speedups
 from model import EOS, GPT, GPTConfig, Head, KVCache, filter_logits, fp32_heads, generate, sample_token, token_logprobs
 
 V, C, L, NH, BLOCK = 50257, 32, 2, 2, 64
@@ -216,6 +218,8 @@ def test_rejects_non_gpt2_folders(tmp_path):
     _expect_folder_error(tmp_path / "empty", "config.json")
     # config says n_embd 64, weights are n_embd 32
     _expect_folder_error(gpt2_folder(tmp_path / "shape", n_embd=64), "shape")
+    # a size missing from config.json (a hand-edited folder)
+    _expect_folder_error(gpt2_folder(tmp_path / "nopos", n_positions=None), "no integer n_positions")
     # weights of another architecture (keys that are not GPT-2's)
     write_config(tmp_path / "keys")
     save_file({"model.embed_tokens.weight": torch.zeros(V, C)}, str(tmp_path / "keys" / "model.safetensors"))
@@ -547,3 +551,67 @@ def test_grad_checkpointing_leaves_cached_decoding_alone():
     model(tokens[:, :5], mask[:, :5], cache=cache)
     step = model(tokens[:, 5:], mask[:, 5:], cache=cache)
     assert_close(step[:, -1], model(tokens, mask)[:, -1], 1e-5, "cached step")
+
+
+# ---------------------------------------------------------------------------- context edge, HF folders, init
+@torch.no_grad()
+def test_the_whole_context_is_usable_and_one_token_more_is_refused(gpt):
+    """block_size tokens fit (a batch of max_len = block_size, or a cache filled to its last slot); one more is a
+    ValueError naming block_size."""
+    full = rand_tokens(1, BLOCK, seed=30)
+    h = gpt(full)
+    assert h.shape == (1, BLOCK, C)
+    assert_close(gpt(full, torch.ones_like(full))[:, -1], h[:, -1], 1e-5, "masked forward of block_size tokens")
+    cache = KVCache(1, BLOCK, full.device)
+    gpt(full[:, :-1], torch.ones_like(full[:, :-1]), cache=cache)
+    assert_close(gpt(full[:, -1:], cache=cache)[:, -1], h[:, -1], 1e-5, "the cache's last slot")
+    with pytest.raises(ValueError, match=f"sequence of {BLOCK + 1} tokens is longer than the model's block_size"):
+        gpt(rand_tokens(1, BLOCK + 1, seed=31))
+
+
+def test_an_hf_folder_whose_lm_head_is_not_tied_is_refused(gpt, tmp_path):
+    """GPT-2 ties lm_head to wte; a folder with another lm_head.weight (a fine-tune that untied them) would load with
+    wte's logits, silently: refused, naming the folder. A tied copy of it loads."""
+    gpt.save_hf(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    wte = sd["transformer.wte.weight"]
+    save_file({**sd, "lm_head.weight": wte.clone()}, str(tmp_path / "model.safetensors"))
+    GPT.from_pretrained(str(tmp_path))  # tied: fine
+    save_file({**sd, "lm_head.weight": wte + 0.01}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"lm_head\.weight is not tied to wte\.weight"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_the_exported_folder_names_gpt2s_special_tokens(gpt, tmp_path):
+    """<|endoftext|> (50256) is GPT-2's BOS and EOS: HF's generate stops at eos_token_id from the exported config."""
+    gpt.save_hf(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["bos_token_id"] == cfg["eos_token_id"] == EOS == 50256
+    hf = needs_transformers().GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert hf.config.eos_token_id == hf.generation_config.eos_token_id == EOS
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_top_k_larger_than_the_vocabulary_keeps_every_token(fast):
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(filter_logits(logits, top_k=50), logits)
+    sampler = speedups.sample_token if fast else sample_token
+    tok, lp = sampler(logits, 1.0, 50, None, torch.Generator().manual_seed(1))
+    assert torch.allclose(lp, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1), atol=1e-6)
+
+
+def test_init_scales_of_gpt2_and_of_the_heads():
+    """GPT-2's init: N(0, 0.02) weights, the residual projections scaled by 1/sqrt(2 n_layer); scalar heads (reward,
+    value) at std 1/sqrt(n_embd + 1) as in lm-human-preferences, vocabulary-sized heads as lm_head; biases 0."""
+    torch.manual_seed(0)
+    n_layer, n_embd = 4, 256
+    m = GPT(GPTConfig(block_size=16, vocab_size=1000, n_layer=n_layer, n_head=4, n_embd=n_embd,
+                      heads={"reward": 1, "q": 1000}))
+    expected = {"h.0.attn.c_attn.weight": 0.02, "h.0.mlp.c_fc.weight": 0.02, "wte.weight": 0.02,
+                "h.0.attn.c_proj.weight": 0.02 / math.sqrt(2 * n_layer),
+                "h.3.mlp.c_proj.weight": 0.02 / math.sqrt(2 * n_layer),
+                "heads.reward.weight": 1 / math.sqrt(n_embd + 1), "heads.q.weight": 0.02}
+    params = dict(m.named_parameters())
+    for name, std in expected.items():
+        assert abs(params[name].std().item() / std - 1) < 0.15, (name, params[name].std().item(), std)
+    assert all(float(p.detach().abs().max()) == 0 for n, p in params.items() if n.endswith(".bias") and "ln_" not in n)

@@ -40,9 +40,9 @@ import reward
 import sample
 import scoring
 import sft
-from common import (ConfigError, RunError, load_checkpoint, make_optimizer, parse_config, print_config, restore,
-                    save_checkpoint)
-from data import DataError
+from common import (ConfigError, RunError, check_numbers, load_checkpoint, make_optimizer, parse_config, print_config,
+                    restore, save_checkpoint)
+from data import DataError, load_prompts
 from model import GPT, GPTConfig
 from tests.helpers import ROOT, assert_same_weights, file_digest, write_jsonl
 
@@ -803,3 +803,42 @@ def test_prompt_longer_than_the_context_is_cut_not_fatal(tmp_path, monkeypatch, 
         assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"), script)["step"] == 1
     full = data.encode(LONG_PROMPT)
     assert cut and all(0 < len(ids) < 64 and ids == full[-len(ids):] for ids in cut), [len(ids) for ids in cut]
+
+
+# ---------------------------------------------------------------------------- config values
+@pytest.mark.parametrize("text,value", [("true", True), ("True", True), ("1", True), ("false", False),
+                                        ("0", False), ("FALSE", False)])
+def test_a_bool_on_the_command_line(text, value):
+    assert parse_config(label.Config, [f"--active={text}"]).active is value
+
+
+def test_a_bool_that_is_no_bool_is_refused():
+    with pytest.raises(ConfigError, match=r"--active='yes' is not a valid bool"):
+        parse_config(label.Config, ["--active=yes"])
+
+
+def test_an_override_value_may_hold_an_equals_sign():
+    assert parse_config(sample.Config, ["--start=x = 1 + 1 ="]).start == "x = 1 + 1 ="
+
+
+def test_a_text_field_keeps_a_value_that_reads_as_a_number(tmp_path):
+    """label.py --prompt_field=2024 names the column "2024" (it was once read as the int 2024: "missing field")."""
+    (tmp_path / "p.csv").write_text("id,2024\n1,Hello there\n", encoding="utf-8")
+    cfg = parse_config(label.Config, ["--prompt_field=2024"])
+    assert cfg.prompt_field == "2024"
+    assert load_prompts(str(tmp_path / "p.csv"), field=cfg.prompt_field) == ["Hello there"]
+
+
+@pytest.mark.parametrize("field,value,rule", [("learning_rate", float("inf"), "> 0"),
+                                              ("grad_clip", float("inf"), ">= 0"),
+                                              ("min_lr_ratio", float("-inf"), "in [0, 1]")])
+def test_infinite_sizes_and_rates_are_out_of_every_range(field, value, rule):
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{field} must be {rule}, not {value!r}')}$"):
+        check_numbers(sft.Config(**{field: value}))
+
+
+def test_a_config_file_bool_for_an_int_field_is_refused(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("max_iters = True\n")
+    with pytest.raises(ConfigError, match=r"cfg\.py: max_iters = True is a bool, expected int"):
+        parse_config(sft.Config, [str(path)])

@@ -188,3 +188,42 @@ def test_best_of_n_needs_a_scorer(hf_folder):
         S.main(S.Config(init_from=hf_folder, best_of=2, device="cpu"))
     with pytest.raises(ConfigError, match="best_of must be >= 1"):
         S.main(S.Config(init_from=hf_folder, best_of=0, device="cpu"))
+
+
+# ---------------------------------------------------------------------------- context edge, best-of-n
+LONG = " ".join(f"word{i}" for i in range(80))  # ~160 tokens: longer than every context here
+
+
+def test_a_long_prompt_keeps_exactly_the_room_max_new_tokens_leaves(hf_folder, monkeypatch):
+    """sample(): prompt + completion fit the 64-token context and the prompt keeps as much of its end as fits, the
+    last block_size - max_new_tokens tokens."""
+    seen = []
+    real = S.sample_responses
+    monkeypatch.setattr(S, "sample_responses", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    S.main(S.Config(init_from=hf_folder, start=LONG, num_samples=1, max_new_tokens=8, device="cpu"))
+    r, = seen
+    assert r["P"] == 64 - 8 and r["tokens"][0, :r["P"]].tolist() == encode(LONG)[-(64 - 8):]
+
+
+def test_max_new_tokens_filling_the_context_is_a_config_error(hf_folder):
+    with pytest.raises(ConfigError, match=r"max_new_tokens=64 leaves no room for a prompt in block_size 64"):
+        S.main(S.Config(init_from=hf_folder, max_new_tokens=64, device="cpu"))
+
+
+def test_file_prompts_keep_their_spaces(tmp_path):
+    """One prompt per line, as written: only the line ending goes (a trailing space changes GPT-2's next token)."""
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"  indented\r\nends with a space \n\n")
+    assert S.read_prompts(f"FILE:{path}") == ["  indented", "ends with a space "]
+
+
+def test_best_of_n_fits_a_reward_model_with_a_shorter_context(hf_folder, tmp_path):
+    """A reward model of 32 tokens scoring a 64-token policy's candidates: prompts are cut to the reward model's
+    context (32 - max_new_tokens), so every candidate is scored instead of overflowing it."""
+    cfg = GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=32, heads={"reward": 1})
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "rm.pt"), kind="reward", model_config=asdict(cfg), model=GPT(cfg).state_dict(),
+                    step=0, config={})
+    out = S.main(S.Config(init_from=hf_folder, start=LONG, num_samples=2, best_of=2, max_new_tokens=6,
+                          reward_model=str(tmp_path / "rm.pt"), temperature=1.0, top_k=0, device="cpu"))
+    assert len(out["completions"][0]) == 2

@@ -14,7 +14,8 @@ import torch
 
 import model as model_module
 import sft
-from common import Setup, batch_indices, load_checkpoint, load_model, lr_at, parse_config
+from common import (Setup, batch_indices, begin_step, load_checkpoint, load_model, lr_at, make_optimizer, parse_config,
+                    save_checkpoint)
 from data import EOS, DataError, collate_sft, tokenize_example
 from model import GPT, GPTConfig
 from tests.helpers import assert_same_weights, file_digest, spy_on_compile, torchrun, train_log, write_jsonl
@@ -254,3 +255,54 @@ def test_learning_rate_schedule_by_hand():
     assert lr(12, 4, 12) == lr(50, 4, 12) == pytest.approx(0.1)
     assert [lr(t, 5, 5) for t in range(7)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 0.1, 0.1])
     assert [lr(t, 0, 0) for t in range(2)] == pytest.approx([0.1, 0.1])
+
+
+# ---------------------------------------------------------------------------- seeds, batches, optimizer
+def test_each_step_and_rank_draws_its_own_random_numbers():
+    """begin_step seeds from (seed, step, rank): every (step, rank) its own dropout stream (ranks do not repeat each
+    other's masks, nor a neighbouring step's), and the same stream again for the same (step, rank) (resume)."""
+    cfg = sft.Config(seed=3)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    def draw(step, rank):
+        s = Setup(ddp=False, rank=rank, local_rank=rank, world_size=4, device="cpu", master=rank == 0,
+                  autocast=nullcontext)
+        begin_step(opt, step, cfg, s)
+        return tuple(torch.rand(4).tolist())
+
+    draws = {(step, rank): draw(step, rank) for step in range(4) for rank in range(4)}
+    assert len(set(draws.values())) == len(draws)
+    assert draw(2, 1) == draws[(2, 1)]
+
+
+def test_every_epoch_is_a_new_permutation():
+    epochs = [batch_indices(e, 10, 10, seed=3) for e in range(4)]
+    assert all(sorted(e) == list(range(10)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) == 4
+
+
+def test_weight_decay_on_matrices_and_embeddings_only():
+    """AdamW decays the weight matrices and embeddings (the tied wte / lm_head once), not biases or LayerNorms."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=4, heads={"value": 1}))
+    decay, no_decay = make_optimizer(m, sft.Config(weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(
+        ["wte.weight", "wpe.weight", "h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight", "h.0.mlp.c_fc.weight",
+         "h.0.mlp.c_proj.weight", "heads.value.weight"])
+    assert all(names[id(p)].endswith(".bias") or ".ln_" in f".{names[id(p)]}" for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_load_model_starts_a_head_of_another_shape_fresh(tmp_path):
+    """load_model(heads=...): a checkpoint head of the same name and shape keeps its weights, one of another shape is
+    initialised fresh (not a size-mismatch error)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=4, heads={"value": 3, "v": 1})
+    m = GPT(cfg)
+    from dataclasses import asdict
+    save_checkpoint(str(tmp_path / "c.pt"), kind="sft", model_config=asdict(cfg), model=m.state_dict(), step=0)
+    loaded, _ = load_model(str(tmp_path / "c.pt"), heads={"value": 1, "v": 1})
+    assert loaded.heads["value"].weight.shape == (1, 4)
+    assert torch.equal(loaded.heads["v"].weight, m.heads["v"].weight)

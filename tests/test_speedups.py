@@ -10,6 +10,7 @@ bf16 matmuls differently): see bf16_tol.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -258,3 +259,19 @@ def test_fp32_heads_stay_fp32_in_the_packed_sampler(gpt):
     assert plain.dtype == packed.dtype == torch.float32 and qkv.dtype == torch.bfloat16
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
 
+
+# ---------------------------------------------------------------------------- attention dropout
+def test_matmul_attention_applies_dropout_to_the_attention_weights():
+    """SFT with dropout > 0 under bf16 on CPU trains through matmul_attention: its dropout_p must drop attention
+    weights (and scale the rest by 1 / (1 - p)), as SDPA's does. Reference: the masked softmax written out, then
+    F.dropout from the same seed."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
+    torch.manual_seed(5)
+    y = speedups.matmul_attention(q, k, v, None, 0.5)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    att = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    torch.manual_seed(5)
+    ref = F.dropout(att, 0.5) @ v
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y, att @ v, atol=1e-3)  # the dropout really dropped something
