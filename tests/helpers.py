@@ -40,6 +40,12 @@ def train_log(out_dir):
     return [r for r in rows if "loss" in r]
 
 
+def eval_log(out_dir):
+    """The evaluation rows of out_dir/log.jsonl."""
+    rows = [json.loads(x) for x in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval_loss" in r]
+
+
 def torchrun(script, args, tmp_path, nproc=2):
     """`script` under torchrun with `nproc` CPU processes (gloo), one thread each, from the repository root; fails the
     test with the end of its output unless every rank exits 0."""

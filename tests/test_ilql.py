@@ -5,6 +5,7 @@ plumbing, and one 2-process torchrun run."""
 import json
 import math
 import os
+import statistics
 import sys
 import types
 from dataclasses import asdict
@@ -19,7 +20,7 @@ import scoring
 from common import load_checkpoint, load_model, make_optimizer, parse_config, save_checkpoint
 from model import EOS, GPT, GPTConfig, generate
 from sample import ilql_logits_fn
-from tests.helpers import assert_same_weights, spy_on_compile, torchrun, train_log, write_jsonl
+from tests.helpers import assert_same_weights, eval_log, spy_on_compile, torchrun, train_log, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "data"
@@ -354,9 +355,12 @@ def test_torchrun_two_processes_equal_one(tmp_path, monkeypatch):
     # factor halves the norm and leaves the weights alone)
     for x, y in zip(train_log(tmp_path / "one"), train_log(tmp_path / "two"), strict=True):
         assert abs(x["loss"] / y["loss"] - 1) < 1e-5 and abs(x["grad_norm"] / y["grad_norm"] - 1) < 1e-4, (x, y)
-    two_eval = [r for r in map(json.loads, (tmp_path / "two" / "log.jsonl").read_text().splitlines())
-                if "eval_loss" in r]
+    two_eval = eval_log(tmp_path / "two")
     assert [r["step"] for r in two_eval] == [0, 2] and abs(two_eval[-1]["eval_loss"] / one["eval_loss"] - 1) < 1e-5
+    # the ranks sample what one process samples, so each beta's mean response length is one number: a mean over all
+    # ranks' responses, each counted once
+    for k in ("len_beta0", "len_beta4"):
+        assert two_eval[-1][k] == one[k], k
 
 
 def test_compile_trains_like_eager(tmp_path, monkeypatch):
@@ -402,3 +406,74 @@ def test_eval_size_0_evaluates_the_held_out_loss_only(tmp_path):
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]
     assert not any(k.startswith(("len_beta", "score_beta")) for r in rows for k in r)
+
+
+# ---------------------------------------------------------------------------- gradients, logged stats, held-out loss
+@pytest.mark.parametrize("beta_awac", [0.0, 2.0])
+def test_loss_gradients_and_stats_match_naive_loop(beta_awac):
+    """ILQL's gradient against a naive fp64 loop in which the TD target r + gamma V(s') and the AWAC weight
+    exp(beta_awac * (Qhat - V(s))) are numbers, not graph: V learns only from L_V, the Q heads only from L_Q and L_CQL,
+    the policy only from L_AWAC. And the logged q, v and advantage are the means over the actions of Q1(s, a), V(s)
+    and Qhat - V(s)."""
+    g = torch.Generator().manual_seed(0)
+    B, A, Vs = 3, 4, 7
+    logits = torch.randn(B, A, Vs, generator=g).requires_grad_()
+    qs = tuple(torch.randn(B, A, Vs, generator=g).requires_grad_() for _ in range(2))
+    target_q, vs = torch.randn(B, A, generator=g), torch.randn(B, A + 1, generator=g).requires_grad_()
+    actions = torch.randint(0, Vs, (B, A), generator=g)
+    _, _, dones, mask = ilql.ilql_indices(torch.tensor([2, 3, 1]), torch.tensor([4, 2, 1]))
+    rewards = torch.randn(B, A, generator=g) * mask
+    gamma, tau, cql_scale, awac_scale = 0.9, 0.7, 0.3, 0.5
+    real, n = mask.bool(), int(mask.sum())
+    loss, st = ilql.ilql_loss(logits[real], tuple(q[real] for q in qs), target_q[real], vs[:, :-1][real],
+                              vs[:, 1:][real], actions[real], rewards[real], torch.full((n,), gamma),
+                              dones[:, 1:][real], tau=tau, cql_scale=cql_scale, awac_scale=awac_scale,
+                              beta_awac=beta_awac)
+    got = torch.autograd.grad(loss, [logits, *qs, vs])
+    ref = 0.0
+    for b, t in real.nonzero().tolist():
+        a = actions[b, t]
+        td = rewards[b, t].item() + gamma * (1 - dones[b, t + 1].item()) * vs[b, t + 1].item()  # a number
+        for q in qs:
+            ref = ref + (q[b, t, a].double() - td) ** 2 - cql_scale * torch.log_softmax(q[b, t].double(), -1)[a]
+        adv = target_q[b, t].item() - vs[b, t].double()
+        ref = ref + (tau if adv.item() >= 0 else 1 - tau) * adv ** 2
+        weight = min(math.exp(beta_awac * adv.item()), 100.0)  # a number
+        ref = ref - awac_scale * weight * torch.log_softmax(logits[b, t].double(), -1)[a]
+    want = torch.autograd.grad(ref / n, [logits, *qs, vs])
+    for name, x, y in zip(("logits", "q1", "q2", "v"), got, want):
+        torch.testing.assert_close(x, y.float(), atol=1e-6, rtol=1e-5, msg=name)
+    taken = [(b, t, actions[b, t].item()) for b, t in real.nonzero().tolist()]
+    assert st["q"].item() == pytest.approx(sum(qs[0][b, t, a].item() for b, t, a in taken) / n, rel=1e-5)
+    assert st["v"].item() == pytest.approx(sum(vs[b, t].item() for b, t, _ in taken) / n, rel=1e-5)
+    assert st["advantage"].item() == pytest.approx(
+        sum(target_q[b, t].item() - vs[b, t].item() for b, t, _ in taken) / n, rel=1e-5)
+
+
+def test_held_out_loss_is_the_mean_over_its_actions_with_the_training_z_scores(tmp_path):
+    """main's evaluation at step 0: every eval_* term is ilql_loss over all the held-out actions at once (a mean over
+    actions: not over tokens, not over rows), of the held-out rows only, with the rewards z-scored by the training
+    rows' mean and population std (rewards here have mean 4.5 and std 3.0, so a missed shift or scale shows)."""
+    words = ["apple", "river", "stone", "cloud", "green", "tiger", "piano"]
+    rewards = [1.5, 7.5, 7.5, 1.5, 7.0, -4.0, 2.0]  # training rows: the first four
+    rows = [{"prompt": f"Say {w}:", "response": f" {w}" * (1 + i % 3) + ".", "reward": r}
+            for i, (w, r) in enumerate(zip(words, rewards))]
+    model = tiny_model()
+    init = str(tmp_path / "init.pt")
+    save_checkpoint(init, kind="ilql", model_config=asdict(model.config), model=model.state_dict(), step=0)
+    cfg = ilql.Config(**{**TINY, "init_from": init, "eval_split": "train[4:]"}, data_split="train[:4]",
+                      data=write_jsonl(tmp_path / "d.jsonl", rows), out_dir=str(tmp_path / "out"), max_iters=0,
+                      batch_size=2, eval_size=0, max_new_tokens=4, gamma=0.9, beta_awac=1.0)
+    ilql.main(cfg)
+    (logged,) = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    mean, std = statistics.fmean(rewards[:4]), statistics.pstdev(rewards[:4])
+    assert (mean, std) == (4.5, 3.0)
+    items = [(*data.tokenize_example(r["prompt"], r["response"], cfg.max_prompt_len, cfg.max_len),
+              (r["reward"] - mean) / std) for r in rows[4:]]
+    b = ilql.collate_offline(items, cfg.gamma, cfg.n_step)
+    with torch.no_grad():
+        loss, st = ilql.ilql_loss(**ilql.ilql_outputs(model, model(b["tokens"]), b), tau=cfg.tau,
+                                  cql_scale=cfg.cql_scale, awac_scale=cfg.awac_scale, beta_awac=cfg.beta_awac)
+    assert logged["eval_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for k in ilql.STATS:
+        assert logged[f"eval_{k}"] == pytest.approx(st[k].item(), rel=1e-5, abs=1e-6), k

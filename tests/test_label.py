@@ -206,3 +206,23 @@ def test_max_prompts_labels_only_the_first_ones(files, tmp_path, monkeypatch, ca
 def test_answers_are_read_whatever_their_case(monkeypatch, typed, answer):
     monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
     assert label.ask() == answer
+
+
+def test_active_scores_each_candidate_after_the_prompt_it_was_sampled_from(files, tmp_path, monkeypatch, capsys):
+    """A prompt longer than half the reward model's context (scoring.score's default prompt cut): the reward model
+    reads the same prompt tokens the candidates were sampled after, not a shorter cut of it."""
+    long_prompt = "I watched this movie with my family on a rainy Sunday afternoon, after a long week at work, " \
+                  "with popcorn and blankets on the old sofa, and we all agreed that the second half was"
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": long_prompt}) + "\n")
+    assert len(data.encode(long_prompt)) > 64 // 2
+    sampled, scored = [], []
+    real_sample, real_score = label.sample_responses, label.score
+    monkeypatch.setattr(label, "sample_responses", lambda m, p, max_prompt_len, *a, **kw:
+                        sampled.append(max_prompt_len) or real_sample(m, p, max_prompt_len, *a, **kw))
+    monkeypatch.setattr(label, "score", lambda m, p, r, b, max_prompt_len=None, **kw:
+                        scored.append(max_prompt_len) or real_score(m, p, r, b, max_prompt_len, **kw))
+    argv = [*args(files, tmp_path / "prefs.jsonl", "--active=True", f"--reward_model={files / 'rm.pt'}",
+                  "--n_candidates=4")]
+    argv = [f"--prompts={tmp_path / 'long.jsonl'}" if a.startswith("--prompts=") else a for a in argv]
+    run_main(argv, "1\nq\n", monkeypatch, capsys)
+    assert sampled == scored == [64 - MAX_NEW_TOKENS - 1]  # the reward model's room: prompt, response and its EOS

@@ -40,11 +40,11 @@ import reward
 import sample
 import scoring
 import sft
-from common import (ConfigError, RunError, check_numbers, load_checkpoint, make_optimizer, parse_config, print_config,
-                    restore, save_checkpoint)
+from common import (ConfigError, RunError, check_numbers, load_checkpoint, lr_at, make_optimizer, parse_config,
+                    print_config, restore, save_checkpoint)
 from data import DataError, load_prompts
 from model import GPT, GPTConfig
-from tests.helpers import ROOT, assert_same_weights, file_digest, write_jsonl
+from tests.helpers import ROOT, assert_same_weights, file_digest, train_log, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -842,3 +842,39 @@ def test_a_config_file_bool_for_an_int_field_is_refused(tmp_path):
     path.write_text("max_iters = True\n")
     with pytest.raises(ConfigError, match=r"cfg\.py: max_iters = True is a bool, expected int"):
         parse_config(sft.Config, [str(path)])
+
+
+# ---------------------------------------------------------------------------- schedules, dropout, data formats
+@pytest.mark.parametrize("script", ["sft", "reward", "ilql"])
+def test_each_step_trains_at_the_schedules_learning_rate(tmp_path, art, script):
+    """Step t trains (and logs) at lr_at(t): the warmup's first step at a 1/warmup_iters of the peak, the cosine
+    reaching the minimum at lr_decay_iters."""
+    base = write_base(script, tmp_path, art)
+    run(script, [base, "--max_iters=5", "--warmup_iters=2", "--lr_decay_iters=4", "--min_lr_ratio=0.1",
+                 "--learning_rate=1e-3"])
+    assert [r["lr"] for r in train_log(tmp_path / "out")] == [lr_at(t, 1e-3, 2, 4, 0.1) for t in range(5)]
+
+
+@pytest.mark.parametrize("script,who", [("reward", "the reward model"), ("ilql", "ILQL")])
+def test_a_start_with_dropout_is_refused(tmp_path, art, script, who):
+    """reward.py and ilql.py train with dropout off (noise in the margin, in V(s') and the Q targets): a start whose
+    config has dropout is one error naming it, before anything is written."""
+    model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32, dropout=0.1))
+    path = tmp_path / "dropout.pt"
+    save_checkpoint(str(path), kind="sft", model_config=asdict(model.config), model=model.state_dict(), step=0)
+    base = write_base(script, tmp_path, art)
+    with pytest.raises(ConfigError, match=rf"dropout\.pt: dropout 0\.1; {who} trains with dropout off"):
+        run(script, [base, f"--init_from={path}"])
+    assert checkpoint_files(tmp_path / "out") == {}
+
+
+@pytest.mark.parametrize("script,fmt,message", [
+    ("sft", "preferences", r"data_format must be 'sft' or 'chosen', not 'preferences'"),
+    ("ilql", "chosen", r"data_format must be 'offline' or 'preferences', not 'chosen'")])
+def test_an_unknown_data_format_is_named(tmp_path, art, script, fmt, message):
+    """Another script's data_format (sft's "chosen" in ilql, ilql's "preferences" in sft) is refused by name, not
+    read as the script's other format."""
+    base = write_base(script, tmp_path, art)
+    with pytest.raises(ConfigError, match=message):
+        run(script, [base, f"--data_format={fmt}"])
+    assert checkpoint_files(tmp_path / "out") == {}

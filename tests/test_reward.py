@@ -6,6 +6,7 @@ in every preference format; resume is bit-exact; init from an SFT checkpoint or 
 model does."""
 
 import dataclasses
+import json
 import math
 import random
 from pathlib import Path
@@ -18,9 +19,10 @@ import model as model_module
 import reward
 import scoring
 from common import load_checkpoint, parse_config, save_checkpoint
-from data import EOS, DataError, load_preferences, pad_left, pad_right, tokenize_example
+from data import EOS, DataError, PrefExample, load_preferences, pad_left, pad_right, tokenize_example
 from model import GPT, GPTConfig
-from tests.helpers import assert_same_weights, spy_on_compile, torchrun, train_log, write_jsonl
+from tests.helpers import (assert_same_weights, eval_log, file_digest, spy_on_compile, torchrun, train_log,
+                           write_jsonl)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures" / "data"
@@ -274,6 +276,12 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     assert len(rows) == 3
     for x, y in rows:
         assert all(x[k] == y[k] for k in ("step", "loss", "acc", "lr", "grad_norm")), (x, y)
+    evals = [eval_log(tmp_path / d) for d in ("ddp", "one")]  # held-out means over every rank's pairs
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [0, 3]
+    for x, y in zip(*evals):
+        assert x["eval_acc"] == y["eval_acc"], (x, y)
+        for k in ("eval_loss", "eval_margin"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (k, x, y)
     a, b = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "reward") for d in ("ddp", "one"))
     assert a["step"] == b["step"] == 3 and a["model"].keys() == b["model"].keys()
     for k in a["model"].keys() - {"heads.reward.weight", "heads.reward.bias"}:
@@ -341,3 +349,42 @@ def test_score_head_runs_in_fp32_under_bf16_autocast():
     expected = F.linear(h[torch.arange(3), last].float(), head.weight, head.bias).squeeze(-1)
     assert r.dtype == torch.float32
     torch.testing.assert_close(r, expected, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- best.pt, pairs cut to identical
+def test_best_pt_is_the_best_evaluation_normalised_and_kept_across_a_resume(tmp_path):
+    """best.pt holds the weights of the evaluation with the highest held-out accuracy (the first of equals), with the
+    normalisation of that evaluation folded into its head as in ckpt.pt (a consumer such as ppo.py reads either);
+    the best accuracy so far travels in ckpt.pt, so a resume from a checkpoint whose best cannot be beaten leaves
+    best.pt alone."""
+    data = marker_prefs(tmp_path / "marker.jsonl", n=40)
+    cfg = tiny_cfg(tmp_path, data, max_iters=4, eval_interval=2, normalize_std=True, learning_rate=3e-3,
+                   warmup_iters=0)
+    reward.main(cfg)
+    out = Path(cfg.out_dir)
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "best_eval_acc" in r]
+    first_best = max(evals, key=lambda r: (r["eval_acc"], -r["step"]))
+    best = load_checkpoint(str(out / "best.pt"), "reward")
+    assert best["step"] == first_best["step"] and best["best_eval_acc"] == first_best["eval_acc"]
+    model = scoring.load_reward_model(str(out / "best.pt"))
+    held_out = load_preferences(data, cfg.eval_split)
+    scores = torch.tensor(scoring.score(model, [p.prompt for p in held_out], [p.chosen for p in held_out],
+                                       max_prompt_len=cfg.max_prompt_len, max_len=cfg.max_len))
+    assert abs(scores.mean().item()) < 1e-4 and abs(scores.std(correction=0).item() - 1) < 1e-4
+    ckpt = load_checkpoint(str(out / "ckpt.pt"), "reward")
+    save_checkpoint(str(out / "ckpt.pt"), **{**ckpt, "best_eval_acc": 2.0})  # above any accuracy
+    digest = file_digest(out / "best.pt")
+    res = reward.main(dataclasses.replace(cfg, init_from="resume", max_iters=6))
+    assert res["best_eval_acc"] == 2.0 and file_digest(out / "best.pt") == digest
+
+
+def test_pairs_identical_after_truncation_are_dropped():
+    """A pair whose responses differ only past max_len carries no preference once cut: it is dropped and counted (kept,
+    it would be a sure tie: a zero gradient diluting the mean, and an accuracy of 0 on it)."""
+    cfg = reward.Config(max_prompt_len=4, max_len=8)
+    prefs = [PrefExample("Say it:", " one two three four five six", " one two three four five seven"),
+             PrefExample("Say it:", " yes", " no")]
+    pairs, dropped = reward.tokenize_pairs(prefs, cfg)
+    p, c = tokenize_example("Say it:", " yes", 4, 8)
+    _, r = tokenize_example("Say it:", " no", 4, 8)
+    assert dropped == 1 and pairs == [(p + c, p + r)]

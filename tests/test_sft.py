@@ -16,9 +16,10 @@ import model as model_module
 import sft
 from common import (Setup, batch_indices, begin_step, load_checkpoint, load_model, lr_at, make_optimizer, parse_config,
                     save_checkpoint)
-from data import EOS, DataError, collate_sft, tokenize_example
+from data import EOS, DataError, collate_sft, load_sft, tokenize_example
 from model import GPT, GPTConfig
-from tests.helpers import assert_same_weights, file_digest, spy_on_compile, torchrun, train_log, write_jsonl
+from tests.helpers import (assert_same_weights, eval_log, file_digest, spy_on_compile, torchrun, train_log,
+                           write_jsonl)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "apple river stone cloud green tiger piano seven orange window silver music forest candle yellow".split()
@@ -211,6 +212,11 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     # factor halves the norm and leaves the weights alone)
     for x, y in zip(train_log(tmp_path / "ddp"), train_log(tmp_path / "one"), strict=True):
         assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"], (x, y)
+    # the held-out loss is the mean over every rank's targets (the same weights, other eval batches: rounding)
+    evals = [eval_log(tmp_path / d) for d in ("ddp", "one")]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [0, 3]
+    for x, y in zip(*evals):
+        assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-5), (x, y)
 
 
 def test_grad_checkpointing_trains_the_same_weights(tmp_path, monkeypatch):
@@ -306,3 +312,42 @@ def test_load_model_starts_a_head_of_another_shape_fresh(tmp_path):
     loaded, _ = load_model(str(tmp_path / "c.pt"), heads={"value": 1, "v": 1})
     assert loaded.heads["value"].weight.shape == (1, 4)
     assert torch.equal(loaded.heads["v"].weight, m.heads["v"].weight)
+
+
+# ---------------------------------------------------------------------------- held-out loss, best.pt
+def test_evaluation_is_the_mean_loss_over_the_held_out_targets(tmp_path):
+    """main's held-out loss at step 0 is the mean -log p over the completion tokens (EOS included) of the eval split's
+    rows only, in eval mode (the start has dropout 0.1), whatever the eval batches: a naive loop over the rows, one
+    unpadded sequence at a time."""
+    data = copy_task(tmp_path / "copy.jsonl", n=20)
+    torch.manual_seed(0)
+    start = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1))
+    init = str(tmp_path / "start.pt")
+    save_checkpoint(init, kind="sft", model_config=dataclasses.asdict(start.config), model=start.state_dict(), step=0)
+    cfg = tiny_cfg(tmp_path, data, init_from=init, max_iters=0, eval_batch_size=3)
+    out = sft.main(cfg)
+    start.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ex in load_sft(data, cfg.eval_split):
+            p, r = tokenize_example(ex.prompt, ex.completion, cfg.max_prompt_len, cfg.max_len)
+            logprobs = torch.log_softmax(start.lm_head(start(torch.tensor([p + r]))).double(), -1)[0]
+            total -= sum(logprobs[len(p) - 1 + i, tok].item() for i, tok in enumerate(r))
+            n += len(r)
+    assert out["eval_loss_start"] == pytest.approx(total / n, rel=1e-5)
+
+
+def test_best_pt_is_rewritten_only_by_a_better_evaluation_also_after_a_resume(tmp_path):
+    """The best held-out loss so far travels in ckpt.pt: a run resumed from a checkpoint whose best no evaluation can
+    beat (0) leaves best.pt as it was and ends with that best."""
+    cfg = tiny_cfg(tmp_path, copy_task(tmp_path / "copy.jsonl", n=20), max_iters=2, eval_interval=1, grad_accum=1)
+    sft.main(cfg)
+    out = Path(cfg.out_dir)
+    best = load_checkpoint(str(out / "best.pt"), "sft")
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "best_eval_loss" in r]
+    assert best["best_eval_loss"] == min(r["eval_loss"] for r in evals)
+    ckpt = load_checkpoint(str(out / "ckpt.pt"), "sft")
+    save_checkpoint(str(out / "ckpt.pt"), **{**ckpt, "best_eval_loss": 0.0})
+    digest = file_digest(out / "best.pt")
+    res = sft.main(dataclasses.replace(cfg, init_from="resume", max_iters=4))
+    assert res["best_eval_loss"] == 0.0 and file_digest(out / "best.pt") == digest
