@@ -421,7 +421,3 @@ def collate_sft(pairs: list[tuple[list[int], list[int]]]) -> dict:
     tokens, mask = pad_right([p + r for p, r in pairs])
     loss_mask, _ = pad_right([[0] * len(p) + [1] * len(r) for p, r in pairs], pad_id=0)
     return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
-
-
-def collate_prompts(prompts_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_left(prompts_ids)

@@ -82,7 +82,7 @@ class Config:
     eval_split: str = "test"  # held-out split for the eval loss and sample prompts ("" = none: training prompts)
     skip_bad: bool = False  # drop (and count) bad rows instead of stopping at the first one
     max_prompt_len: int = 64  # prompts are left-truncated to this many tokens
-    max_len: int = 128  # prompt + response tokens; responses are right-truncated to fit
+    max_len: int = 128  # prompt + response (+ EOS) tokens; longer responses are cut (and lose their EOS)
     # ILQL
     gamma: float = 0.99  # discount
     n_step: int = 1  # Q targets bootstrap from V this many actions ahead (1 = ILQL; >= max_len: Monte-Carlo returns)
@@ -159,22 +159,23 @@ def ilql_indices(prompt_lens, response_lens):
 def nstep_targets(rewards, response_lens, gamma, n_step):
     """The n-step TD target of every action, as pieces: action t bootstraps from state t + m, m = min(n_step, R - t),
 
-        target_t = returns_t + discounts_t * (1 - done at state t + m) * V(s_{t+m}),
-        returns_t = sum_{k < m} gamma^k r_{t+k},   discounts_t = gamma^m.
+        target_t = reward_sums_t + discounts_t * (1 - done at state t + m) * V(s_{t+m}),
+        reward_sums_t = sum_{k < m} gamma^k r_{t+k},   discounts_t = gamma^m.
 
-    (These returns are only the rewards before the bootstrap, not PPO's value targets.)
+    (reward_sums, not "returns": they stop at the bootstrap, and PPO's returns are its value targets.)
     n_step = 1 is ILQL's target r_t + gamma * V(s_{t+1}); n_step >= R makes every target the Monte-Carlo return
     (the episode ends first, so V(s_R) never counts). rewards (B, A), zero past each row's R actions; response_lens
-    (B,). Returns returns (B, A), discounts (B, A) and boot_ixs (B, A), the state index t + m (padding slots: t + 1)."""
+    (B,). Returns reward_sums (B, A), discounts (B, A) and boot_ixs (B, A), the state index t + m (padding slots:
+    t + 1)."""
     if n_step < 1:
         raise ValueError(f"n_step must be >= 1, got {n_step}")
     B, A = rewards.shape
     t = torch.arange(A)[None, :]  # (1, A)
     m = torch.minimum(torch.full_like(t, n_step), response_lens[:, None] - t).clamp(min=1)  # (B, A)
-    returns = torch.zeros(B, A)
+    reward_sums = torch.zeros(B, A)
     for k in range(min(n_step, A)):  # rewards past an episode's end are 0, so summing to n_step sums to m
-        returns[:, :A - k] += gamma ** k * rewards[:, k:]
-    return returns, gamma ** m.float(), t + m
+        reward_sums[:, :A - k] += gamma ** k * rewards[:, k:]
+    return reward_sums, gamma ** m.float(), t + m
 
 
 def collate_offline(items, gamma=0.99, n_step=1):
@@ -186,10 +187,10 @@ def collate_offline(items, gamma=0.99, n_step=1):
     actions = tokens.gather(1, actions_ixs + 1)  # (B, A) the token each action state chose
     rewards = torch.zeros(actions.shape)  # (B, A): the reward sits on the last action
     rewards[torch.arange(len(items)), response_lens - 1] = torch.tensor([float(r) for _, _, r in items])
-    returns, discounts, boot_ixs = nstep_targets(rewards, response_lens, gamma, n_step)
+    reward_sums, discounts, boot_ixs = nstep_targets(rewards, response_lens, gamma, n_step)
     real_ixs = action_mask.flatten().nonzero().squeeze(1)  # (N,) the real actions in a flattened (B, A) layout
     return dict(tokens=tokens, mask=mask, actions_ixs=actions_ixs, states_ixs=states_ixs, dones=dones,
-                action_mask=action_mask, actions=actions, rewards=rewards, returns=returns, discounts=discounts,
+                action_mask=action_mask, actions=actions, rewards=rewards, reward_sums=reward_sums, discounts=discounts,
                 boot_ixs=boot_ixs, real_ixs=real_ixs)
 
 
@@ -213,25 +214,25 @@ def ilql_outputs(raw_model, h, batch):
         target_q = torch.minimum(head_at(heads["q1_target"], ha, a), head_at(heads["q2_target"], ha, a))
     boot = batch["boot_ixs"]  # (B, A) the state each action's target bootstraps from (t + 1 for one-step TD)
     return dict(logits=raw_model.lm_head(ha), qs=(heads["q1"](ha), heads["q2"](ha)), target_q=target_q,
-                v=real(vs[:, :-1]), v_next=real(vs.gather(1, boot)), actions=a, returns=real(batch["returns"]),
+                v=real(vs[:, :-1]), v_next=real(vs.gather(1, boot)), actions=a, reward_sums=real(batch["reward_sums"]),
                 discounts=real(batch["discounts"]), next_dones=real(batch["dones"].gather(1, boot)))
 
 
 STATS = ("loss_q", "loss_v", "loss_cql", "loss_awac", "q", "v", "advantage")  # what ilql_loss reports
 
 
-def ilql_loss(logits, qs, target_q, v, v_next, actions, returns, discounts, next_dones, tau, cql_scale,
+def ilql_loss(logits, qs, target_q, v, v_next, actions, reward_sums, discounts, next_dones, tau, cql_scale,
               awac_scale, beta_awac=0.0, n=None):
     """The four ILQL terms as means over actions (fp32), every input flat over N actions (see ilql_outputs):
     logits (N, V) policy logits at the action states; qs: online Q heads, each (N, V); target_q (N,) min of the
     target heads at the taken actions; v (N,) V of each action's state; actions (N,); the TD target pieces
-    (nstep_targets): returns, discounts, v_next (V of the state the target bootstraps from), next_dones (N,); for
+    (nstep_targets): reward_sums, discounts, v_next (V of the state the target bootstraps from), next_dones (N,); for
     one-step TD simply r_t, gamma, V(s_{t+1}), done_{t+1}. n: the denominator (default N; the trainer passes the
     global batch's action count, so micro-batches and ranks add up to one mean). Returns (loss, dict of stats)."""
     n = max(len(actions), 1) if n is None else n
     mean = lambda x: x.sum() / n
     v, v_next, target_q = v.float(), v_next.float().detach(), target_q.float().detach()
-    td_target = returns + discounts * (1 - next_dones.float()) * v_next  # of Q(s_t, a_t)
+    td_target = reward_sums + discounts * (1 - next_dones.float()) * v_next  # of Q(s_t, a_t)
     q_taken = [q.gather(-1, actions[:, None]).squeeze(-1).float() for q in qs]
     loss_q = sum(mean((q - td_target) ** 2) for q in q_taken)
     adv = target_q - v
@@ -457,8 +458,9 @@ def main(cfg):
     for step in range(start, cfg.max_iters):
         t0 = time.time()
         lr = begin_step(optimizer, step, cfg, s)
-        # 1. forward and backward of L_Q + L_V + cql_scale * L_CQL + awac_scale * L_AWAC: one mean over the actions
-        # of this step's global batch, accumulated over this rank's micro-batches
+        # 1. this rank's micro-batches: states, actions, the reward on each response's last action, n-step TD target
+        # pieces (collate_offline); forward and backward of L_Q + L_V + cql_scale * L_CQL + awac_scale * L_AWAC, one
+        # mean over the actions of this step's global batch
         batches, n_actions = collated_micro_batches(train_items, step, cfg, s)
         stats, n_tokens = forward_backward(model, raw_model, batches, n_actions, cfg, s)
         check_finite(stats["loss"], "loss", step)  # before the weights or any checkpoint see it

@@ -4,7 +4,7 @@ GPT-2 written out in plain PyTorch, with the few extras RLHF needs.
 - `GPT`: the GPT-2 architecture (learned positions, pre-LayerNorm blocks, tanh GELU, tied embeddings). Its forward
   returns the final hidden states; `lm_head` turns them into logits and `heads` (small `nn.Linear`s named in the
   config: "value", "reward", vocab-sized Q heads ...) into anything else. Positions come from the attention mask,
-  so a left-padded row gives exactly the logits of the same row unpadded.
+  so a left-padded row gives the logits of the same row unpadded (up to rounding: other kernels run on it).
 - `GPT.from_pretrained`: Hugging Face GPT-2 weights (gpt2 ... gpt2-xl, a hub id, or a local folder; hf_files.py
   finds and reads the files), `save_hf`: the reverse, a folder `transformers.GPT2LMHeadModel.from_pretrained` loads
   with identical logits.
@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import hf_files
-
-EOS = 50256  # <|endoftext|>: GPT-2's BOS and EOS
+from data import EOS  # generation stops at it
 
 
 @dataclass
@@ -115,7 +114,7 @@ class MLP(nn.Module):
 class Head(nn.Linear):
     """The linear layers that make the model's outputs: lm_head and the `heads`. With `fp32 = True` (fp32_heads) they
     compute in fp32 even under bf16 autocast, and without TF32 when it is on (dtype="tf32" on CUDA). Why: a bf16
-    matmul rounds its output, and GPT-2's logits are large (about -50 to -150), where bf16's spacing is 0.25-0.5. Each
+    matmul rounds its output, and GPT-2's logits are large (about -50 to -150), where bf16's spacing is 0.25-1. Each
     token's log-prob is then off by up to half of that, and not smoothly: a tiny update moves a logit across a
     rounding step or not at all, so PPO's ratios and KL penalty jump, and a sampler on such logits samples another
     policy than the one trained. The price is speed: lm_head is the largest matrix of a small GPT-2."""

@@ -23,7 +23,7 @@ Choices where public implementations differ:
   after an early EOS: responses end long before the longest one of their batch, and the vocabulary-sized logits of
   the padding would cost as much as the rest of the forward. Values come from the one-wide value head everywhere.
 - Under bf16 autocast the logits and values are computed in fp32 (fp32_heads, model.Head), in the sampler too: bf16
-  would round GPT-2's large logits by up to 0.25 nats in steps, which ratios, the KL penalty and the sampled
+  would round GPT-2's large logits by up to 0.5 nats in steps, which ratios, the KL penalty and the sampled
   distribution would all see. TRL keeps bf16 logits.
 - critic="separate" (default with a reward model): its own GPT, initialised from the reward model with the reward
   head copied into its value head, so values start on the score's scale (Stiennon et al. 2020, and the "N+

@@ -222,14 +222,19 @@ def evaluate(model, eval_pairs, norm_seqs, cfg, s):
             "reward_std": reward_std, "norm_mean": norm_mean, "norm_std": norm_std}
 
 
+def score_scale(ev, cfg):
+    """The std the saved head divides scores by: norm_std with normalize_std, else 1 (also when all scores are equal)."""
+    std = ev["norm_std"] if cfg.normalize_std else 1.0
+    return std if std >= 1e-6 else 1.0
+
+
 def save(path, model, optimizer, step, ev, best_eval_acc, cfg):
     """A checkpoint whose reward head gives normalised scores, (r - norm_mean) / std, folded into a copy of the head
     (std = norm_std with normalize_std, else 1). With the optimizer (ckpt.pt, for resume; it also keeps the head
     training continues from as train_head) or without (best.pt)."""
-    std = ev["norm_std"] if cfg.normalize_std else 1.0
-    if std < 1e-6:
-        print0(f"the normalisation set's scores have std {std:.3g}: not scaling them")
-        std = 1.0
+    std = score_scale(ev, cfg)
+    if cfg.normalize_std and std != ev["norm_std"]:
+        print0(f"the normalisation set's scores have std {ev['norm_std']:.3g}: not scaling them")
     head, sd = model.heads["reward"], model.state_dict()
     sd["heads.reward.weight"], sd["heads.reward.bias"] = head.weight.detach().clone(), head.bias.detach().clone()
     fold_normalization(sd["heads.reward.weight"], sd["heads.reward.bias"], ev["norm_mean"], std)
@@ -274,6 +279,7 @@ def main(cfg):
 
         done = step + 1  # the next step to run: where a resume starts
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
+            # held-out accuracy; the checkpoints fold the scores' normalisation into the reward head (save)
             ev = evaluate(raw_model, eval_pairs, norm_seqs, cfg, s)
             best_eval_acc, is_best = max(best_eval_acc, ev["eval_acc"]), ev["eval_acc"] > best_eval_acc
             log(done, {**ev, "best_eval_acc": best_eval_acc})  # the weights after `done` steps
@@ -283,8 +289,9 @@ def main(cfg):
                 save(ckpt_path, raw_model, optimizer, done, ev, best_eval_acc, cfg)
 
     if s.master and ev:
+        scale = score_scale(ev, cfg)
         print0(f"saved {ckpt_path} and {best_path}; scores shifted by {-ev['norm_mean']:.4g}"
-               + (f" and scaled by 1/{ev['norm_std']:.4g}" if cfg.normalize_std else ""))
+               + (f" and scaled by 1/{scale:.4g}" if scale != 1.0 else ""))
     cleanup(s)
     return {**metrics, **ev, "eval_acc_start": ev_start.get("eval_acc"), "eval_loss_start": ev_start.get("eval_loss"),
             "best_eval_acc": best_eval_acc}

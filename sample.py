@@ -98,7 +98,7 @@ def ilql_logits_fn(model, beta):
 def sample(model, prompts, cfg, logits_fn=None, score_fn=None, block_size=None):
     """num_samples completions (texts) for each prompt, prompt i sampled with a generator seeded seed + i. With
     best_of = n > 1, each completion is the highest-scored (score_fn) of n candidates, the candidates being the
-    num_samples * n completions best_of=1 would draw (rejection sampling). block_size: the context the prompt and
+    completions best_of=1 with num_samples * n would draw (rejection sampling). block_size: the context the prompt and
     completion must fit (default the model's; a reward model may have a shorter one)."""
     block_size = block_size or model.config.block_size
     if cfg.max_new_tokens >= block_size:

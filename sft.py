@@ -15,6 +15,8 @@ Our choices, where public implementations differ:
   schedule.
 - A preference set (Anthropic HH, prompt/chosen/rejected, TL;DR) is SFT data too: data_format="chosen" trains on
   its chosen responses, with the prompt split off by data.load_preferences.
+- Under bf16 autocast the LM head runs in bf16 too, unlike the RL trainers' fp32 heads (model.Head): its rounding
+  of the logits adds noise to a cross-entropy, but no ratio or KL of two models to be misread.
 Outputs in out_dir: ckpt.pt (always the last step, for resume), best.pt (best held-out loss), hf/ (the final
 model as a Hugging Face folder), log.jsonl.
 

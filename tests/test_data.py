@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from data import (EOS, DataError, OfflineExample, PrefExample, SFTExample, collate_prompts, collate_sft, decode,
+from data import (EOS, DataError, OfflineExample, PrefExample, SFTExample, collate_sft, decode,
                   decode_responses, encode, get_tokenizer, load_offline, load_preferences, load_prompts, load_rows,
                   load_sft, pad_left, pad_right, preferences_to_offline, tokenize_example, tokenize_prompt)
 from tests.helpers import write_jsonl
@@ -316,7 +316,7 @@ def test_pad_right_and_left():
     tokens, mask = pad_left([[1, 2, 3], [4]])
     assert tokens.tolist() == [[1, 2, 3], [EOS, EOS, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert [t.tolist() for t in collate_prompts([[7], [8, 9]])] == [[[EOS, 7], [8, 9]], [[0, 1], [1, 1]]]
+    assert [t.tolist() for t in pad_left([[7], [8, 9]])] == [[[EOS, 7], [8, 9]], [[0, 1], [1, 1]]]
 
 
 def test_collate_sft_masks():

@@ -74,7 +74,8 @@ def test_outputs_read_at_the_state_positions():
         out = ilql.ilql_outputs(model, h, b)
         # flat over the 5 real actions: row 0's three (12, 13, EOS), then row 1's two (23, EOS)
         assert out["actions"].tolist() == [12, 13, EOS, 23, EOS]
-        assert out["returns"].tolist() == [0.0, 0.0, 1.0, 0.0, -1.0] and out["next_dones"].tolist() == [0, 0, 1, 0, 1]
+        assert out["reward_sums"].tolist() == [0.0, 0.0, 1.0, 0.0, -1.0]
+        assert out["next_dones"].tolist() == [0, 0, 1, 0, 1]
         assert out["discounts"].tolist() == pytest.approx([0.99] * 5)  # one-step TD by default
         # row 0, action 1 (token 13 at position 3) is chosen by hidden 2; its next state is hidden 3
         assert torch.allclose(out["qs"][0][1], model.heads["q1"](h[0, 2]), atol=1e-6)
@@ -91,7 +92,7 @@ def test_outputs_read_at_the_state_positions():
         h2 = model(b2["tokens"], b2["mask"])
         out = ilql.ilql_outputs(model, h2, b2)
         assert torch.allclose(out["v_next"][0], model.heads["v"](h2[0, 3])[0], atol=1e-6)
-        assert out["returns"].tolist() == [0.0, 0.5, 1.0] and out["next_dones"].tolist() == [0, 1, 1]
+        assert out["reward_sums"].tolist() == [0.0, 0.5, 1.0] and out["next_dones"].tolist() == [0, 1, 1]
         assert out["discounts"].tolist() == [0.25, 0.25, 0.5]
     with pytest.raises(ValueError, match="n_step must be >= 1"):  # 0 would silently drop every reward
         ilql.nstep_targets(torch.ones(1, 2), torch.tensor([2]), 0.9, 0)
@@ -135,7 +136,7 @@ def test_losses_match_naive_loop(beta_awac):
     gamma, tau, cql_scale, awac_scale = 0.9, 0.7, 0.3, 0.5
     real = mask.bool()  # the loss takes real actions flat, as ilql_outputs returns them; one-step TD targets
     flat = dict(logits=logits[real], qs=tuple(q[real] for q in qs), target_q=target_q[real], v=vs[:, :-1][real],
-                v_next=vs[:, 1:][real], actions=actions[real], returns=rewards[real],
+                v_next=vs[:, 1:][real], actions=actions[real], reward_sums=rewards[real],
                 discounts=torch.full((int(mask.sum()),), gamma), next_dones=dones[:, 1:][real])
     loss, st = ilql.ilql_loss(**flat, tau=tau, cql_scale=cql_scale, awac_scale=awac_scale, beta_awac=beta_awac)
     ref = naive_losses(logits.tolist(), [q.tolist() for q in qs], target_q.tolist(), vs.tolist(), actions.tolist(),
@@ -157,8 +158,8 @@ def test_nstep_targets_match_naive_sum(n_step):
     _, _, dones, mask = ilql.ilql_indices(torch.tensor([2, 1, 3, 1]), response_lens)
     rewards = torch.randn(4, A, generator=g) * mask  # rewards anywhere in the episode, not only at its end
     vs = torch.randn(4, A + 1, generator=g)
-    returns, discounts, boot_ixs = ilql.nstep_targets(rewards, response_lens, gamma, n_step)
-    got = returns + discounts * (1 - dones.gather(1, boot_ixs)) * vs.gather(1, boot_ixs)
+    reward_sums, discounts, boot_ixs = ilql.nstep_targets(rewards, response_lens, gamma, n_step)
+    got = reward_sums + discounts * (1 - dones.gather(1, boot_ixs)) * vs.gather(1, boot_ixs)
     for b, R in enumerate(response_lens.tolist()):
         for t in range(R):
             m = min(n_step, R - t)
@@ -166,7 +167,7 @@ def test_nstep_targets_match_naive_sum(n_step):
             want += gamma ** m * vs[b, t + m].item() if t + m < R else 0.0
             assert got[b, t].item() == pytest.approx(want, abs=1e-6), (b, t)
     if n_step == 1:  # ILQL's own target
-        assert torch.equal(boot_ixs, torch.arange(1, A + 1).expand(4, -1)) and torch.equal(returns, rewards)
+        assert torch.equal(boot_ixs, torch.arange(1, A + 1).expand(4, -1)) and torch.equal(reward_sums, rewards)
     if n_step >= A:  # Monte-Carlo: the discounted return of the row, never a V
         assert bool(dones.gather(1, boot_ixs)[mask.bool()].all())
 

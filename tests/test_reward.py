@@ -120,6 +120,15 @@ def test_fold_normalization():
     assert abs(r2.mean().item()) < 1e-5 and abs(r2.std(correction=0).item() - 1) < 1e-5
 
 
+def test_score_scale_is_one_unless_normalize_std_and_the_scores_vary():
+    """The std the saved head divides by (and the one the final message names): 1 without normalize_std, and 1 when
+    the normalisation set's scores are all equal (dividing by ~0 would blow the scores up)."""
+    ev = lambda std: {"norm_mean": 0.5, "norm_std": std}
+    assert reward.score_scale(ev(2.5), reward.Config(normalize_std=True)) == 2.5
+    assert reward.score_scale(ev(2.5), reward.Config(normalize_std=False)) == 1.0
+    assert reward.score_scale(ev(1e-9), reward.Config(normalize_std=True)) == 1.0
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_first_step_equals_a_naive_full_batch_computation(tmp_path):
     """main's first step, as logged: its loss, accuracy and gradient norm are those of the mean Bradley-Terry loss
