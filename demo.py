@@ -241,7 +241,8 @@ def rm_accuracy(rm, rows, max_prompt_len):
 def ppo_trainer(cfg, path, shared):
     """train(max_iters, init_from) for train_in_chunks. eval_size 0: the probes between chunks are its evaluation.
     kl_horizon: a tenth of the run's episodes, so beta can follow the target (up to x(1 +- 2 / ppo_iters) a step);
-    a horizon of 10,000 episodes (the usual default) would hold beta nearly fixed over the demo's ~2,000.
+    a horizon of 10,000 episodes (the usual default) would hold beta nearly fixed over the demo's ~2,000. At least
+    what ppo.py accepts (more than a fifth of a step's responses), for runs of a few iterations.
     init_kl_coef 0.1 (the usual 0.05 doubled): beta falls while the KL is below the target, and from 0.05 it was too
     small to catch the KL once it passed the target (docs/results.md)."""
     import ppo
@@ -249,8 +250,8 @@ def ppo_trainer(cfg, path, shared):
         init_from=init_from, reward_model=path("reward", "ckpt.pt"), data=path("data", "corpus"), out_dir=path("ppo"),
         max_iters=step, batch_size=cfg.batch_size, minibatch_size=max(1, cfg.batch_size // 4), learning_rate=3e-5,
         min_lr_ratio=1.0, init_kl_coef=0.1, target_kl=cfg.target_kl, fp32_heads=cfg.fp32_heads,
-        kl_horizon=max(1, cfg.ppo_iters * cfg.batch_size // 10), max_new_tokens=cfg.max_new_tokens,
-        eval_interval=every(cfg.ppo_iters), eval_size=0, **shared))
+        kl_horizon=max(cfg.batch_size // 5 + 1, cfg.ppo_iters * cfg.batch_size // 10),
+        max_new_tokens=cfg.max_new_tokens, eval_interval=every(cfg.ppo_iters), eval_size=0, **shared))
 
 
 def grpo_trainer(cfg, path, shared):

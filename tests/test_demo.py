@@ -294,3 +294,150 @@ def test_summarize_task_end_to_end_quick(tmp_path):
     assert all("rougeL" in m for m in results["methods"].values())
     prompts = [json.loads(line)["prompt"] for line in open(tmp_path / "sum" / "data" / "prefs" / "train.jsonl")]
     assert prompts and all(p.endswith("\nTL;DR:") for p in prompts)  # the task's corpus, not the reviews
+
+
+# ----------------------------------------------------------------------------- the pipeline's wiring
+@pytest.mark.parametrize("response, expected", [
+    (" not really good at all.", -1.0),                  # the negator two words before still flips "good"
+    (" awful, terrible, boring, dull and weak.", -3.0),  # 5 negative words, clipped to -3
+    (" a great film.", 1.0),                             # 3 words: not too short
+    (" the adv was great.", 0.5),                        # "adv" is a template slot name, not a corpus word: unknown
+])
+def test_gold_score_more_documented_values(response, expected):
+    assert reviews.gold_score("The acting in this film was", response) == pytest.approx(expected)
+
+
+def test_write_corpus_eval_rows_are_another_seeds(tmp_path):
+    """The SFT eval rows (test.jsonl) are drawn with another seed than the training rows: not the training corpus's
+    first rows (make_corpus with one seed is a prefix-stable sequence, so the same seed would evaluate on training
+    rows)."""
+    cfg = demo.Config(n_train=200, n_eval=20, seed=3)
+    path = lambda *parts: str(tmp_path.joinpath(*parts))
+    demo.write_corpus(demo.load_task("reviews"), cfg, path)
+    read = lambda split: [json.loads(x) for x in open(path("data", "corpus", f"{split}.jsonl"))]
+    train, evals = read("train"), read("test")
+    assert len(train) == 200 and len(evals) == 20
+    assert evals != train[:20] and sum(r in train for r in evals) < 10
+
+
+def test_sample_pairs_are_two_samples_of_each_prompt(monkeypatch):
+    """sample_pairs samples each prompt twice (prompt order kept): a[i] and b[i] are both responses to prompts[i]."""
+    seen = []
+
+    def fake_sample_policy(model, prompts, seed, progress=False, **sampling):
+        seen.append(list(prompts))
+        return [f"{p} #{k}" for k, p in enumerate(prompts)], None
+    monkeypatch.setattr(demo, "sample_policy", fake_sample_policy)
+    prompts = ["This movie", "The remake", "This sequel"]
+    a, b = demo.sample_pairs(None, prompts, 0, max_new_tokens=4, max_prompt_len=8)
+    assert seen == [[p for p in prompts for _ in range(2)]]
+    assert all(x.startswith(p + " #") and y.startswith(p + " #") and x != y for p, x, y in zip(prompts, a, b))
+
+
+@pytest.mark.parametrize("task", ["reviews", "summarize"])
+def test_write_labels_held_out_pairs_are_new_and_noiselessly_labeled(tmp_path, task):
+    """write_labels: the held-out pairs (RM accuracy vs the gold) are other samples than the training pairs, on other
+    prompts where the task has them (summarize: its posts are nearly all distinct; reviews has only 64 openings), and
+    each is labeled by the noiseless gold: chosen scores strictly higher (under BT noise, the reviews case would keep
+    all ~40 held-out pairs in gold order with a probability of about 1e-8)."""
+    cfg = demo.Config(n_pref_prompts=32, n_heldout_prompts=64, seed=5, bt_temperature=1.0)
+    s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+    path = lambda *parts: str(tmp_path.joinpath(*parts))
+    t = demo.load_task(task)
+    demo.write_labels(t, tiny_gpt(0), cfg, s, path, dict(max_new_tokens=6, max_prompt_len=16))
+    read = lambda split: [json.loads(x) for x in open(path("data", "prefs", f"{split}.jsonl"))]
+    train, heldout = read("train"), read("test")
+    assert len(train) > 16 and len(heldout) > 8
+    pair = lambda r: (r["prompt"], frozenset((r["chosen"], r["rejected"])))
+    assert not {pair(r) for r in heldout} & {pair(r) for r in train}
+    if task == "summarize":
+        assert not {r["prompt"] for r in heldout} & {r["prompt"] for r in train}
+    assert all(t.gold_score(r["prompt"], r["chosen"]) > t.gold_score(r["prompt"], r["rejected"]) for r in heldout)
+
+
+def test_rm_accuracy_counts_ties_as_wrong(monkeypatch):
+    scores = {" a": 1.0, " b": 0.0, " c": 0.5, " d": 0.5, " e": 0.0, " f": 2.0}
+    monkeypatch.setattr(demo, "rm_scores", lambda rm, prompts, texts, max_len: [scores[t] for t in texts])
+    rows = [{"prompt": "p", "chosen": c, "rejected": r} for c, r in ((" a", " b"), (" c", " d"), (" e", " f"))]
+    assert demo.rm_accuracy(None, rows, 8) == pytest.approx(1 / 3)
+
+
+def test_train_in_chunks_resumes_each_chunk_and_probes_between(tmp_path, monkeypatch):
+    """iters 10 in chunks of 2: the first chunk starts from the SFT checkpoint, each later one resumes the last (not
+    a retraining from SFT), to max_iters 2, 4, ..., 10; the SFT policy (step 0) and each chunk's policy are probed,
+    and the curve is written."""
+    calls, probed = [], []
+    monkeypatch.setattr(demo, "load_policy", lambda ckpt, kind, cfg, s: ("trained", ckpt, kind))
+    monkeypatch.setattr(demo, "probe", lambda model, ref, *a: probed.append(model) or dict(gold=0.0, rm=0.0, kl=0.0))
+    path = lambda *parts: str(tmp_path.joinpath(*parts))
+    cfg = demo.Config(n_probe_prompts=2)
+    demo.train_in_chunks("PPO", lambda step, init_from: calls.append((step, init_from)), 10, "sft-policy", None,
+                         demo.load_task("reviews"), cfg, None, path, {})
+    assert calls == [(2, path("sft", "ckpt.pt")), (4, "resume"), (6, "resume"), (8, "resume"), (10, "resume")]
+    assert probed == ["sft-policy"] + [("trained", path("ppo", "ckpt.pt"), "ppo")] * 5
+    curve = [json.loads(x) for x in open(path("ppo", "curve.jsonl"))]
+    assert [c["step"] for c in curve] == [0, 2, 4, 6, 8, 10]
+
+
+def test_evaluate_methods_reports_each_methods_win_rate_against_sft(tmp_path, monkeypatch):
+    """The report's win rate of a method is its row of the win-rate matrix against SFT ([name]["SFT"]), not SFT's
+    against it; every method with a checkpoint is evaluated, ILQL once per beta."""
+    path = lambda *parts: str(tmp_path.joinpath(*parts))
+    for name in ("ppo", "grpo", "dpo", "ilql"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt.pt").write_bytes(b"")
+    monkeypatch.setattr(demo, "load_policy", lambda ckpt, kind, cfg, s, heads=None: kind)
+    monkeypatch.setattr(demo, "ilql_logits_fn", lambda model, beta: beta)
+    monkeypatch.setattr(demo, "best_of_n", lambda *a, **kw: (["x"], [0.0]))
+    monkeypatch.setattr(demo, "write_results", lambda results, out_dir: None)
+    got = {}
+
+    def fake_evaluate(policies, prompts, judges, **kw):
+        got.update(policies=policies, prompts=prompts, kw=kw)
+        names = list(policies) + list(kw["extra"])
+        rates = {a: {b: ((i + 1) / 10 + j / 100, 0, 1) for j, b in enumerate(names)} for i, a in enumerate(names)}
+        return {"policies": {n: dict(score={"gold": 0.0, "RM": 0.0}, kl=0.0, texts=["t"], scores={"gold": [0.0]})
+                             for n in names}, "win_rates": rates}
+    monkeypatch.setattr(demo, "evaluate", fake_evaluate)
+    cfg = demo.Config(out_dir=str(tmp_path), n_eval_prompts=3, ilql_betas=(4.0, 8.0), best_of_n=2)
+    s = SimpleNamespace(autocast=nullcontext, device="cpu")
+    policy = SimpleNamespace(config=SimpleNamespace(vocab_size=50257))
+    methods = demo.evaluate_methods(demo.load_task("reviews"), cfg, s, policy, None, path, {})
+    names = list(got["policies"]) + list(got["kw"]["extra"])
+    assert names == ["SFT", "PPO", "GRPO", "DPO", "ILQL (beta 4)", "ILQL (beta 8)", "best-of-2 (SFT + RM)"]
+    for i, name in enumerate(names):
+        assert methods[name]["win_rate"] == pytest.approx((i + 1) / 10), name  # [name]["SFT"]: SFT is column 0
+    assert got["kw"]["ref"] is policy and got["kw"]["win_rate_judge"] == "gold"
+    # the evaluation's prompts are not those the labeled pairs (RM, DPO, ILQL training) were sampled on: on the
+    # summarize task, whose posts are nearly all distinct, the two sets are disjoint
+    task = demo.load_task("summarize")
+    cfg = demo.Config(out_dir=str(tmp_path), n_eval_prompts=20, n_pref_prompts=50, ilql_betas=(4.0,), best_of_n=2)
+    demo.evaluate_methods(task, cfg, s, policy, None, path, {})
+    labeled = {r["prompt"] for r in task.make_corpus(cfg.n_pref_prompts, cfg.seed + 2)}
+    assert len(got["prompts"]) == 20 and labeled.isdisjoint(got["prompts"])
+
+
+def test_over_optimisation_plot_is_against_sqrt_kl():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = {"PPO": [dict(kl=k, gold=0.1 * k, rm=0.2 * k) for k in (0.0, 1.0, 4.0, 9.0)]}
+    fig = demo.plot_over_optimisation(plt, curves)
+    gold, rm = fig.axes[0].lines
+    assert list(gold.get_xdata()) == list(rm.get_xdata()) == [0.0, 1.0, 2.0, 3.0]
+    assert list(gold.get_ydata()) == pytest.approx([0.0, 0.1, 0.4, 0.9]) and list(rm.get_ydata()) == pytest.approx(
+        [0.0, 0.2, 0.8, 1.8])
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("ppo_iters", [1, 2, 3, 60])
+def test_the_demos_ppo_config_passes_ppos_checks_for_any_length(ppo_iters, monkeypatch):
+    """--ppo_iters=2 once passed the demo's checks and then stopped at the PPO stage, minutes in: its kl_horizon (a
+    tenth of the run's responses) was no more than a fifth of a step's, which ppo.py refuses."""
+    import ppo
+    configs = []
+    monkeypatch.setattr(ppo, "main", lambda cfg: configs.append(cfg) or ppo.check_config(cfg))
+    cfg = demo.Config(ppo_iters=ppo_iters)
+    demo.check_config(cfg)
+    demo.ppo_trainer(cfg, lambda *parts: "/".join(parts), dict(device="cpu", dtype="float32", seed=1))(1, "sft.pt")
+    assert configs[0].kl_horizon == max(7, ppo_iters * 32 // 10)  # the demo's: a tenth of the run from 60 iterations

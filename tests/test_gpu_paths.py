@@ -390,3 +390,34 @@ def test_ppo_with_grad_clip_zero_still_learns(tmp_path, monkeypatch):
     assert metrics["grad_norm"] > 0
     changed = [k for k in end if not torch.equal(end[k], start[f"policy.{k}"])]
     assert "wte.weight" in changed and "h.0.attn.c_attn.weight" in changed, changed
+
+
+def test_hub_repository_with_sharded_safetensors(tmp_path, monkeypatch):
+    """A hub repository whose safetensors weights are sharded (model-00001-of-0000n.safetensors and
+    model.safetensors.index.json, as save_pretrained writes models over its max_shard_size): the first download asks
+    for the shards too, accepts that folder by its index (no .bin download), and the shards load with HF's logits."""
+    hf = hf_gpt2(seed=2)
+    repo = tmp_path / "repo"
+    hf.save_pretrained(repo, max_shard_size="1MB")
+    torch.save({}, repo / "pytorch_model.bin")  # a decoy: must not be fetched or read
+    shards = sorted(f for f in os.listdir(repo) if f.endswith(".safetensors"))
+    assert len(shards) > 1 and (repo / "model.safetensors.index.json").exists()
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):  # the hub, serving `repo`'s files that match the patterns
+        asked.append(allow_patterns)
+        cache = tmp_path / "cache" / str(len(asked))
+        cache.mkdir(parents=True)
+        for f in os.listdir(repo):
+            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+                shutil.copy(repo / f, cache / f)
+        return str(cache)
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    ours = GPT.from_pretrained("someone/sharded-gpt2").eval()
+    assert len(asked) == 1
+    assert sorted(os.listdir(tmp_path / "cache" / "1")) == sorted(["config.json", "model.safetensors.index.json",
+                                                                   *shards])
+    idx = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, idx), hf(idx).logits, atol=1e-4, rtol=0)

@@ -15,6 +15,7 @@ import torch
 
 import model
 import ppo
+import scoring
 
 from common import RunError, Setup, load_checkpoint, save_checkpoint
 from data import EOS
@@ -611,3 +612,299 @@ def test_evaluation_on_two_ranks_is_the_one_process_evaluation(monkeypatch):
     one, two = sums[0], sums[1] + sums[2]
     assert two[3] == one[3] == 9 and two[2] == one[2] and two[0] == one[0]  # responses, their tokens, " the" counts
     assert abs(two[1] - one[1]) <= 1e-4 * abs(one[1]) and one[1] > 0  # the KL: a sum of logprob differences
+
+
+# ---------------------------------------------------------------------------- logged stats, critic, minibatches
+def cpu_setup(rank=0, world_size=1):
+    return Setup(ddp=world_size > 1, rank=rank, local_rank=rank, world_size=world_size, device="cpu", master=rank == 0,
+                 autocast=nullcontext)
+
+
+def masked_var(x, mask):
+    real = x[mask.bool()].double()
+    return real.var(unbiased=False).item()
+
+
+def test_logged_statistics_are_the_rollouts_and_the_controller_reads_them(tmp_path, prompts_file, monkeypatch):
+    """Every logged number of an iteration, recomputed naively from what main handed the pure functions: score (after
+    the missing-EOS penalty), KL (nats per response: the k1 sum over each response's tokens, averaged over responses),
+    response length, the fraction without EOS, explained variance of the returns by the rollout values, entropy per
+    real token, lp_gap (the largest sampler/forward gap over real tokens), the update's stats (means over its
+    minibatches), and beta: the one that iteration's rewards used, which the controller then updates from the logged
+    KL and the number of responses."""
+    seen = collections.defaultdict(list)
+
+    def spy(name, keep):
+        real = getattr(ppo, name)
+
+        def wrapper(*args, **kw):
+            out = real(*args, **kw)
+            seen[name].append(keep(args, out))
+            return out
+        monkeypatch.setattr(ppo, name, wrapper)
+
+    spy("rollout", lambda a, out: out)
+    spy("forward_rollout", lambda a, out: out)
+    spy("compute_rewards", lambda a, out: dict(beta=a[4], kl=out[1]))
+    spy("gae", lambda a, out: dict(values=a[1], returns=out[1]))
+    spy("ppo_losses", lambda a, out: out[2])  # ppo_update adds pg_loss and vf_loss to this dict
+    updates, real_update = [], ppo.AdaptiveKLController.update
+    monkeypatch.setattr(ppo.AdaptiveKLController, "update",
+                        lambda self, kl, n: updates.append((self.beta, kl, n)) or real_update(self, kl, n))
+    sft = save_sft(tmp_path / "eos.pt", biased_gpt(THE, 9.0, eos_logit=9.0))  # mixed lengths, " the" often
+    cfg = run_cfg(tmp_path, prompts_file, init_from=sft, reward_fn="tests.test_ppo:count_the", batch_size=8,
+                  minibatch_size=4, ppo_epochs=2, max_iters=3, penalize_missing_eos=True, missing_eos_penalty=-1.0,
+                  target_kl=1.0, kl_horizon=20, init_kl_coef=0.1)
+    main(cfg)
+    log = read_log(cfg.out_dir)
+    assert len(log) == 3 and len(seen["ppo_losses"]) == 3 * 2 * 2  # 2 epochs x 2 minibatches x 1 micro-batch
+    close = lambda a, b: a == pytest.approx(float(b), rel=1e-5, abs=1e-6)
+    beta = cfg.init_kl_coef
+    for i, row in enumerate(log):
+        r, f, c, g = seen["rollout"][i], seen["forward_rollout"][i], seen["compute_rewards"][i], seen["gae"][i]
+        rm = r["response_mask"]
+        has_eos = (r["tokens"][:, r["P"]:] == EOS).any(1)
+        assert r["scores"].tolist() == [s if e else -1.0 for s, e in
+                                        zip(r["scores"].tolist(), has_eos.tolist())]
+        assert close(row["score"], r["scores"].mean())
+        assert close(row["kl"], c["kl"].sum(1).mean())  # nats per response
+        assert close(row["response_len"], rm.sum() / len(rm))
+        assert close(row["no_eos"], 1 - has_eos.float().mean())
+        ret, val = g["returns"], g["values"]
+        assert row["explained_var"] == pytest.approx(1 - masked_var(ret - val, rm) / masked_var(ret, rm), abs=1e-4)
+        assert close(row["entropy"], f["entropy"] / rm.sum())
+        assert close(row["lp_gap"], (r["logprobs"] - f["logprobs"]).abs()[rm.bool()].max())
+        stats = seen["ppo_losses"][4 * i:4 * i + 4]
+        for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "vf_clipfrac", "ratio"):
+            assert close(row[k], sum(float(st[k].detach()) for st in stats) / 4), k
+        # beta: the one this iteration's rewards used, then updated by the controller from the logged KL
+        assert row["beta"] == beta == c["beta"] == updates[i][0]
+        assert updates[i][1] == row["kl"] and updates[i][2] == cfg.batch_size
+        e = min(max(row["kl"] / cfg.target_kl - 1, -0.2), 0.2)
+        beta = beta * (1 + e * cfg.batch_size / cfg.kl_horizon)
+    assert len({row["beta"] for row in log}) == 3  # beta moved each time
+    assert any(row["explained_var"] != 0 for row in log)  # the values (0 at first: shared critic) have moved
+
+
+def test_separate_critic_starts_as_the_reward_model_and_trains(tmp_path, prompts_file):
+    """critic="separate": a copy of the reward model (trunk and head, the head renamed "value"), so its first values
+    are the reward model's scores at every response position; its weights require grad and change with training,
+    while the reward model (and the reference) stay frozen."""
+    path = rigged_reward_model(tmp_path / "rm.pt")
+    s = cpu_setup()
+    cfg = Config(reward_model=path, max_prompt_len=16, max_new_tokens=8)
+    sft = save_sft(tmp_path / "sft.pt", biased_gpt(THE, 5.0, eos_logit=8.5))
+    policy, critic, ref, _ = build_models(cfg, s, sft, "separate")
+    rm = scoring.load_reward_model(path)
+    r = rollout(policy, zero_scores, PROMPTS[:6], cfg, torch.Generator().manual_seed(0))
+    tokens, mask, P, response_mask = r["tokens"], r["mask"], r["P"], r["response_mask"]
+    with torch.no_grad():
+        _, values, _ = ActorCritic(policy, critic)(tokens, mask, response_mask, P, 1.0)
+        expected = rm.heads["reward"](rm(tokens, mask)[:, P - 1:-1]).squeeze(-1)
+    torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-5)
+    assert expected.abs().max() > 0.1  # a non-zero head: a zeroed or fresh value head would differ
+    assert all(p.requires_grad for p in critic.parameters()) and not any(p.requires_grad for p in ref.parameters())
+    out = run_cfg(tmp_path, prompts_file, reward_model=path, max_iters=1, out_dir=str(tmp_path / "out"))
+    main(out)
+    trained = load_checkpoint(os.path.join(out.out_dir, "ckpt.pt"), "ppo")["critic"]
+    start = {k.replace("heads.reward", "heads.value"): v for k, v in rm.state_dict().items()}
+    assert trained.keys() == start.keys()
+    moved = [k for k in trained if not torch.equal(trained[k], start[k])]
+    assert "heads.value.weight" in moved and "wte.weight" in moved, moved
+
+
+def test_resume_is_exact_with_a_separate_critic(tmp_path, prompts_file):
+    """test_resume_is_exact with a reward model: the separate critic (and its optimizer state) must come back from the
+    checkpoint too, not restart from the reward model. With held-out evaluation: a resumed run does not evaluate its
+    starting step again (the run it resumes logged that evaluation), and its final evaluation is the uninterrupted
+    run's."""
+    path = rigged_reward_model(tmp_path / "rm.pt")
+    kw = dict(reward_model=path, batch_size=4, minibatch_size=2, max_new_tokens=6, target_kl=3.0, kl_horizon=100,
+              eval_size=4)
+    full = run_cfg(tmp_path, prompts_file, max_iters=3, **kw)
+    main(full)
+    part = run_cfg(tmp_path, prompts_file, max_iters=2, out_dir=str(tmp_path / "part"), **kw)
+    main(part)
+    main(run_cfg(tmp_path, prompts_file, max_iters=3, out_dir=part.out_dir, **{**kw, "init_from": "resume"}))
+    a = load_checkpoint(os.path.join(full.out_dir, "ckpt.pt"), "ppo")
+    b = load_checkpoint(os.path.join(part.out_dir, "ckpt.pt"), "ppo")
+    for part_name in ("model", "critic"):
+        for k in a[part_name]:
+            assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)
+    assert [r["vf_loss"] for r in read_log(full.out_dir)] == [r["vf_loss"] for r in read_log(part.out_dir)]
+    evals = [eval_log(d) for d in (full.out_dir, part.out_dir)]
+    assert [r["step"] for r in evals[0]] == [0, 3] and [r["step"] for r in evals[1]] == [0, 2, 3]
+    assert evals[1][-1] == evals[0][-1]
+
+
+@pytest.mark.parametrize("whiten_rewards", [False, True])
+def test_main_whitens_advantages_and_optionally_rewards(tmp_path, prompts_file, monkeypatch, whiten_rewards):
+    """The advantages the update sees have mean 0 and variance 1 over the real response tokens (shift_mean=True);
+    with whiten_rewards, GAE gets the rewards scaled to variance 1 with their mean kept (lm-human-preferences),
+    without it the rewards exactly as compute_rewards made them."""
+    seen = collections.defaultdict(list)
+    real_rewards, real_gae, real_update = ppo.compute_rewards, ppo.gae, ppo.ppo_update
+    monkeypatch.setattr(ppo, "compute_rewards", lambda *a: seen["raw"].append(real_rewards(*a)) or seen["raw"][-1])
+    monkeypatch.setattr(ppo, "gae", lambda rewards, *a: seen["gae"].append(rewards) or real_gae(rewards, *a))
+    monkeypatch.setattr(ppo, "ppo_update", lambda model, opt, batch, *a: seen["batch"].append(batch) or
+                        real_update(model, opt, batch, *a))
+    sft = save_sft(tmp_path / "the.pt", biased_gpt(THE, 9.0, eos_logit=9.0))  # " the" often: scores not all 0
+    cfg = run_cfg(tmp_path, prompts_file, init_from=sft, reward_fn="tests.test_ppo:count_the", batch_size=8,
+                  minibatch_size=8, ppo_epochs=1, max_iters=2, whiten_rewards=whiten_rewards)
+    main(cfg)
+    for (raw, _), given, batch in zip(seen["raw"], seen["gae"], seen["batch"], strict=True):
+        rm = batch["response_mask"]
+        adv = batch["advantages"][rm.bool()].double()
+        assert abs(adv.mean().item()) < 1e-5 and abs(adv.var(unbiased=False).item() - 1) < 1e-3
+        if not whiten_rewards:
+            assert torch.equal(given, raw)
+            continue
+        real = raw[rm.bool()].double()
+        expected = (raw.double() - real.mean()) / real.std(unbiased=False) + real.mean()
+        torch.testing.assert_close(given.double(), expected * rm, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(given, raw)  # the scaling did something
+
+
+def test_rollout_on_a_rank_scores_its_own_prompts():
+    """shard=(rank, world_size): the rank samples rows rank::world_size of the global batch, and the reward_fn gets
+    those rows' prompts with their responses: rank 1 of 2 sees exactly the (prompt, response) pairs of rows 1, 3, 5...
+    of the global batch (whose responses test_evaluation_on_two_ranks_is_the_one_process_evaluation shows to be one
+    process's)."""
+    policy = biased_gpt(THE, 5.0, eos_logit=8.5).eval()
+    cfg = Config(max_prompt_len=16, max_new_tokens=6, penalize_missing_eos=False)
+    prompts = PROMPTS[:8]  # 8 distinct prompts
+    pairs = {}
+
+    def scorer(key):
+        def score(ps, texts, tokens, mask):
+            pairs[key] = list(zip(ps, texts))
+            return torch.zeros(len(texts))
+        return score
+
+    r = rollout(policy, scorer("rank1"), prompts, cfg, torch.Generator().manual_seed(3), shard=(1, 2))
+    assert pairs["rank1"] == list(zip(prompts[1::2], r["texts"]))
+    rollout(policy, scorer("one"), prompts, cfg, torch.Generator().manual_seed(3))
+    assert [p for p, _ in pairs["one"]] == prompts
+
+
+def test_minibatches_are_fresh_permutations_per_epoch_and_step():
+    """Each epoch is a permutation of the rollout rows (every row once: no reuse, none left out), cut into minibatches
+    of minibatch_size rows, each into grad_accum micro-batches; the epochs of a step are shuffled apart, the shuffles
+    of two steps differ, and the same (seed, step, rank) gives the same."""
+    cfg = Config(ppo_epochs=3, minibatch_size=8, grad_accum=2)
+    s = cpu_setup()
+    epochs = minibatches(32, 5, cfg, s)
+    assert len(epochs) == 3
+    orders = []
+    for epoch in epochs:
+        assert len(epoch) == 4 and all(len(mb) == 2 and all(len(micro) == 4 for micro in mb) for mb in epoch)
+        order = torch.cat([torch.cat(mb) for mb in epoch])
+        assert sorted(order.tolist()) == list(range(32))
+        orders.append(order.tolist())
+    assert len({tuple(o) for o in orders}) == 3  # a new shuffle each epoch
+    again = minibatches(32, 5, cfg, s)
+    assert [torch.cat([torch.cat(mb) for mb in e]).tolist() for e in again] == orders
+    other = minibatches(32, 6, cfg, s)
+    assert torch.cat([torch.cat(mb) for mb in other[0]]).tolist() != orders[0]  # another step, another shuffle
+
+
+def test_ppo_update_gradient_is_the_minibatch_token_mean_of_both_losses():
+    """One minibatch of two micro-batches, one epoch: the gradient the optimizer steps with is that of
+    pg_loss + vf_coef * vf_loss over the whole minibatch (token means over all its real tokens), computed naively in
+    one forward. Catches a dropped or unweighted value loss, a wrong token count, a micro-batch used twice."""
+    torch.manual_seed(0)
+    policy = biased_gpt(THE, 4.0, heads={"value": 1})
+    with torch.no_grad():
+        policy.heads["value"].weight.normal_()
+    ac = ActorCritic(policy).eval()
+    B, P, N = 6, 8, 5
+    tokens = torch.randint(0, 50000, (B, P + N))
+    mask = torch.ones_like(tokens)
+    mask[2, :3] = 0
+    response_mask = (torch.arange(N)[None] < torch.tensor([5, 2, 4, 1, 5, 3])[:, None]).long()
+    with torch.no_grad():
+        old_logprobs, old_values, _ = ac(tokens, mask, response_mask, P, 0.7)
+    batch = dict(tokens=tokens, mask=mask, response_mask=response_mask, old_logprobs=old_logprobs,
+                 old_values=old_values, advantages=torch.randn(B, N) * response_mask,
+                 returns=torch.randn(B, N) * response_mask)
+    cfg = Config(ppo_epochs=1, minibatch_size=6, grad_accum=2, vf_coef=0.3, temperature=0.7, grad_clip=0.0)
+    # naive: the whole minibatch in one forward
+    logprobs, values, _ = ac(tokens, mask, response_mask, P, 0.7)
+    pg, vf, _ = ppo.ppo_losses(logprobs, old_logprobs, batch["advantages"], values, old_values, batch["returns"],
+                               response_mask, cfg.cliprange, cfg.cliprange_value)
+    (pg + cfg.vf_coef * vf).backward()
+    expected = {k: p.grad.clone() for k, p in ac.named_parameters()}
+    ac.zero_grad(set_to_none=True)
+
+    class Recorder:  # an optimizer that records the gradients it is asked to step with
+        param_groups, got = [], None
+
+        def step(self):
+            Recorder.got = {k: p.grad.clone() for k, p in ac.named_parameters()}
+
+        def zero_grad(self, set_to_none=True):
+            ac.zero_grad(set_to_none=set_to_none)
+
+    perm = torch.tensor([4, 1, 5, 0, 3, 2])  # shuffled rows, micro-batches of 3
+    stats = ppo_update(ac, Recorder(), batch, P, cfg, cpu_setup(), [[perm.split(3)]])
+    assert len(stats) == 1 and stats[0]["ratio"] == pytest.approx(1.0)
+    assert stats[0]["vf_loss"] == pytest.approx(vf.item(), rel=1e-5)
+    assert vf.item() > 0.1 and expected["policy.heads.value.weight"].abs().sum() > 0  # the value loss matters here
+    for k in expected:  # to rounding: micro-batches of shuffled rows vs one forward (norms, not elementwise)
+        assert (Recorder.got[k] - expected[k]).norm() <= 1e-4 * expected[k].norm() + 1e-7, k
+
+
+def test_evaluation_kl_is_summed_over_each_response(monkeypatch):
+    """eval_kl: per response, the sum over its real tokens of log pi - log ref (a full forward of each model, naive),
+    averaged over responses; eval_score and eval_response_len are the rollout's means."""
+    policy, ref = biased_gpt(THE, 9.0, eos_logit=8.5).eval(), biased_gpt(THE, 2.0, eos_logit=6.0).eval()
+    score_fn, _ = ppo.make_scorer(reward_fn="tests.test_ppo:count_the")
+    cfg = Config(max_prompt_len=16, max_new_tokens=6, eval_samples=0, penalize_missing_eos=False, batch_size=4,
+                 temperature=0.8)
+    rollouts, real_rollout = [], ppo.rollout
+    monkeypatch.setattr(ppo, "rollout", lambda *a, **kw: rollouts.append(real_rollout(*a, **kw)) or rollouts[-1])
+    ev = ppo.evaluate(policy, ref, score_fn, PROMPTS[:8], cfg, cpu_setup())
+    kls, scores, lengths = [], [], []
+    for r in rollouts:
+        P, rm = r["P"], r["response_mask"]
+        with torch.no_grad():
+            lp = lambda m: (m.lm_head(m(r["tokens"], r["mask"])[:, P - 1:-1]) / 0.8).log_softmax(-1).gather(
+                -1, r["tokens"][:, P:, None]).squeeze(-1)
+            kls += ((lp(policy) - lp(ref)) * rm).sum(1).tolist()
+        scores += r["scores"].tolist()
+        lengths += rm.sum(1).tolist()
+    assert len(kls) == 8 and len(set(lengths)) > 1 and sum(scores) > 0
+    assert ev["eval_kl"] == pytest.approx(sum(kls) / 8, rel=1e-4) and abs(ev["eval_kl"]) > 0.01
+    assert ev["eval_score"] == pytest.approx(sum(scores) / 8) and ev["eval_response_len"] == pytest.approx(
+        sum(lengths) / 8)
+
+
+def test_held_out_prompts_come_from_the_eval_split(tmp_path):
+    """load_data: training prompts from data_split, the first eval_size held-out prompts from eval_split (a data
+    folder's test.jsonl), never the training ones."""
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"prompt": f"train {i}"}) + "\n" for i in range(6)))
+    (folder / "test.jsonl").write_text("".join(json.dumps({"prompt": f"test {i}"}) + "\n" for i in range(5)))
+    cfg = Config(data=str(folder), reward_model="", reward_fn="tests.test_ppo:count_the", eval_size=3)
+    prompts, eval_prompts = ppo.load_data(cfg, cpu_setup())
+    assert sorted(prompts) == [f"train {i}" for i in range(6)]
+    assert eval_prompts == ["test 0", "test 1", "test 2"]
+
+
+def test_missing_eos_penalty_spares_an_eos_at_the_last_allowed_token(monkeypatch):
+    """The penalty replaces the score of a response without EOS only: not of one whose EOS is its last allowed token
+    (a full-length response that did end), nor of one that ended early. The sampler is replaced by a fixed batch so
+    the three cases are certain: EOS at the last of N positions, EOS early (then padding), no EOS at all."""
+    a, b = 11, 22
+    responses = torch.tensor([[a, b, EOS], [a, EOS, EOS], [a, b, a]])
+    fixed = dict(tokens=torch.cat([torch.full((3, 2), 5), responses], 1), mask=torch.ones(3, 5, dtype=torch.long), P=2,
+                 response_mask=torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]]), logprobs=torch.zeros(3, 3),
+                 texts=["x", "y", "z"])
+    monkeypatch.setattr(ppo, "sample_responses", lambda *a, **kw: dict(fixed))
+    cfg = Config(max_prompt_len=16, max_new_tokens=3, penalize_missing_eos=True, missing_eos_penalty=-7.0)
+    r = rollout(None, lambda ps, texts, tokens, mask: torch.tensor([5.0, 6.0, 8.0]), ["p", "q", "s"], cfg,
+                torch.Generator().manual_seed(0))
+    assert r["has_eos"].tolist() == [True, True, False]
+    assert r["scores"].tolist() == [5.0, 6.0, -7.0]
+    assert r["response_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 1]]
