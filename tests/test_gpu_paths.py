@@ -277,16 +277,13 @@ def save_bin_folder(hf, folder, shards=1):
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
-def test_hub_repository_with_only_pytorch_model_bin(tmp_path, monkeypatch):
-    """A hub repository that ships config.json and pytorch_model.bin only: the download asks for safetensors
-    first, finds none, fetches the .bin and loads it (it used to fetch config.json only and report no weights)."""
-    hf = hf_gpt2()
-    repo = tmp_path / "repo"
-    save_bin_folder(hf, repo)
-    (repo / "tf_model.h5").write_bytes(b"not for us")
+def fake_hub(repo, tmp_path, monkeypatch):
+    """huggingface_hub.snapshot_download serving `repo`'s files that match the patterns asked for, each download into
+    tmp_path/cache/<n>; returns the list of pattern lists asked, in order."""
+    import huggingface_hub
     asked = []
 
-    def snapshot_download(repo_id, allow_patterns):  # the hub, serving `repo`'s files that match the patterns
+    def snapshot_download(repo_id, allow_patterns):
         asked.append(allow_patterns)
         cache = tmp_path / "cache" / str(len(asked))
         cache.mkdir(parents=True)
@@ -294,8 +291,18 @@ def test_hub_repository_with_only_pytorch_model_bin(tmp_path, monkeypatch):
             if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
                 shutil.copy(repo / f, cache / f)
         return str(cache)
-    import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return asked
+
+
+def test_hub_repository_with_only_pytorch_model_bin(tmp_path, monkeypatch):
+    """A hub repository that ships config.json and pytorch_model.bin only: the download asks for safetensors
+    first, finds none, fetches the .bin and loads it (it used to fetch config.json only and report no weights)."""
+    hf = hf_gpt2()
+    repo = tmp_path / "repo"
+    save_bin_folder(hf, repo)
+    (repo / "tf_model.h5").write_bytes(b"not for us")
+    asked = fake_hub(repo, tmp_path, monkeypatch)
     ours = GPT.from_pretrained("someone/old-gpt2").eval()
     assert len(asked) == 2 and not any(fnmatch.fnmatch("pytorch_model.bin", p) for p in asked[0])
     assert sorted(os.listdir(tmp_path / "cache" / "2")) == ["config.json", "pytorch_model.bin"]
@@ -402,18 +409,7 @@ def test_hub_repository_with_sharded_safetensors(tmp_path, monkeypatch):
     torch.save({}, repo / "pytorch_model.bin")  # a decoy: must not be fetched or read
     shards = sorted(f for f in os.listdir(repo) if f.endswith(".safetensors"))
     assert len(shards) > 1 and (repo / "model.safetensors.index.json").exists()
-    asked = []
-
-    def snapshot_download(repo_id, allow_patterns):  # the hub, serving `repo`'s files that match the patterns
-        asked.append(allow_patterns)
-        cache = tmp_path / "cache" / str(len(asked))
-        cache.mkdir(parents=True)
-        for f in os.listdir(repo):
-            if any(fnmatch.fnmatch(f, p) for p in allow_patterns):
-                shutil.copy(repo / f, cache / f)
-        return str(cache)
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    asked = fake_hub(repo, tmp_path, monkeypatch)
     ours = GPT.from_pretrained("someone/sharded-gpt2").eval()
     assert len(asked) == 1
     assert sorted(os.listdir(tmp_path / "cache" / "1")) == sorted(["config.json", "model.safetensors.index.json",
