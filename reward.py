@@ -223,7 +223,7 @@ def evaluate(model, eval_pairs, norm_seqs, cfg, s):
 
 
 def score_scale(ev, cfg):
-    """The std the saved head divides scores by: norm_std with normalize_std, else 1 (also when all scores are equal)."""
+    """The std the saved head divides scores by: norm_std with normalize_std, else 1 (also when all scores equal)."""
     std = ev["norm_std"] if cfg.normalize_std else 1.0
     return std if std >= 1e-6 else 1.0
 

@@ -4,11 +4,12 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from common import load_checkpoint
+from common import Setup, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,9 +42,15 @@ def train_log(out_dir):
 
 
 def eval_log(out_dir):
-    """The evaluation rows of out_dir/log.jsonl."""
+    """The evaluation rows of out_dir/log.jsonl (those with eval_* keys)."""
     rows = [json.loads(x) for x in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if "eval_loss" in r]
+    return [r for r in rows if any(k.startswith("eval_") for k in r)]
+
+
+def cpu_setup(rank=0, world_size=1, autocast=nullcontext):
+    """common.Setup of one CPU process, or of rank `rank` of `world_size` (as DDP would set it up)."""
+    return Setup(ddp=world_size > 1, rank=rank, local_rank=rank, world_size=world_size, device="cpu",
+                 master=rank == 0, autocast=autocast)
 
 
 def torchrun(script, args, tmp_path, nproc=2):

@@ -17,8 +17,9 @@ import common
 import data
 import demo
 import reviews
-from common import ConfigError, Setup
+from common import ConfigError
 from model import GPT, GPTConfig, Head
+from tests.helpers import cpu_setup
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +162,7 @@ def test_best_of_n_curve_is_best_of_n_over_one_pool(monkeypatch):
     cfg = demo.Config(n_probe_prompts=3, curve_n=4, seed=0)
     task = demo.load_task("reviews")
     sampling = dict(max_new_tokens=8, max_prompt_len=32)
-    s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+    s = cpu_setup()
     curve = demo.best_of_n_curve(model, model, task, cfg, s, sampling)
     prompts = [r["prompt"] for r in task.make_corpus(3, cfg.seed + 6)]
     texts, _ = demo.sample_policy(model, [p for p in prompts for _ in range(4)], cfg.seed + 7, **sampling)
@@ -341,7 +342,7 @@ def test_write_labels_held_out_pairs_are_new_and_noiselessly_labeled(tmp_path, t
     each is labeled by the noiseless gold: chosen scores strictly higher (under BT noise, the reviews case would keep
     all ~40 held-out pairs in gold order with a probability of about 1e-8)."""
     cfg = demo.Config(n_pref_prompts=32, n_heldout_prompts=64, seed=5, bt_temperature=1.0)
-    s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+    s = cpu_setup()
     path = lambda *parts: str(tmp_path.joinpath(*parts))
     t = demo.load_task(task)
     demo.write_labels(t, tiny_gpt(0), cfg, s, path, dict(max_new_tokens=6, max_prompt_len=16))

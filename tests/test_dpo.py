@@ -7,23 +7,22 @@ import copy
 import dataclasses
 import math
 import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
 import dpo
-from common import ConfigError, Setup, load_checkpoint, load_model, parse_config, save_checkpoint
+from common import ConfigError, load_checkpoint, load_model, parse_config, save_checkpoint
 from data import EOS, PrefExample, collate_sft, load_preferences, pad_left, tokenize_example
 from model import GPT, GPTConfig
-from tests.helpers import assert_same_weights, torchrun, train_log
+from tests.helpers import assert_same_weights, cpu_setup, torchrun, train_log
 from tests.test_reward import marker_prefs
 
 ROOT = Path(__file__).resolve().parent.parent
 LN2 = torch.tensor(math.log(2)).item()  # -logsigmoid(0) in fp32: what a loss of h == 0 gives, exactly
 
-CPU = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+CPU = cpu_setup()
 # Pairs of several lengths: an empty prompt (its own BOS), a prompt cut to max_prompt_len, a response cut at max_len.
 PREFS = [PrefExample("Describe the river:", " green stone", " green window"),
          PrefExample("", "Yes.", "No, never."),

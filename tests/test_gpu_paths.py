@@ -34,11 +34,11 @@ import sft
 from common import Setup, load_checkpoint, rank0_first, save_checkpoint, setup
 from data import EOS, collate_sft, pad_right
 from model import GPT, GPTConfig, Head, generate
-from tests.helpers import ROOT, run_torchrun, write_jsonl
+from tests.helpers import ROOT, cpu_setup, run_torchrun, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CPU = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+CPU = cpu_setup()
 
 
 def tiny_gpt(seed=0, **kw):

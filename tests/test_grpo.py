@@ -9,20 +9,19 @@ import json
 import math
 import os
 import statistics
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import pytest
 import torch
 
 import grpo
-from common import ConfigError, Setup, load_checkpoint, load_model, save_checkpoint
-from tests.helpers import torchrun
+from common import ConfigError, load_checkpoint, load_model, save_checkpoint
+from tests.helpers import cpu_setup, torchrun
 from data import EOS
 from model import GPT, GPTConfig
 from tests.test_ppo import PROMPTS, THE, biased_gpt, save_sft
 
-CPU = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+CPU = cpu_setup()
 ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,13 +17,13 @@ import model
 import ppo
 import scoring
 
-from common import RunError, Setup, load_checkpoint, save_checkpoint
+from common import RunError, load_checkpoint, save_checkpoint
 from data import EOS
 from model import GPT, GPTConfig, fp32_heads
 from ppo import (ActorCritic, AdaptiveKLController, Config, build_models, compute_rewards, forward_rollout, gae, main,
                  minibatches, ppo_losses, ppo_update, rollout, truncate_after_eos, whiten)
 from scoring import check_scores, load_reward_fn, make_scorer
-from tests.helpers import run_torchrun, spy_on_compile
+from tests.helpers import cpu_setup, eval_log, run_torchrun, spy_on_compile
 
 THE = 262  # " the"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,11 +85,6 @@ def read_log(out_dir):
     """The per-iteration rows of out_dir/log.jsonl (not the evaluation rows)."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [row for row in map(json.loads, f) if "score" in row]
-
-
-def eval_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [row for row in map(json.loads, f) if "eval_score" in row]
 
 
 def zero_scores(prompts, texts, tokens, mask):
@@ -210,7 +205,7 @@ def test_adaptive_kl_controller():
                                                  ("bfloat16", False, False), ("float32", True, True)])
 def test_first_minibatch_ratio_is_one_and_rollout_logprobs_match(dtype, compiled, fp32):
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
-    s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=autocast)
+    s = cpu_setup(autocast=autocast)
     policy = fp32_heads(biased_gpt(THE, 4.0, heads={"value": 1}, eos_logit=6.5), fp32)  # as main with fp32_heads
     ac = ActorCritic(policy).eval()  # as in main: eval mode = dropout off
     ref = fp32_heads(biased_gpt(THE, 4.0), fp32)
@@ -581,7 +576,7 @@ def test_main_first_ratio_is_one_kl_zero_and_dropout_off(tmp_path, prompts_file,
 def test_shared_value_head_starts_at_zero(tmp_path):
     """A shared critic's new value head is zero-initialised (lm-human-preferences): every first value is 0. A value
     head the init checkpoint already has (e.g. a PPO checkpoint) keeps its weights."""
-    s = Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
+    s = cpu_setup()
     cfg = Config(reward_model="", reward_fn="tests.test_ppo:count_the", max_prompt_len=16, max_new_tokens=8)
     sft = save_sft(tmp_path / "sft.pt", biased_gpt(THE, 5.0))
     policy, critic, _, _ = build_models(cfg, s, sft, "shared")
@@ -606,8 +601,7 @@ def test_evaluation_on_two_ranks_is_the_one_process_evaluation(monkeypatch):
     monkeypatch.setattr(ppo, "all_reduce_sum", lambda x, s: sums.append(x.clone()) or x)
     for rank, world_size in ((0, 1), (0, 2), (1, 2)):
         cfg = replace(cfg, batch_size=4 // world_size)
-        s = Setup(ddp=world_size > 1, rank=rank, local_rank=rank, world_size=world_size, device="cpu",
-                  master=rank == 0, autocast=nullcontext)
+        s = cpu_setup(rank, world_size)
         ppo.evaluate(policy, ref, score_fn, prompts, cfg, s)
     one, two = sums[0], sums[1] + sums[2]
     assert two[3] == one[3] == 9 and two[2] == one[2] and two[0] == one[0]  # responses, their tokens, " the" counts
@@ -615,11 +609,6 @@ def test_evaluation_on_two_ranks_is_the_one_process_evaluation(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- logged stats, critic, minibatches
-def cpu_setup(rank=0, world_size=1):
-    return Setup(ddp=world_size > 1, rank=rank, local_rank=rank, world_size=world_size, device="cpu", master=rank == 0,
-                 autocast=nullcontext)
-
-
 def masked_var(x, mask):
     real = x[mask.bool()].double()
     return real.var(unbiased=False).item()

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import random
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,11 @@ import torch
 
 import model as model_module
 import sft
-from common import (Setup, batch_indices, begin_step, load_checkpoint, load_model, lr_at, make_optimizer, parse_config,
+from common import (batch_indices, begin_step, load_checkpoint, load_model, lr_at, make_optimizer, parse_config,
                     save_checkpoint)
 from data import EOS, DataError, collate_sft, load_sft, tokenize_example
 from model import GPT, GPTConfig
-from tests.helpers import (assert_same_weights, eval_log, file_digest, spy_on_compile, torchrun, train_log,
+from tests.helpers import (assert_same_weights, cpu_setup, eval_log, file_digest, spy_on_compile, torchrun, train_log,
                            write_jsonl)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,10 +45,6 @@ def tiny_cfg(tmp_path, data, **overrides):
     base = dict(data=data, data_split="train[:80%]", eval_split="train[80%:]", out_dir=str(tmp_path / "out"),
                 eval_samples=0, eval_interval=1000)
     return dataclasses.replace(cfg, **{**base, **overrides})
-
-
-def cpu_setup():
-    return Setup(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu", master=True, autocast=nullcontext)
 
 
 ID = torch.nn.Identity()  # sft_loss's lm_head, for tests that hand it logits directly
@@ -271,8 +266,7 @@ def test_each_step_and_rank_draws_its_own_random_numbers():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
 
     def draw(step, rank):
-        s = Setup(ddp=False, rank=rank, local_rank=rank, world_size=4, device="cpu", master=rank == 0,
-                  autocast=nullcontext)
+        s = cpu_setup(rank, 4)
         begin_step(opt, step, cfg, s)
         return tuple(torch.rand(4).tolist())
 
